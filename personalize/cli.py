@@ -1,0 +1,112 @@
+"""``personalize``: the command line (names are part of the public contract, DESIGN.md).
+
+Every command reads the one frozen ``Settings`` from ``PERSONALIZE_*`` variables;
+flags override single fields. A ``PersonalizeError`` ends the command with one
+line on stderr and its exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from personalize import logs
+from personalize.errors import PersonalizeError
+from personalize.settings import Settings
+
+
+def _stack(args: argparse.Namespace, settings: Settings) -> int:
+    from personalize import stack
+
+    if args.action == "up":
+        statuses = stack.up(settings)
+        _print_status(statuses)
+        return 0 if all(s.running for s in statuses) else 1
+    if args.action == "down":
+        stopped = stack.down(settings, purge=args.purge)
+        what = ", ".join(stopped) if stopped else "nothing was running"
+        print(f"stopped: {what}" + (f"; deleted the data in {settings.stack_dir}" if args.purge else ""))
+        return 0
+    statuses = stack.status(settings)
+    _print_status(statuses)
+    return 0 if all(s.running for s in statuses) else 1
+
+
+def _print_status(statuses) -> None:
+    for s in statuses:
+        label = "bootstrap servers" if s.name == "kafka" else "url"
+        pid = f"pid {s.pid}" if s.pid else "no pid"
+        line = f"{s.name:<6} {s.state:<8} {pid:<10} {label} {s.address}"
+        if s.detail:
+            line += f"  ({s.detail})"
+        print(line)
+
+
+def _smoke(args: argparse.Namespace, settings: Settings) -> int:
+    from jobs import smoke
+
+    report = smoke.run_smoke(
+        settings,
+        messages=args.messages,
+        source_topic=args.source_topic,
+        sink_topic=args.sink_topic,
+    )
+    print(report.describe())
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="personalize",
+        description="Real-time personalization on PyFlink: Kafka events to live profiles and triggers.",
+    )
+    parser.add_argument("--log-format", choices=("console", "json"), help="override PERSONALIZE_LOG_FORMAT")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("stack", help="local Kafka (KRaft) and Redis on loopback: up, down, status")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--purge", action="store_true", help="with down: also delete the stack's data")
+    p.set_defaults(func=_stack)
+
+    p = sub.add_parser(
+        "smoke",
+        help="produce Avro events, copy them through Flink's Kafka source and exactly-once sink, count them",
+    )
+    p.add_argument("--messages", type=_non_negative, default=1000,
+                   help="how many events to produce to the source topic first (0: use what is there)")
+    p.add_argument("--source-topic", help="topic to read (default: a new uuid-named topic)")
+    p.add_argument("--sink-topic", help="topic to write (default: a new uuid-named topic)")
+    p.set_defaults(func=_smoke)
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.log_format:
+            settings = dataclasses.replace(settings, log_format=args.log_format)
+        logs.configure(settings.log_format)
+        return args.func(args, settings)
+    except PersonalizeError as exc:
+        print(f"personalize: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("personalize: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""One frozen settings object, read from ``PERSONALIZE_*`` environment variables.
+
+Flags override it with ``dataclasses.replace``; nothing deeper in the code holds
+a literal host, port, topic or folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from personalize.errors import ConfigError
+
+PREFIX = "PERSONALIZE_"
+
+
+def project_root() -> Path:
+    """The source checkout this package runs from, else the current folder."""
+    here = Path(__file__).resolve().parents[1]
+    if (here / "setup.cfg").is_file():
+        return here
+    return Path.cwd()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command or job needs to know about its environment."""
+
+    # local stack
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    redis_port: int = 6379
+    kafka_heap: str = "512m"
+    stack_dir: Path = dataclasses.field(default_factory=lambda: project_root() / ".stack")
+    lib_dir: Path = dataclasses.field(default_factory=lambda: project_root() / "lib")
+    # where the job finds its services (default: the local stack)
+    bootstrap_servers: str = ""
+    redis_url: str = ""
+    # topics
+    topic_events: str = "events"
+    topic_triggers: str = "triggers"
+    topic_segment_changes: str = "segment-changes"
+    topic_dlq: str = "events-dlq"
+    partitions: int = 2
+    # flink
+    parallelism: int = 1
+    checkpoint_interval_ms: int = 10_000
+    # logs: "console" or "json"
+    log_format: str = "console"
+
+    def __post_init__(self) -> None:
+        for name in ("kafka_port", "kafka_controller_port", "redis_port"):
+            port = getattr(self, name)
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{env_name(name)} must be a port between 1 and 65535, got {port}")
+        ports = [self.kafka_port, self.kafka_controller_port, self.redis_port]
+        if len(set(ports)) != len(ports):
+            raise ConfigError(
+                "PERSONALIZE_KAFKA_PORT, PERSONALIZE_KAFKA_CONTROLLER_PORT and "
+                f"PERSONALIZE_REDIS_PORT must differ, got {ports}"
+            )
+        for name in ("partitions", "parallelism", "checkpoint_interval_ms"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
+        if self.log_format not in ("console", "json"):
+            raise ConfigError(f"PERSONALIZE_LOG_FORMAT must be 'console' or 'json', got {self.log_format!r}")
+        if not self.kafka_heap or not self.kafka_heap[:-1].isdigit() or self.kafka_heap[-1] not in "mMgG":
+            raise ConfigError(f"PERSONALIZE_KAFKA_HEAP must look like 512m or 1g, got {self.kafka_heap!r}")
+        # derived defaults: the local stack's addresses
+        if not self.bootstrap_servers:
+            object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.kafka_port}")
+        if not self.redis_url:
+            object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
+        object.__setattr__(self, "stack_dir", Path(self.stack_dir).resolve())
+        object.__setattr__(self, "lib_dir", Path(self.lib_dir).resolve())
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The job's topics, created by ``stack up`` when missing."""
+        return (self.topic_events, self.topic_triggers, self.topic_segment_changes, self.topic_dlq)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every field from ``PERSONALIZE_<FIELD>``; unknown names are refused."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {}
+        for key, raw in environ.items():
+            if not key.startswith(PREFIX):
+                continue
+            name = key[len(PREFIX):].lower()
+            if name not in fields:
+                continue  # other tools may share the prefix; not ours to refuse
+            values[name] = _parse(fields[name], key, raw)
+        if "log_format" not in values and environ.get("CI", "").lower() in ("1", "true", "yes"):
+            values["log_format"] = "json"
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def _parse(field: dataclasses.Field, key: str, raw: str) -> object:
+    kind = field.type
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
+    if kind == "Path":
+        return Path(raw).expanduser()
+    return raw.strip()

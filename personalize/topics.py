@@ -1,0 +1,78 @@
+"""Kafka topics: create the job's topics when missing, list what exists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+
+from personalize.errors import ServiceUnavailable
+from personalize.settings import Settings
+
+# replayed logs carry 2017-2019 record timestamps: time-based retention would
+# delete them at the next check (DESIGN.md, Kafka pitfalls)
+LOCAL_TOPIC_CONFIG = {"retention.ms": "-1"}
+
+
+def admin(settings: Settings, timeout_ms: int = 10_000) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="personalize-admin",
+            request_timeout_ms=timeout_ms,
+            api_version_auto_timeout_ms=timeout_ms,
+        )
+    except NoBrokersAvailable:
+        raise ServiceUnavailable(
+            f"Kafka does not answer at {settings.bootstrap_servers}: start it with `personalize stack up` "
+            "or set PERSONALIZE_BOOTSTRAP_SERVERS"
+        ) from None
+
+
+def list_topics(settings: Settings, timeout_ms: int = 10_000) -> set[str]:
+    client = admin(settings, timeout_ms)
+    try:
+        return set(client.list_topics())
+    finally:
+        client.close()
+
+
+def ensure(
+    settings: Settings,
+    names: Iterable[str],
+    partitions: int | None = None,
+    local_stack: bool = False,
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    ``local_stack`` turns time-based retention off on the new topics.
+    """
+    client = admin(settings)
+    try:
+        existing = set(client.list_topics())
+        wanted = [n for n in dict.fromkeys(names) if n not in existing]
+        if not wanted:
+            return []
+        new = [
+            NewTopic(
+                name=name,
+                num_partitions=partitions or settings.partitions,
+                replication_factor=1 if local_stack else -1,
+                topic_configs=dict(LOCAL_TOPIC_CONFIG) if local_stack else {},
+            )
+            for name in wanted
+        ]
+        created = []
+        for topic in new:
+            try:
+                client.create_topics([topic], timeout_ms=30_000)
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass  # created meanwhile by someone else: that is what we wanted
+            except KafkaError as exc:
+                raise ServiceUnavailable(f"creating topic {topic.name!r} on {settings.bootstrap_servers} failed: {exc}") from exc
+        return created
+    finally:
+        client.close()
