@@ -44,7 +44,7 @@ def _print_status(statuses) -> None:
 
 
 def _smoke(args: argparse.Namespace, settings: Settings) -> int:
-    from jobs import smoke
+    from personalize import smoke
 
     report = smoke.run_smoke(
         settings,

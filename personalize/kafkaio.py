@@ -1,0 +1,124 @@
+"""Plain Kafka clients (kafka-python) for the CLI and tests: produce, read to the end.
+
+Reading "to the end" under read_committed stops on position, not on the last
+record's offset: transaction markers occupy offsets (DESIGN.md, Kafka pitfalls).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError, NoBrokersAvailable
+
+from personalize.errors import ServiceUnavailable
+from personalize.settings import Settings
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+
+
+def _unavailable(settings: Settings, exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"Kafka does not answer at {settings.bootstrap_servers} ({type(exc).__name__}): "
+        "start it with `personalize stack up` or set PERSONALIZE_BOOTSTRAP_SERVERS"
+    )
+
+
+def producer(settings: Settings, **overrides) -> KafkaProducer:
+    config = dict(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id="personalize-producer",
+        acks="all",
+        linger_ms=20,
+        batch_size=256 * 1024,
+        compression_type=None,
+        max_in_flight_requests_per_connection=1,  # keeps per-user order on retries
+        retries=5,
+    )
+    config.update(overrides)
+    try:
+        return KafkaProducer(**config)
+    except NoBrokersAvailable as exc:
+        raise _unavailable(settings, exc) from exc
+
+
+def produce(
+    settings: Settings,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes, int | None]],
+) -> int:
+    """Send (key, value, timestamp_ms) tuples, flush, and return how many were acknowledged."""
+    prod = producer(settings)
+    sent = 0
+    try:
+        futures = []
+        for key, value, ts in records:
+            futures.append(prod.send(topic, key=key, value=value, timestamp_ms=ts))
+            sent += 1
+        prod.flush(timeout=60)
+        for fut in futures:
+            fut.get(timeout=60)  # raises if any record was refused
+    except KafkaError as exc:
+        raise ServiceUnavailable(f"producing to {topic!r} at {settings.bootstrap_servers} failed: {exc}") from exc
+    finally:
+        prod.close(timeout=10)
+    return sent
+
+
+def read_to_end(
+    settings: Settings,
+    topic: str,
+    read_committed: bool = True,
+    timeout_s: float = 60.0,
+) -> Iterator[Record]:
+    """Every record of ``topic`` from its beginning to the end offsets current now.
+
+    With ``read_committed`` the end is the last stable offset: aborted and open
+    transactions are not read.
+    """
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="personalize-reader",
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+            auto_offset_reset="earliest",
+            consumer_timeout_ms=1000,
+        )
+    except NoBrokersAvailable as exc:
+        raise _unavailable(settings, exc) from exc
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise ServiceUnavailable(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        pending = {tp for tp in tps if consumer.position(tp) < ends[tp]}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                left = {f"{tp.partition}": (consumer.position(tp), ends[tp]) for tp in pending}
+                raise ServiceUnavailable(f"reading {topic!r} did not reach the end in {timeout_s:.0f}s: {left}")
+            batches = consumer.poll(timeout_ms=500)
+            for tp, msgs in batches.items():
+                for m in msgs:
+                    if m.offset < ends[tp]:
+                        yield Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value)
+            for tp in list(pending):
+                if consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+    finally:
+        consumer.close()

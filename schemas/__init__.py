@@ -1,0 +1,84 @@
+"""Avro schemas (one ``.avsc`` per record) and their single-object encoding.
+
+Every Kafka record value is Avro single-object encoded (Avro specification):
+the marker ``C3 01``, the writer schema's CRC-64-AVRO fingerprint (8 bytes,
+little-endian), then the binary datum. A reader finds the writer schema by
+fingerprint among the versions kept here (``<name>.avsc`` is the current one,
+``versions/<name>.v<N>.avsc`` the earlier ones) and resolves it to the current
+one. Schemas are parsed once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import struct
+from pathlib import Path
+
+import fastavro
+from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+
+HERE = Path(__file__).resolve().parent
+MARKER = b"\xc3\x01"
+HEADER_LEN = 10
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a readable record; ``reason`` says why (for the dead-letter topic)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _fingerprint(parsed: dict) -> bytes:
+    hex_fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+    return struct.pack("<Q", int(hex_fp, 16))
+
+
+class Codec:
+    """Encode with the current version of one record schema; decode any kept version."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.schema = parse_schema(json.loads((HERE / f"{name}.avsc").read_text()))
+        self.fingerprint = _fingerprint(self.schema)
+        self._header = MARKER + self.fingerprint
+        self.writers: dict[bytes, dict] = {self.fingerprint: self.schema}
+        for path in sorted((HERE / "versions").glob(f"{name}.v*.avsc")):
+            old = parse_schema(json.loads(path.read_text()))
+            self.writers[_fingerprint(old)] = old
+
+    def encode(self, record: dict) -> bytes:
+        out = io.BytesIO()
+        out.write(self._header)
+        fastavro.schemaless_writer(out, self.schema, record)
+        return out.getvalue()
+
+    def decode(self, data: bytes) -> dict:
+        if data is None or len(data) < HEADER_LEN:
+            raise DecodeError(f"not single-object encoded: {0 if data is None else len(data)} bytes")
+        if data[:2] != MARKER:
+            raise DecodeError(f"not single-object encoded: marker {data[:2].hex()} is not c301")
+        writer = self.writers.get(bytes(data[2:HEADER_LEN]))
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {bytes(data[2:HEADER_LEN]).hex()} for {self.name}")
+        buf = io.BytesIO(data)
+        buf.seek(HEADER_LEN)
+        try:
+            if writer is self.schema:
+                record = fastavro.schemaless_reader(buf, writer, None)
+            else:
+                record = fastavro.schemaless_reader(buf, writer, self.schema)
+        except Exception as exc:  # fastavro raises several kinds on bad bytes
+            raise DecodeError(f"invalid Avro datum for {self.name}: {type(exc).__name__}: {exc}") from exc
+        if buf.tell() != len(data):
+            raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the {self.name} datum")
+        return record
+
+
+@functools.lru_cache(maxsize=None)
+def codec(name: str) -> Codec:
+    """The process-wide codec of one schema (parsed once)."""
+    return Codec(name)
