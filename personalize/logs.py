@@ -33,10 +33,12 @@ def configure(log_format: str = "console", level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # py4j and kafka-python log through the standard library: keep them quiet
+    # py4j and kafka-python log through the standard library. kafka-python logs
+    # every refused connection as an ERROR; our own errors name the address and
+    # the fix instead, so its records stay below CRITICAL.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    for noisy in ("kafka", "py4j"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    logging.getLogger("py4j").setLevel(logging.ERROR)
     _configured = log_format
 
 

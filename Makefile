@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make run` and `make test` (README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PERSONALIZE := $(VENV)/bin/personalize
+
+.PHONY: setup venv jars redis-server run test test-unit stack-up stack-down clean
+
+setup: venv jars redis-server ## venv with pinned packages, jars from Maven Central, redis-server
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "setup: Python packages into $(VENV) (apache-flink 2.2.1 and friends; first time ~2 min)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -i -e warning -e '^ *$$' -e '!!' -e '\*\*\*' -e '#' || true
+	@$(PY) -c "import pyflink, river, kafka, redis, fastavro, orjson, structlog"
+	@touch $@
+
+jars: venv ## Flink's Kafka connector and the Kafka broker, resolved with Maven into lib/
+	@$(PY) -m personalize.jars
+
+redis-server: ## Debian's redis-server when missing (the system service is not started)
+	@bash scripts/install-redis-server.sh
+
+run: setup ## bring the local stack up and run the job on the embedded Flink
+	@$(PERSONALIZE) stack up
+	@$(PERSONALIZE) smoke
+
+test: setup ## every test: unit, then integration against a stack the tests start on free ports
+	@$(PY) -m pytest
+
+test-unit: venv
+	@$(PY) -m pytest tests/unit
+
+stack-up: setup
+	@$(PERSONALIZE) stack up
+
+stack-down:
+	@$(PERSONALIZE) stack down
+
+clean: ## stop the stack and delete it, the venv and the jars
+	-@test -x $(PERSONALIZE) && $(PERSONALIZE) stack down --purge
+	rm -rf $(VENV) lib .stack *.egg-info

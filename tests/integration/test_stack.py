@@ -1,0 +1,110 @@
+"""`personalize stack up|down|status` against real Kafka and Redis processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+import redis
+
+from personalize import topics
+from tests.conftest import Stack, free_port, stack_env, start_stack
+
+
+def pids(stack: Stack) -> dict[str, int]:
+    return {s: int((stack.settings.stack_dir / f"{s}.pid").read_text()) for s in ("kafka", "redis")}
+
+
+def test_status_reports_both_services_running_with_their_addresses(stack):
+    done = stack.cli("stack", "status")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert any(l.startswith("kafka") and "running" in l and f"127.0.0.1:{stack.settings.kafka_port}" in l for l in lines)
+    assert any(l.startswith("redis") and "running" in l and f"redis://127.0.0.1:{stack.settings.redis_port}/0" in l
+               for l in lines)
+
+
+def test_up_twice_starts_nothing_new(stack):
+    before = pids(stack)
+    done = stack.cli("stack", "up")
+    assert done.returncode == 0, done.stderr
+    assert pids(stack) == before
+    assert done.stderr.count("already running") == 2
+
+
+def test_a_taken_port_is_one_line_naming_the_port_and_setting_and_starts_nothing(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        env = stack_env(free_port(), free_port(), taken, tmp_path)
+        done = Stack(None, env).cli("stack", "up")
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"personalize: error: port {taken} (for redis) is already in use on 127.0.0.1: "
+        "set PERSONALIZE_REDIS_PORT to a free port\n"
+    )
+    assert not (tmp_path / "redis.pid").exists() and not (tmp_path / "kafka.pid").exists()
+
+
+def test_job_topics_exist_with_configured_partitions_and_no_time_retention(stack):
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    client = topics.admin(stack.settings)
+    try:
+        described = {t["topic"]: t for t in client.describe_topics(list(stack.settings.topics))}
+        for name in stack.settings.topics:
+            assert len(described[name]["partitions"]) == stack.settings.partitions, name
+        configs = client.describe_configs([ConfigResource(ConfigResourceType.TOPIC, stack.settings.topic_events)])
+        entries = {c[0]: c[1] for c in configs[0].resources[0][4]}
+        assert entries["retention.ms"] == "-1"
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_killed_kafka_is_reported_down_and_down_purge_starts_the_next_up_empty(tmp_path):
+    own = start_stack(tmp_path / "own")
+    try:
+        r = redis.Redis.from_url(own.settings.redis_url)
+        r.set("left-behind", "1")
+        topics.ensure(own.settings, ["left-behind"], local_stack=True)
+
+        os.kill(pids(own)["kafka"], signal.SIGKILL)
+        time.sleep(1)
+        done = own.cli("stack", "status")
+        assert done.returncode == 1
+        kafka_line = next(l for l in done.stdout.splitlines() if l.startswith("kafka"))
+        redis_line = next(l for l in done.stdout.splitlines() if l.startswith("redis"))
+        assert " down " in kafka_line and "is gone" in kafka_line
+        assert " running " in redis_line
+
+        done = own.cli("stack", "down", "--purge")
+        assert done.returncode == 0 and done.stdout.startswith("stopped: redis"), done.stdout + done.stderr
+        assert not (own.settings.stack_dir / "kafka").exists()
+
+        done = own.cli("stack", "up", timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert redis.Redis.from_url(own.settings.redis_url).get("left-behind") is None
+        assert "left-behind" not in topics.list_topics(own.settings)
+        assert set(own.settings.topics) <= topics.list_topics(own.settings)
+    finally:
+        own.cli("stack", "down", "--purge")
+
+
+@pytest.mark.slow
+def test_down_stops_only_what_the_stack_started(tmp_path):
+    own = start_stack(tmp_path / "own")
+    foreign = redis.Redis  # keep the name short below
+    try:
+        assert own.cli("stack", "down").returncode == 0
+        assert own.cli("stack", "down").stdout.strip() == "stopped: nothing was running"
+        # data survives a plain down: a restart finds what was there
+        done = own.cli("stack", "up", timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert foreign.from_url(own.settings.redis_url).ping()
+    finally:
+        own.cli("stack", "down", "--purge")
