@@ -56,6 +56,32 @@ def _smoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.ok else 1
 
 
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from personalize import run
+
+    if not args.bounded:
+        raise PersonalizeError("unbounded runs are not built yet: use `personalize run --bounded`")
+    if args.parallelism:
+        settings = dataclasses.replace(settings, parallelism=args.parallelism)
+    summary = run.run_bounded(settings)
+    print(summary.describe())
+    return 0
+
+
+def _profile(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from sinks.redis import PROFILE_PREFIX, redis_client
+
+    raw = redis_client(settings).hgetall(PROFILE_PREFIX + args.user_id)
+    if not raw:
+        print(f"personalize: no profile for user {args.user_id!r} in {settings.redis_url}", file=sys.stderr)
+        return 1
+    profile = {k.decode(): v.decode() for k, v in sorted(raw.items())}
+    print(orjson.dumps({"user_id": args.user_id, **profile}).decode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="personalize",
@@ -68,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--purge", action="store_true", help="with down: also delete the stack's data")
     p.set_defaults(func=_stack)
+
+    p = sub.add_parser("run", help="the profile job on the embedded local Flink")
+    p.add_argument("--bounded", action="store_true",
+                   help="read from the earliest offset to the current end, fire every window, exit")
+    p.add_argument("--parallelism", type=_positive, help="override PERSONALIZE_PARALLELISM")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("profile", help="a user's live profile from Redis, as one JSON object")
+    p.add_argument("user_id")
+    p.set_defaults(func=_profile)
 
     p = sub.add_parser(
         "smoke",
@@ -88,6 +124,13 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
 
 

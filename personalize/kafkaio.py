@@ -80,6 +80,7 @@ def read_to_end(
     topic: str,
     read_committed: bool = True,
     timeout_s: float = 60.0,
+    start_offsets: dict[int, int] | None = None,
 ) -> Iterator[Record]:
     """Every record of ``topic`` from its beginning to the end offsets current now.
 
@@ -105,6 +106,9 @@ def read_to_end(
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
+        for tp in tps:
+            if start_offsets and tp.partition in start_offsets:
+                consumer.seek(tp, start_offsets[tp.partition])
         ends = consumer.end_offsets(tps)
         pending = {tp for tp in tps if consumer.position(tp) < ends[tp]}
         deadline = time.monotonic() + timeout_s
@@ -120,5 +124,29 @@ def read_to_end(
             for tp in list(pending):
                 if consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
+    finally:
+        consumer.close()
+
+
+def offsets(settings: Settings, topic: str, read_committed: bool = True) -> tuple[dict[int, int], dict[int, int]]:
+    """(beginning, end) offsets per partition of ``topic``; end is the last stable offset."""
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="personalize-offsets",
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+        )
+    except NoBrokersAvailable as exc:
+        raise _unavailable(settings, exc) from exc
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise ServiceUnavailable(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        begin = consumer.beginning_offsets(tps)
+        end = consumer.end_offsets(tps)
+        return {tp.partition: begin[tp] for tp in tps}, {tp.partition: end[tp] for tp in tps}
     finally:
         consumer.close()

@@ -44,7 +44,20 @@ class Settings:
     topic_triggers: str = "triggers"
     topic_segment_changes: str = "segment-changes"
     topic_dlq: str = "events-dlq"
+    # internal: the job's profile changelog (compacted) and trending windows,
+    # materialized into Redis by a read_committed loader (sinks/redis.py)
+    topic_profile_updates: str = "profile-updates"
+    topic_trending: str = "trending-products"
     partitions: int = 2
+    # event time and windows (DESIGN.md, Semantics)
+    out_of_orderness_ms: int = 5_000
+    idle_timeout_ms: int = 30_000
+    session_gap_ms: int = 30 * 60_000
+    activity_window_ms: int = 60 * 60_000
+    recent_window_ms: int = 30 * 60_000
+    recent_slide_ms: int = 5 * 60_000
+    trending_window_ms: int = 5 * 60_000
+    trending_top_n: int = 10
     # flink
     parallelism: int = 1
     checkpoint_interval_ms: int = 10_000
@@ -62,9 +75,18 @@ class Settings:
                 "PERSONALIZE_KAFKA_PORT, PERSONALIZE_KAFKA_CONTROLLER_PORT and "
                 f"PERSONALIZE_REDIS_PORT must differ, got {ports}"
             )
-        for name in ("partitions", "parallelism", "checkpoint_interval_ms"):
+        for name in ("partitions", "parallelism", "checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
+                     "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
+                     "trending_top_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
+        if self.out_of_orderness_ms < 0:
+            raise ConfigError(f"PERSONALIZE_OUT_OF_ORDERNESS_MS must be 0 or more, got {self.out_of_orderness_ms}")
+        if self.recent_window_ms % self.recent_slide_ms:
+            raise ConfigError(
+                "PERSONALIZE_RECENT_WINDOW_MS must be a multiple of PERSONALIZE_RECENT_SLIDE_MS, "
+                f"got {self.recent_window_ms} and {self.recent_slide_ms}"
+            )
         if self.log_format not in ("console", "json"):
             raise ConfigError(f"PERSONALIZE_LOG_FORMAT must be 'console' or 'json', got {self.log_format!r}")
         if not self.kafka_heap or not self.kafka_heap[:-1].isdigit() or self.kafka_heap[-1] not in "mMgG":

@@ -44,10 +44,12 @@ def ensure(
     names: Iterable[str],
     partitions: int | None = None,
     local_stack: bool = False,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created.
 
-    ``local_stack`` turns time-based retention off on the new topics.
+    ``local_stack`` turns time-based retention off on the new topics;
+    ``configs`` adds topic configs (such as ``cleanup.policy``).
     """
     client = admin(settings)
     try:
@@ -60,7 +62,7 @@ def ensure(
                 name=name,
                 num_partitions=partitions or settings.partitions,
                 replication_factor=1 if local_stack else -1,
-                topic_configs=dict(LOCAL_TOPIC_CONFIG) if local_stack else {},
+                topic_configs={**(LOCAL_TOPIC_CONFIG if local_stack else {}), **(configs or {})},
             )
             for name in wanted
         ]

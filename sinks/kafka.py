@@ -1,0 +1,99 @@
+"""Kafka tables through Flink's own connector (SQL DDL): the event source and the sinks.
+
+The source reads raw bytes with topic/partition/offset metadata, so a bad record
+can go to the dead-letter topic with where it came from (Flink's ``avro`` format
+would fail the job on it, DESIGN.md). Event time is the Kafka record timestamp,
+with bounded out-of-orderness watermarks generated per partition by the source.
+Every sink is transactional (exactly-once, committed at checkpoints) with a
+transactional id prefix derived from its topic, stable across restarts.
+"""
+
+from __future__ import annotations
+
+from personalize.settings import Settings
+
+# below the broker's transaction.max.timeout.ms (15 min; the sink's default 1 h is refused)
+TRANSACTION_TIMEOUT_MS = 600_000
+
+
+def _exactly_once(settings: Settings, topic: str) -> str:
+    return f"""
+            'sink.delivery-guarantee' = 'exactly-once',
+            'sink.transactional-id-prefix' = 'personalize-{topic}',
+            'properties.transaction.timeout.ms' = '{TRANSACTION_TIMEOUT_MS}'"""
+
+
+def events_source(table: str, settings: Settings, *, bounded: bool, group_id: str) -> str:
+    from operators.windows import interval
+
+    bounded_opt = "'scan.bounded.mode' = 'latest-offset'," if bounded else ""
+    return f"""
+        CREATE TEMPORARY TABLE `{table}` (
+            `value` BYTES,
+            `topic` STRING METADATA VIRTUAL,
+            `partition` INT METADATA VIRTUAL,
+            `offset` BIGINT METADATA VIRTUAL,
+            `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp',
+            WATERMARK FOR `ts` AS `ts` - {interval(settings.out_of_orderness_ms)}
+        ) WITH (
+            'connector' = 'kafka',
+            'topic' = '{settings.topic_events}',
+            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            'properties.group.id' = '{group_id}',
+            'properties.isolation.level' = 'read_committed',
+            'scan.startup.mode' = 'earliest-offset',
+            {bounded_opt}
+            'format' = 'raw'
+        )"""
+
+
+def dead_letter_sink(table: str, settings: Settings) -> str:
+    """Avro DeadLetter bytes, keyed by user when the event told us who it was."""
+    return f"""
+        CREATE TEMPORARY TABLE `{table}` (
+            `user_id` STRING,
+            `value` BYTES,
+            `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp'
+        ) WITH (
+            'connector' = 'kafka',
+            'topic' = '{settings.topic_dlq}',
+            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            'key.format' = 'raw',
+            'key.fields' = 'user_id',
+            'value.format' = 'raw',
+            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(settings, settings.topic_dlq)}
+        )"""
+
+
+def profile_updates_sink(table: str, settings: Settings) -> str:
+    """The profile changelog: one upsert per (user, part), JSON, on a compacted topic."""
+    return f"""
+        CREATE TEMPORARY TABLE `{table}` (
+            `user_id` STRING,
+            `part` STRING,
+            `fields` MAP<STRING, STRING>,
+            PRIMARY KEY (`user_id`, `part`) NOT ENFORCED
+        ) WITH (
+            'connector' = 'upsert-kafka',
+            'topic' = '{settings.topic_profile_updates}',
+            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            'key.format' = 'json',
+            'value.format' = 'json',
+            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(settings, settings.topic_profile_updates)}
+        )"""
+
+
+def trending_sink(table: str, settings: Settings) -> str:
+    return f"""
+        CREATE TEMPORARY TABLE `{table}` (
+            `category` STRING,
+            `product_id` STRING,
+            `views` BIGINT,
+            `window_end_ms` BIGINT,
+            `rank` BIGINT
+        ) WITH (
+            'connector' = 'kafka',
+            'topic' = '{settings.topic_trending}',
+            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            'value.format' = 'json',{_exactly_once(settings, settings.topic_trending)}
+        )"""

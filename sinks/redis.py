@@ -1,0 +1,212 @@
+"""Redis, materialized from the job's committed Kafka outputs (read_committed loader).
+
+Python functions in Flink get no checkpoint hook, so a Redis write from inside
+the job could be lost or repeated at a failure (DESIGN.md). The job therefore
+writes the profile changelog and trending windows to transactional Kafka topics;
+this loader reads them under read_committed, keeps the newest value per key in a
+batch, and writes absolute values to Redis together with its next offsets in one
+MULTI/EXEC transaction (``loader:offsets``). Writes and offsets land together or
+not at all, so a crash or restart neither loses nor re-applies a batch; and since
+the values are absolute, even a replay would leave Redis identical.
+(Offsets live in Redis, not in a Kafka consumer group, for that atomicity.)
+
+Keys written:
+- ``profile:{user_id}`` HASH: the profile fields of DESIGN.md (and window extras);
+  deleted when the user's latest event withdrew personalization consent
+- ``trending:{category}`` ZSET: product -> views in the newest trending window,
+  with ``trending:window_end_ms`` (HASH category -> window end) beside it
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import orjson
+import redis as redis_lib
+
+from personalize import logs
+from personalize.errors import ServiceUnavailable
+from personalize.settings import Settings
+from operators.windows import TOP_CATEGORIES
+
+log = logs.get(__name__)
+
+PROFILE_PREFIX = "profile:"
+TRENDING_PREFIX = "trending:"
+TRENDING_WINDOWS = "trending:window_end_ms"
+OFFSETS_KEY = "loader:offsets"
+# fields a deleted (tombstoned) part takes with it
+PART_FIELDS = {f"top_category_{n}": (f"top_category_{n}", f"top_category_{n}_events") for n in range(1, TOP_CATEGORIES + 1)}
+
+
+def redis_client(settings: Settings) -> redis_lib.Redis:
+    client = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    try:
+        client.ping()
+    except redis_lib.RedisError as exc:
+        raise ServiceUnavailable(
+            f"Redis does not answer at {settings.redis_url} ({type(exc).__name__}): "
+            "start it with `personalize stack up` or set PERSONALIZE_REDIS_URL"
+        ) from None
+    return client
+
+
+def format_cents(cents: int) -> str:
+    """Integer cents as a decimal with exactly two places (``-0.05``, ``12.30``)."""
+    sign = "-" if cents < 0 else ""
+    whole, rest = divmod(abs(cents), 100)
+    return f"{sign}{whole}.{rest:02d}"
+
+
+def active_hours(events_by_hour: str, top: int = 3) -> str:
+    """The busiest hours of day (UTC), most events first, ties to the earlier hour."""
+    counts = [int(c) for c in events_by_hour.split(",")]
+    ranked = sorted((h for h in range(24) if counts[h] > 0), key=lambda h: (-counts[h], h))
+    return ",".join(str(h) for h in ranked[:top])
+
+
+def profile_fields(part: str, fields: dict[str, str]) -> dict[str, str]:
+    """What one part writes into the profile hash."""
+    out = {k: v for k, v in fields.items() if k != "consent" and v is not None}
+    if part == "totals":
+        out["revenue"] = format_cents(int(out["revenue_cents"]))
+        out["updated_ms"] = out["last_seen_ms"]  # event time, so a replay writes the same value
+    elif part == "hours":
+        out["active_hours"] = active_hours(out["events_by_hour"])
+    elif part == "sessions":
+        out["avg_session_s"] = f"{int(out['avg_session_ms']) / 1000:.3f}"
+        out["last_session_revenue"] = format_cents(int(out.pop("last_session_revenue_cents")))
+    return out
+
+
+@dataclass
+class LoadStats:
+    records: int = 0
+    profile_writes: int = 0
+    profiles_deleted: int = 0
+    trending_rows: int = 0
+    users: set[str] = field(default_factory=set)
+
+
+class Materializer:
+    """Reads the profile changelog and trending topics from its committed offsets into Redis."""
+
+    def __init__(self, settings: Settings, offsets_key: str = OFFSETS_KEY):
+        self.settings = settings
+        self.offsets_key = offsets_key
+        self.redis = redis_client(settings)
+        self.stats = LoadStats()
+
+    def _consumer(self):
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            group_id=None,
+            client_id="personalize-redis-loader",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            max_poll_records=20_000,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+        )
+        tps = []
+        for topic in (self.settings.topic_profile_updates, self.settings.topic_trending):
+            for p in sorted(consumer.partitions_for_topic(topic) or ()):
+                tps.append(TopicPartition(topic, p))
+        consumer.assign(tps)
+        stored = self.redis.hgetall(self.offsets_key)
+        for tp in tps:
+            offset = stored.get(f"{tp.topic}:{tp.partition}".encode())
+            if offset is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, int(offset))
+        return consumer, tps
+
+    def drain(self, timeout_s: float = 600) -> LoadStats:
+        """Apply everything committed up to the end offsets current now, then return."""
+        consumer, tps = self._consumer()
+        try:
+            ends = consumer.end_offsets(tps)
+            deadline = time.monotonic() + timeout_s
+            while any(consumer.position(tp) < ends[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise ServiceUnavailable(f"the Redis loader did not reach the end of its topics in {timeout_s:.0f}s")
+                self._apply(consumer, consumer.poll(timeout_ms=500))
+        finally:
+            consumer.close()
+        return self.stats
+
+    def follow(self, stop) -> LoadStats:
+        """Apply committed records as they come until ``stop()`` is true (unbounded runs)."""
+        consumer, _ = self._consumer()
+        try:
+            while not stop():
+                batches = consumer.poll(timeout_ms=500)
+                if batches:
+                    self._apply(consumer, batches)
+        finally:
+            consumer.close()
+        return self.stats
+
+    def _apply(self, consumer, batches) -> None:
+        if not batches:
+            return
+        profile_topic = self.settings.topic_profile_updates
+        latest: dict[tuple[str, str], dict | None] = {}
+        trending: list[dict] = []
+        for tp, records in batches.items():
+            self.stats.records += len(records)
+            if tp.topic == profile_topic:
+                for rec in records:
+                    key = orjson.loads(rec.key)
+                    value = orjson.loads(rec.value) if rec.value is not None else None
+                    latest[(key["user_id"], key["part"])] = None if value is None else value["fields"]
+            else:
+                trending.extend(orjson.loads(rec.value) for rec in records)
+        pipe = self.redis.pipeline(transaction=True)
+        self._profiles(pipe, latest.items())
+        self._trending(pipe, trending)
+        pipe.hset(self.offsets_key, mapping={f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in batches})
+        pipe.execute()
+
+    def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
+        for (user, part), fields in updates:
+            key = PROFILE_PREFIX + user
+            if fields is None:
+                if part in PART_FIELDS:
+                    pipe.hdel(key, *PART_FIELDS[part])
+                continue
+            if fields.get("consent") == "false":
+                pipe.delete(key)  # no profile without personalization consent
+                self.stats.profiles_deleted += 1
+                self.stats.users.discard(user)
+                continue
+            pipe.hset(key, mapping=profile_fields(part, fields))
+            self.stats.profile_writes += 1
+            self.stats.users.add(user)
+
+    def _trending(self, pipe, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.stats.trending_rows += len(rows)
+        newest: dict[str, int] = {}
+        for row in rows:
+            newest[row["category"]] = max(newest.get(row["category"], 0), row["window_end_ms"])
+        stored = dict(zip(newest, self.redis.hmget(TRENDING_WINDOWS, list(newest))))
+        for category, window_end in newest.items():
+            known = int(stored[category]) if stored[category] is not None else -1
+            if window_end < known:
+                continue
+            key = TRENDING_PREFIX + (category or "(none)")
+            if window_end > known:
+                pipe.delete(key)
+                pipe.hset(TRENDING_WINDOWS, category, window_end)
+            members = {r["product_id"]: r["views"] for r in rows
+                       if r["category"] == category and r["window_end_ms"] == window_end}
+            if members:
+                pipe.zadd(key, members)
