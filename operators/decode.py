@@ -14,7 +14,6 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 LATE = "late"
 CART_TYPES = ("add_to_cart", "remove_from_cart")
 NEEDS_PRODUCT = ("product_view", "add_to_cart", "remove_from_cart", "purchase")
-NEEDS_PRICE = ("add_to_cart", "purchase")
 
 # the event row handed to the SQL windows: (name, SQL type)
 EVENT_COLUMNS = (
@@ -68,8 +67,6 @@ def validate(event: dict, record_ts_ms: int) -> tuple[tuple | None, str | None]:
             return None, f"price {price!r} is not a number"
         if cents < 0:
             return None, f"price {price!r} is negative"
-    elif etype in NEEDS_PRICE:
-        return None, f"{etype} without price"
     quantity = event.get("quantity", 1)
     if quantity < 1:
         return None, f"quantity {quantity} is below 1"

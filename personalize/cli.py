@@ -82,6 +82,20 @@ def _profile(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from personalize import replay, run
+
+    run.ensure_topics(settings)
+    result, rate = replay.replay(settings, Path(args.file), topic=args.topic)
+    print(f"replayed {len(result.events)} events ({result.format}) to "
+          f"{args.topic or settings.topic_events!r} at {rate:,.0f} events/s; "
+          f"{len(result.bad_rows)} unreadable rows" +
+          (": " + ", ".join(f"line {n} ({why})" for n, why in result.bad_rows[:5]) if result.bad_rows else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="personalize",
@@ -100,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read from the earliest offset to the current end, fire every window, exit")
     p.add_argument("--parallelism", type=_positive, help="override PERSONALIZE_PARALLELISM")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("replay", help="replay a CSV / JSON-lines event log in event-time order")
+    p.add_argument("file", help="canonical CSV, REES46 CSV, or Taobao UserBehavior JSON lines")
+    p.add_argument("--topic", help="target topic (default: PERSONALIZE_TOPIC_EVENTS)")
+    p.set_defaults(func=_replay)
 
     p = sub.add_parser("profile", help="a user's live profile from Redis, as one JSON object")
     p.add_argument("user_id")

@@ -16,7 +16,8 @@ from personalize import jars
 from personalize.settings import Settings
 
 
-def environments(settings: Settings, *, checkpoint_interval_ms: int | None = None, parallelism: int | None = None):
+def environments(settings: Settings, *, checkpoint_interval_ms: int | None = None, parallelism: int | None = None,
+                 bounded: bool = False):
     """A ``StreamExecutionEnvironment`` and its ``StreamTableEnvironment``, configured."""
     # imported here: starting PyFlink starts a JVM, which no import of ours may do
     from pyflink.common import Configuration
@@ -38,6 +39,9 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     # quieter, smaller local runs on a 2-core machine
     config.set_string("taskmanager.memory.process.size", "1600m")
     config.set_string("rest.bind-address", "127.0.0.1")
+    if bounded:
+        # a bounded run either ends or fails with its reason: no silent restart loop
+        config.set_string("restart-strategy.type", "none")
 
     env = StreamExecutionEnvironment.get_execution_environment(config)
     env.set_parallelism(parallelism or settings.parallelism)

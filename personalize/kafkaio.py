@@ -42,7 +42,8 @@ def producer(settings: Settings, **overrides) -> KafkaProducer:
         linger_ms=20,
         batch_size=256 * 1024,
         compression_type=None,
-        max_in_flight_requests_per_connection=1,  # keeps per-user order on retries
+        enable_idempotence=True,  # keeps per-user order across retries
+        max_in_flight_requests_per_connection=1,  # kafka-python requires 1 with idempotence
         retries=5,
     )
     config.update(overrides)
@@ -60,14 +61,14 @@ def produce(
     """Send (key, value, timestamp_ms) tuples, flush, and return how many were acknowledged."""
     prod = producer(settings)
     sent = 0
+    failures: list[BaseException] = []
     try:
-        futures = []
         for key, value, ts in records:
-            futures.append(prod.send(topic, key=key, value=value, timestamp_ms=ts))
+            prod.send(topic, key=key, value=value, timestamp_ms=ts).add_errback(failures.append)
             sent += 1
-        prod.flush(timeout=60)
-        for fut in futures:
-            fut.get(timeout=60)  # raises if any record was refused
+        prod.flush(timeout=120)
+        if failures:
+            raise failures[0]  # a refused record fails the whole call: nothing is lost in silence
     except KafkaError as exc:
         raise ServiceUnavailable(f"producing to {topic!r} at {settings.bootstrap_servers} failed: {exc}") from exc
     finally:

@@ -98,7 +98,8 @@ def run_bounded(settings: Settings) -> RunSummary:
     follower = threading.Thread(target=follow, name="redis-loader", daemon=True)
     follower.start()
     try:
-        env, t_env = environments(settings, checkpoint_interval_ms=min(settings.checkpoint_interval_ms, 2000))
+        env, t_env = environments(settings, checkpoint_interval_ms=min(settings.checkpoint_interval_ms, 2000),
+                                  bounded=True)
         statements = profile.build(env, t_env, settings, bounded=True)
         job_started = time.monotonic()
         result = statements.execute()

@@ -51,6 +51,9 @@ class Settings:
     partitions: int = 2
     # event time and windows (DESIGN.md, Semantics)
     out_of_orderness_ms: int = 5_000
+    # source watermarks: "on-periodic" (every 200 ms) or "on-event" (after every
+    # record: lateness then does not depend on timing, at some cost in speed)
+    watermark_emit: str = "on-periodic"
     idle_timeout_ms: int = 30_000
     session_gap_ms: int = 30 * 60_000
     activity_window_ms: int = 60 * 60_000
@@ -87,6 +90,8 @@ class Settings:
                 "PERSONALIZE_RECENT_WINDOW_MS must be a multiple of PERSONALIZE_RECENT_SLIDE_MS, "
                 f"got {self.recent_window_ms} and {self.recent_slide_ms}"
             )
+        if self.watermark_emit not in ("on-periodic", "on-event"):
+            raise ConfigError(f"PERSONALIZE_WATERMARK_EMIT must be 'on-periodic' or 'on-event', got {self.watermark_emit!r}")
         if self.log_format not in ("console", "json"):
             raise ConfigError(f"PERSONALIZE_LOG_FORMAT must be 'console' or 'json', got {self.log_format!r}")
         if not self.kafka_heap or not self.kafka_heap[:-1].isdigit() or self.kafka_heap[-1] not in "mMgG":

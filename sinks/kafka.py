@@ -43,6 +43,7 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
             'properties.isolation.level' = 'read_committed',
             'scan.startup.mode' = 'earliest-offset',
             {bounded_opt}
+            'scan.watermark.emit.strategy' = '{settings.watermark_emit}',
             'format' = 'raw'
         )"""
 

@@ -1,0 +1,200 @@
+"""The profile job through the real stack: replay -> bounded PyFlink run -> Redis profiles,
+checked against an independent computation over the same file."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import re
+import uuid
+from collections import defaultdict
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+
+import pytest
+import redis
+
+import schemas
+from personalize import kafkaio, smoke, topics
+from personalize.settings import Settings
+from tests.conftest import ROOT, Stack
+
+REES46 = ROOT.parent / "shared" / "data" / "rees46-2019-10-01.csv"
+GAP_MS = 30 * 60_000
+TYPES = {"view": "product_view", "cart": "add_to_cart", "purchase": "purchase"}
+
+pytestmark = pytest.mark.slow
+
+
+def job_stack(stack: Stack, redis_db: int, **extra: str) -> Stack:
+    """The session stack with uuid-named topics and a Redis database of this test's own."""
+    tag = uuid.uuid4().hex[:10]
+    env = dict(stack.env)
+    env.update(
+        PERSONALIZE_TOPIC_EVENTS=f"events-{tag}",
+        PERSONALIZE_TOPIC_DLQ=f"dlq-{tag}",
+        PERSONALIZE_TOPIC_TRIGGERS=f"triggers-{tag}",
+        PERSONALIZE_TOPIC_SEGMENT_CHANGES=f"segments-{tag}",
+        PERSONALIZE_TOPIC_PROFILE_UPDATES=f"profiles-{tag}",
+        PERSONALIZE_TOPIC_TRENDING=f"trending-{tag}",
+        PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{stack.settings.redis_port}/{redis_db}",
+        **extra,
+    )
+    own = Stack(Settings.from_env(env), env)
+    redis.Redis.from_url(own.settings.redis_url).flushdb()
+    return own
+
+
+def run_bounded(stack: Stack) -> dict[str, str]:
+    done = stack.cli("run", "--bounded", timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = {}
+    for line in done.stdout.splitlines():
+        m = re.match(r"(events read|dead letters|late events|profiles written)\s+(\d+)", line)
+        if m:
+            summary[m.group(1)] = int(m.group(2))
+    return summary
+
+
+def expected_rees46_profiles(path: Path) -> dict[str, dict]:
+    """Per-user figures computed straight from the CSV (rows of the wrong width skipped)."""
+    rows = []
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        for row in reader:
+            if len(row) != len(header):
+                continue
+            r = dict(zip(header, row))
+            when = dt.datetime.strptime(r["event_time"], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=dt.timezone.utc)
+            ms = int(when.timestamp()) * 1000
+            rows.append((r["user_id"], ms, TYPES[r["event_type"]], r["price"]))
+    users: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    times: dict[str, list[int]] = defaultdict(list)
+    for user, ms, etype, price in rows:
+        p = users[user]
+        p["n_events"] += 1
+        p[f"n_{etype}"] += 1
+        if etype == "purchase":
+            p["revenue_cents"] += int(Decimal(price).quantize(Decimal("0.01"), ROUND_HALF_EVEN) * 100)
+        times[user].append(ms)
+    for user, ts in times.items():
+        ts.sort()
+        p = users[user]
+        p["first_seen_ms"], p["last_seen_ms"] = ts[0], ts[-1]
+        p["n_sessions"] = 1 + sum(1 for a, b in zip(ts, ts[1:]) if b - a >= GAP_MS)
+    return users
+
+
+@pytest.fixture(scope="module")
+def rees46(stack):
+    own = job_stack(stack, redis_db=1)
+    done = own.cli("replay", str(REES46))
+    assert done.returncode == 0, done.stderr
+    assert "1 unreadable rows: line 17436" in done.stdout
+    first = run_bounded(own)
+    return own, first
+
+
+def profiles(stack: Stack) -> dict[str, dict[str, str]]:
+    r = redis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
+    return {k.split(":", 1)[1]: r.hgetall(k) for k in r.scan_iter("profile:*", count=1000)}
+
+
+def test_every_rees46_profile_equals_an_independent_computation(rees46):
+    own, summary = rees46
+    assert summary["events read"] == 17434
+    assert summary["dead letters"] == 0 and summary["late events"] == 0
+    expected = expected_rees46_profiles(REES46)
+    got = profiles(own)
+    assert set(got) == set(expected)
+    assert summary["profiles written"] == len(expected) == 4504  # shared/data/README.md
+    mismatches = []
+    for user, want in expected.items():
+        have = got[user]
+        for field in ("n_events", "n_product_view", "n_add_to_cart", "n_purchase", "n_sessions",
+                      "first_seen_ms", "last_seen_ms"):
+            if int(have.get(field, 0)) != want.get(field, 0):
+                mismatches.append((user, field, have.get(field), want.get(field, 0)))
+        cents = want.get("revenue_cents", 0)
+        if have["revenue"] != f"{cents // 100}.{cents % 100:02d}":
+            mismatches.append((user, "revenue", have["revenue"], cents))
+    assert not mismatches, mismatches[:10]
+    assert sum(int(p["n_sessions"]) for p in got.values()) == 4518  # shared/data/README.md
+
+
+def test_a_second_bounded_run_over_the_same_topic_changes_no_count(rees46):
+    own, _ = rees46
+    stable = ("n_events", "n_product_view", "n_add_to_cart", "n_purchase", "n_sessions", "revenue",
+              "first_seen_ms", "last_seen_ms", "session_ms_total", "events_by_hour", "updated_ms")
+    before = {u: {f: p.get(f) for f in stable} for u, p in profiles(own).items()}
+    summary = run_bounded(own)
+    assert summary["events read"] == 17434
+    after = {u: {f: p.get(f) for f in stable} for u, p in profiles(own).items()}
+    assert after == before
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons_and_good_ones_count(stack):
+    own = job_stack(stack, redis_db=2)
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    codec = schemas.codec("user_event")
+    good = smoke.sample_events(300, users=30)
+    bad: list[tuple[bytes | None, bytes, int, str]] = []
+    t0 = good[0]["event_time"]
+    for i in range(200):
+        ts = t0 + i * 1000
+        kind = i % 5
+        if kind == 0:
+            bad.append((b"x", bytes([i % 256]) * 17, ts, "not single-object encoded"))
+        elif kind == 1:
+            bad.append((b"x", b"\xc3\x01" + b"\x00" * 8 + b"junk", ts, "unknown schema fingerprint"))
+        elif kind == 2:
+            bad.append((b"x", codec.encode(good[i])[:-9], ts, "invalid Avro datum"))
+        elif kind == 3:
+            event = dict(good[i], user_id="  ", event_time=ts)
+            bad.append((b"x", codec.encode(event), ts, "user_id is empty"))
+        else:
+            event = dict(good[i], event_time=ts)
+            bad.append((b"x", codec.encode(event), ts + 7, "differs from event_time"))
+    records = [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in good]
+    mixed = []
+    for i, rec in enumerate(records):
+        mixed.append(rec)
+        if i < len(bad):
+            mixed.append(bad[i][:3])
+    assert kafkaio.produce(s, s.topic_events, mixed) == 500
+
+    summary = run_bounded(own)
+    assert summary["events read"] == 500
+    assert summary["dead letters"] == 200 and summary["late events"] == 0
+
+    letters = schemas.codec("dead_letter")
+    reasons = [letters.decode(r.value) for r in kafkaio.read_to_end(s, s.topic_dlq)]
+    assert len(reasons) == 200
+    for letter in reasons:
+        assert letter["topic"] == s.topic_events and letter["offset"] >= 0 and letter["original"] is not None
+    expected_fragments = sorted(b[3] for b in bad)
+    got = sorted(next(f for f in expected_fragments if f in l["reason"]) for l in reasons)
+    assert got == expected_fragments
+    assert sum(int(p["n_events"]) for p in profiles(own).values()) == 300
+
+
+def test_late_events_are_counted_and_dead_lettered_with_reason_late(stack):
+    own = job_stack(stack, redis_db=3, PERSONALIZE_WATERMARK_EMIT="on-event")
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    codec = schemas.codec("user_event")
+    on_time = smoke.sample_events(60, users=1, start_ms=smoke.BASE_MS + 3_600_000)
+    late = [dict(e, event_id=f"late-{i}", event_time=smoke.BASE_MS + i * 1000)
+            for i, e in enumerate(smoke.sample_events(5, users=1))]
+    stream = on_time[:40] + late + on_time[40:]
+    assert kafkaio.produce(s, s.topic_events,
+                           [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in stream]) == 65
+
+    summary = run_bounded(own)
+    assert summary["late events"] == 5 and summary["dead letters"] == 5
+    letters = [schemas.codec("dead_letter").decode(r.value) for r in kafkaio.read_to_end(s, s.topic_dlq)]
+    assert {l["reason"] for l in letters} == {"late"}
+    assert all(l["watermark"] >= smoke.BASE_MS + 3_600_000 for l in letters)
+    assert int(profiles(own)["u0"]["n_events"]) == 60
