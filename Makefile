@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PERSONALIZE := $(VENV)/bin/personalize
 
-.PHONY: setup venv jars redis-server run test test-unit stack-up stack-down clean
+.PHONY: setup venv jars redis-server run test test-unit bench smoke stack-up stack-down clean
 
 setup: venv jars redis-server ## venv with pinned packages, jars from Maven Central, redis-server
 
@@ -25,12 +25,18 @@ jars: venv ## Flink's Kafka connector and the Kafka broker, resolved with Maven 
 redis-server: ## Debian's redis-server when missing (the system service is not started)
 	@bash scripts/install-redis-server.sh
 
-run: setup ## bring the local stack up and run the job on the embedded Flink
-	@$(PERSONALIZE) stack up
-	@$(PERSONALIZE) smoke
+run: setup ## stack up, load the REES46 sample and synthetic traffic once, run the job bounded, show profiles
+	@bash scripts/run-demo.sh
 
 test: setup ## every test: unit, then integration against a stack the tests start on free ports
 	@$(PY) -m pytest
+
+bench: setup ## benchmark: ~1,000,000 synthetic events for 115,000 users through the bounded job
+	@bash scripts/benchmark.sh
+
+smoke: setup ## Kafka -> Flink -> exactly-once Kafka, 1,000 events
+	@$(PERSONALIZE) stack up
+	@$(PERSONALIZE) smoke
 
 test-unit: venv
 	@$(PY) -m pytest tests/unit

@@ -88,12 +88,58 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from personalize import replay, run
 
     run.ensure_topics(settings)
+    if args.if_empty and _holds_records(settings, args.topic):
+        return 0
     result, rate = replay.replay(settings, Path(args.file), topic=args.topic)
     print(f"replayed {len(result.events)} events ({result.format}) to "
           f"{args.topic or settings.topic_events!r} at {rate:,.0f} events/s; "
           f"{len(result.bad_rows)} unreadable rows" +
           (": " + ", ".join(f"line {n} ({why})" for n, why in result.bad_rows[:5]) if result.bad_rows else ""))
     return 0
+
+
+def _holds_records(settings: Settings, topic: str | None) -> bool:
+    """For --if-empty: whether the target topic already holds records (it is created when missing)."""
+    from personalize import kafkaio, run
+
+    run.ensure_topics(settings)
+    topic = topic or settings.topic_events
+    from personalize import topics as topics_mod
+
+    topics_mod.ensure(settings, [topic], local_stack=True)
+    begin, end = kafkaio.offsets(settings, topic, read_committed=False)
+    held = sum(end[p] - begin[p] for p in end)
+    if held:
+        print(f"{topic!r} already holds {held} records: nothing sent (--if-empty)")
+    return held > 0
+
+
+def _produce(args: argparse.Namespace, settings: Settings) -> int:
+    from personalize import produce
+
+    if args.if_empty and _holds_records(settings, args.topic):
+        return 0
+
+    spec = produce.TrafficSpec(
+        users=args.users, sessions_per_user=args.sessions, abandonment_rate=args.abandonment_rate,
+        no_personalization_rate=args.no_personalization_rate, no_marketing_rate=args.no_marketing_rate,
+        jitter_ms=args.jitter_ms, gap_ms=settings.session_gap_ms, seed=args.seed,
+        **({"start_ms": args.start_ms} if args.start_ms is not None else {}),
+    )
+    sent, rate = produce.produce(settings, spec, topic=args.topic)
+    print(f"produced {sent} events for {args.users} users to {args.topic or settings.topic_events!r} "
+          f"at {rate:,.0f} events/s")
+    return 0
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,9 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallelism", type=_positive, help="override PERSONALIZE_PARALLELISM")
     p.set_defaults(func=_run)
 
+    p = sub.add_parser("produce", help="synthetic shopper traffic as Avro to the events topic")
+    p.add_argument("--users", type=_positive, default=1000)
+    p.add_argument("--sessions", type=_positive, default=2, help="sessions per user")
+    p.add_argument("--abandonment-rate", type=_rate, default=0.6, help="share of carts left unpurchased")
+    p.add_argument("--no-personalization-rate", type=_rate, default=0.05,
+                   help="share of users without personalization consent")
+    p.add_argument("--no-marketing-rate", type=_rate, default=0.1, help="share of users without marketing consent")
+    p.add_argument("--jitter-ms", type=_non_negative, default=2000, help="out-of-order jitter of the send order")
+    p.add_argument("--start-ms", type=_non_negative, help="event time of the first day (default 2019-10-01)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--topic", help="target topic (default: PERSONALIZE_TOPIC_EVENTS)")
+    p.add_argument("--if-empty", action="store_true", help="send nothing when the topic already holds records")
+    p.set_defaults(func=_produce)
+
     p = sub.add_parser("replay", help="replay a CSV / JSON-lines event log in event-time order")
     p.add_argument("file", help="canonical CSV, REES46 CSV, or Taobao UserBehavior JSON lines")
     p.add_argument("--topic", help="target topic (default: PERSONALIZE_TOPIC_EVENTS)")
+    p.add_argument("--if-empty", action="store_true", help="send nothing when the topic already holds records")
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("profile", help="a user's live profile from Redis, as one JSON object")
