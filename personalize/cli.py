@@ -59,10 +59,14 @@ def _smoke(args: argparse.Namespace, settings: Settings) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from personalize import run
 
-    if not args.bounded:
-        raise PersonalizeError("unbounded runs are not built yet: use `personalize run --bounded`")
     if args.parallelism:
         settings = dataclasses.replace(settings, parallelism=args.parallelism)
+    if not args.bounded:
+        report = run.run_unbounded(settings, from_savepoint=args.from_savepoint)
+        print(report.describe())
+        return 0
+    if args.from_savepoint:
+        raise PersonalizeError("--from-savepoint is for unbounded runs: bounded runs start with fresh state")
     summary = run.run_bounded(settings)
     print(summary.describe())
     return 0
@@ -159,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounded", action="store_true",
                    help="read from the earliest offset to the current end, fire every window, exit")
     p.add_argument("--parallelism", type=_positive, help="override PERSONALIZE_PARALLELISM")
+    p.add_argument("--from-savepoint", metavar="PATH",
+                   help="resume from this savepoint (default: the newest savepoint or checkpoint kept)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("produce", help="synthetic shopper traffic as Avro to the events topic")

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from personalize import kafkaio, logs, topics
+from personalize.errors import PersonalizeError
 from personalize.settings import Settings
 
 log = logs.get(__name__)
@@ -104,7 +105,12 @@ def run_bounded(settings: Settings) -> RunSummary:
         job_started = time.monotonic()
         result = statements.execute()
         log.info("job submitted", job_id=str(result.get_job_client().get_job_id()))
-        result.wait()
+        try:
+            result.wait()
+        except Exception as exc:  # Py4JJavaError: say why in one line
+            from personalize.flink import job_failure
+
+            raise PersonalizeError(f"the Flink job failed: {job_failure(exc)}") from None
         job_seconds = time.monotonic() - job_started
     finally:
         stop.set()
@@ -128,3 +134,103 @@ def run_bounded(settings: Settings) -> RunSummary:
         load_seconds=load_seconds,
         total_seconds=time.monotonic() - started,
     )
+
+
+def restore_point(settings: Settings) -> str | None:
+    """The newest savepoint or retained checkpoint under the state folder, if any."""
+    found = []
+    for pattern in ("savepoints/*/_metadata", "checkpoints/*/chk-*/_metadata"):
+        found.extend(settings.state_dir.glob(pattern))
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    return str(newest.parent)
+
+
+@dataclass
+class StopReport:
+    job_id: str
+    restored_from: str | None
+    savepoint: str | None
+    profile_writes: int
+    profiles: int
+    seconds: float
+
+    def describe(self) -> str:
+        return "\n".join([
+            f"job                {self.job_id}",
+            f"resumed from       {self.restored_from or 'nothing (fresh state, earliest offsets)'}",
+            f"stopped with       {self.savepoint or 'no savepoint'}",
+            f"profiles written   {self.profiles}  ({self.profile_writes} hash writes)",
+            f"ran                {self.seconds:.1f}s",
+        ])
+
+
+def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_after_s: float | None = None) -> StopReport:
+    """Run until SIGINT/SIGTERM (or ``stop_after_s``), then stop with a savepoint.
+
+    Starts from ``from_savepoint``, else from the newest retained savepoint or
+    checkpoint in the state folder, else fresh from the earliest offsets.
+    """
+    import signal
+
+    from jobs import profile
+    from personalize.flink import environments
+    from sinks.redis import Materializer
+
+    started = time.monotonic()
+    ensure_topics(settings)
+    restore = from_savepoint or restore_point(settings)
+    loader = Materializer(settings)
+    env, t_env = environments(settings, restore_from=restore)
+    statements = profile.build(env, t_env, settings, bounded=False)
+    result = statements.execute()
+    client = result.get_job_client()
+    job_id = str(client.get_job_id())
+    log.info("job running", job_id=job_id, resumed_from=restore or "fresh")
+    print(f"job {job_id} running{' from ' + restore if restore else ''}; Ctrl-C stops it with a savepoint",
+          flush=True)
+
+    stop = threading.Event()
+    loader_stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            loader.follow(loader_stop.is_set)
+        except BaseException as exc:
+            failures.append(exc)
+            stop.set()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    follower = threading.Thread(target=follow, name="redis-loader", daemon=True)
+    follower.start()
+    savepoint = None
+    try:
+        while not stop.wait(0.5):
+            if stop_after_s is not None and time.monotonic() - started > stop_after_s:
+                break
+            status = str(client.get_job_status().result())
+            if status in ("FAILED", "CANCELED", "FINISHED"):
+                raise PersonalizeError(f"job {job_id} ended on its own: {status}; see the Flink log")
+        log.info("stopping with a savepoint", job_id=job_id)
+        savepoint = client.stop_with_savepoint(False, (settings.state_dir / "savepoints").as_uri()).result()
+        savepoint = savepoint.removeprefix("file:")
+        print(f"savepoint {savepoint}", flush=True)
+        try:
+            result.wait()
+        except Exception:  # the job ends as "stopped"; nothing left to wait for
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        loader_stop.set()
+        follower.join(timeout=60)
+    if failures:
+        raise failures[0]
+    stats = loader.drain()
+    return StopReport(job_id, restore, savepoint, stats.profile_writes, len(stats.users),
+                      time.monotonic() - started)

@@ -64,6 +64,9 @@ class Settings:
     # flink
     parallelism: int = 1
     checkpoint_interval_ms: int = 10_000
+    # checkpoints and savepoints of unbounded runs (default: <stack_dir>/flink)
+    state_dir: Path | None = None
+    max_parallelism: int = 128
     # logs: "console" or "json"
     log_format: str = "console"
 
@@ -103,6 +106,8 @@ class Settings:
             object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
         object.__setattr__(self, "stack_dir", Path(self.stack_dir).resolve())
         object.__setattr__(self, "lib_dir", Path(self.lib_dir).resolve())
+        state = Path(self.state_dir) if self.state_dir else self.stack_dir / "flink"
+        object.__setattr__(self, "state_dir", state.resolve())
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -138,6 +143,6 @@ def _parse(field: dataclasses.Field, key: str, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
-    if kind == "Path":
+    if kind in ("Path", "Path | None"):
         return Path(raw).expanduser()
     return raw.strip()

@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import re
+import signal
+import subprocess
+import time
 import uuid
 from collections import defaultdict
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -15,9 +18,9 @@ import pytest
 import redis
 
 import schemas
-from personalize import kafkaio, smoke, topics
+from personalize import kafkaio, produce, smoke, topics
 from personalize.settings import Settings
-from tests.conftest import ROOT, Stack
+from tests.conftest import CLI, ROOT, Stack
 
 REES46 = ROOT.parent / "shared" / "data" / "rees46-2019-10-01.csv"
 GAP_MS = 30 * 60_000
@@ -199,3 +202,63 @@ def test_late_events_are_counted_and_dead_lettered_with_reason_late(stack):
     assert {l["reason"] for l in letters} == {"late"}
     assert all(l["watermark"] >= smoke.BASE_MS + 3_600_000 for l in letters)
     assert int(profiles(own)["u0"]["n_events"]) == 60
+
+
+def _wait_for_events(own: Stack, proc, want: int, timeout_s: float = 240) -> int:
+    deadline = time.monotonic() + timeout_s
+    total = -1
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        total = sum(int(p.get("n_events", 0)) for p in profiles(own).values())
+        if total >= want:
+            return total
+        time.sleep(1)
+    return total
+
+
+def _start(own: Stack):
+    return subprocess.Popen([*CLI, "run"], env=own.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _interrupt(proc) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_unbounded_run_stopped_with_a_savepoint_resumes_without_losing_or_recounting(stack, tmp_path):
+    own = job_stack(stack, redis_db=4, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="2000")
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    codec = schemas.codec("user_event")
+    spec = produce.TrafficSpec(users=300, sessions_per_user=2, no_personalization_rate=0.0, jitter_ms=0)
+    events = produce.generate(spec)
+    half = len(events) // 2
+    send = lambda batch: kafkaio.produce(  # noqa: E731
+        s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in batch])
+
+    assert send(events[:half]) == half
+    first = _start(own)
+    assert _wait_for_events(own, first, half) == half
+    out = _interrupt(first)
+    assert "savepoint " in out and "stopped with       " in out
+
+    assert send(events[half:]) == len(events) - half
+    second = _start(own)
+    assert _wait_for_events(own, second, len(events)) == len(events)
+    time.sleep(5)  # a few more checkpoints: nothing may be counted twice
+    out = _interrupt(second)
+    assert "resumed from       " in out and "savepoint" in out.split("resumed from", 1)[1].splitlines()[0]
+
+    want: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in events:
+        want[e["user_id"]]["n_events"] += 1
+        want[e["user_id"]][f"n_{e['event_type']}"] += 1
+    got = profiles(own)
+    assert set(got) == set(want)
+    for user, counts in want.items():
+        for field, n in counts.items():
+            assert int(got[user][field]) == n, (user, field)
