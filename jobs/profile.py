@@ -49,7 +49,7 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
 
     t_env.execute_sql(kafka_sinks.events_source(SOURCE, settings, bounded=bounded, group_id=group_id))
     t_env.execute_sql(kafka_sinks.dead_letter_sink(DEAD_LETTERS, settings))
-    t_env.execute_sql(kafka_sinks.profile_updates_sink(PROFILE_UPDATES, settings))
+    t_env.execute_sql(kafka_sinks.profile_updates_sink(PROFILE_UPDATES, settings, bounded=bounded))
     t_env.execute_sql(kafka_sinks.trending_sink(TRENDING, settings))
 
     raw = t_env.to_data_stream(t_env.sql_query(f"SELECT `value`, `topic`, `partition`, `offset`, `ts` FROM {SOURCE}"))
@@ -67,8 +67,8 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     # the source and the Python function and hand it wall-clock watermarks
     # (every replayed event would look late).
     t_env.get_config().set("table.exec.mini-batch.enabled", "true")
-    t_env.get_config().set("table.exec.mini-batch.allow-latency", "1 s")
-    t_env.get_config().set("table.exec.mini-batch.size", "10000")
+    t_env.get_config().set("table.exec.mini-batch.allow-latency", "2 s")
+    t_env.get_config().set("table.exec.mini-batch.size", "50000")
 
     t_env.create_temporary_view(
         EVENTS_VIEW,

@@ -235,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("personalize: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if type(exc).__name__ != "Py4JJavaError":
+            raise
+        from personalize.flink import job_failure
+
+        print(f"personalize: error: Flink refused the job: {job_failure(exc)}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -97,13 +97,16 @@ def run_bounded(settings: Settings) -> RunSummary:
             log.error("redis loader stopped", error=f"{type(exc).__name__}: {exc}")
 
     follower = threading.Thread(target=follow, name="redis-loader", daemon=True)
+    # Plan and submit before the loader thread starts: PyFlink puts the connector
+    # jars on the class loader of the Java thread serving this Python thread, and a
+    # second Python thread (a py4j garbage-collection call is enough) can make later
+    # calls land on another Java thread, which then finds no Kafka connector.
+    env, t_env = environments(settings, bounded=True, checkpoint_interval_ms=settings.bounded_checkpoint_interval_ms)
+    statements = profile.build(env, t_env, settings, bounded=True)
+    job_started = time.monotonic()
+    result = statements.execute()
     follower.start()
     try:
-        env, t_env = environments(settings, checkpoint_interval_ms=min(settings.checkpoint_interval_ms, 2000),
-                                  bounded=True)
-        statements = profile.build(env, t_env, settings, bounded=True)
-        job_started = time.monotonic()
-        result = statements.execute()
         log.info("job submitted", job_id=str(result.get_job_client().get_job_id()))
         try:
             result.wait()

@@ -61,9 +61,15 @@ class Settings:
     recent_slide_ms: int = 5 * 60_000
     trending_window_ms: int = 5 * 60_000
     trending_top_n: int = 10
+    # the profile changelog sink keeps the newest row per key for this long / this many keys
+    profile_flush_ms: int = 5_000
+    profile_flush_rows: int = 200_000
     # flink
     parallelism: int = 1
     checkpoint_interval_ms: int = 10_000
+    # bounded runs commit at the end; a checkpoint in between only costs time (and
+    # must come before the sink's 10 min transaction timeout)
+    bounded_checkpoint_interval_ms: int = 300_000
     # checkpoints and savepoints of unbounded runs (default: <stack_dir>/flink)
     state_dir: Path | None = None
     max_parallelism: int = 128
@@ -81,9 +87,9 @@ class Settings:
                 "PERSONALIZE_KAFKA_PORT, PERSONALIZE_KAFKA_CONTROLLER_PORT and "
                 f"PERSONALIZE_REDIS_PORT must differ, got {ports}"
             )
-        for name in ("partitions", "parallelism", "checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
+        for name in ("partitions", "parallelism", "checkpoint_interval_ms", "bounded_checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
-                     "trending_top_n"):
+                     "trending_top_n", "profile_flush_ms", "profile_flush_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.out_of_orderness_ms < 0:

@@ -66,8 +66,15 @@ def dead_letter_sink(table: str, settings: Settings) -> str:
         )"""
 
 
-def profile_updates_sink(table: str, settings: Settings) -> str:
-    """The profile changelog: one upsert per (user, part), JSON, on a compacted topic."""
+def profile_updates_sink(table: str, settings: Settings, *, bounded: bool = False) -> str:
+    """The profile changelog: one upsert per (user, part), JSON, on a compacted topic.
+
+    The sink keeps only the newest row per (user, part) between flushes (and at
+    every checkpoint), so the changelog carries a few records per user, not one
+    per event and window. Bounded runs flush only at checkpoints (rare there) and
+    at the end: one record per (user, part) for a backfill."""
+    flush_ms = 3_600_000 if bounded else settings.profile_flush_ms
+    flush_rows = 10_000_000 if bounded else settings.profile_flush_rows
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
             `user_id` STRING,
@@ -80,7 +87,9 @@ def profile_updates_sink(table: str, settings: Settings) -> str:
             'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
             'key.format' = 'json',
             'value.format' = 'json',
-            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(settings, settings.topic_profile_updates)}
+            'value.fields-include' = 'EXCEPT_KEY',
+            'sink.buffer-flush.max-rows' = '{flush_rows}',
+            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings, settings.topic_profile_updates)}
         )"""
 
 
