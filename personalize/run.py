@@ -169,6 +169,19 @@ class StopReport:
         ])
 
 
+def _stop_with_savepoint(client, directory: str) -> str:
+    """Stop the job with a canonical savepoint; return its path.
+
+    PyFlink 2.2.1's ``JobClient.stop_with_savepoint`` calls a Java signature that
+    no longer exists (the format type became a third argument), so call Java directly.
+    """
+    from pyflink.java_gateway import get_gateway
+
+    fmt = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
+    path = client._j_job_client.stopWithSavepoint(False, directory, fmt).get()
+    return str(path).removeprefix("file:")
+
+
 def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_after_s: float | None = None) -> StopReport:
     """Run until SIGINT/SIGTERM (or ``stop_after_s``), then stop with a savepoint.
 
@@ -220,8 +233,7 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
             if status in ("FAILED", "CANCELED", "FINISHED"):
                 raise PersonalizeError(f"job {job_id} ended on its own: {status}; see the Flink log")
         log.info("stopping with a savepoint", job_id=job_id)
-        savepoint = client.stop_with_savepoint(False, (settings.state_dir / "savepoints").as_uri()).result()
-        savepoint = savepoint.removeprefix("file:")
+        savepoint = _stop_with_savepoint(client, (settings.state_dir / "savepoints").as_uri())
         print(f"savepoint {savepoint}", flush=True)
         try:
             result.wait()
