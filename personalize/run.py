@@ -47,7 +47,7 @@ class RunSummary:
             f"late events        {self.late}",
             f"profiles written   {self.profiles_written}  ({self.profile_writes} hash writes from "
             f"{self.changelog_records} changelog records)",
-            f"job                {self.job_seconds:.1f}s, {self.events_per_s:,.0f} events/s (excluding start-up)",
+            f"job                {self.job_seconds:.1f}s, {self.events_per_s:,.0f} events/s (submission to end: JVM start and planning excluded)",
             f"redis catch-up     {self.load_seconds:.1f}s after the job ended",
             f"total              {self.total_seconds:.1f}s",
         ])
