@@ -4,6 +4,7 @@ checked against an independent computation over the same file."""
 from __future__ import annotations
 
 import csv
+import json
 import datetime as dt
 import re
 import signal
@@ -262,3 +263,16 @@ def test_unbounded_run_stopped_with_a_savepoint_resumes_without_losing_or_recoun
     for user, counts in want.items():
         for field, n in counts.items():
             assert int(got[user][field]) == n, (user, field)
+
+
+def test_profile_command_prints_json_and_says_so_for_an_unknown_user(rees46):
+    own, _ = rees46
+    done = own.cli("profile", "541312140")
+    assert done.returncode == 0
+    profile = json.loads(done.stdout)
+    assert profile["user_id"] == "541312140" and int(profile["n_events"]) >= 1
+    done = own.cli("profile", "no-such-user")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"personalize: no profile for user 'no-such-user' in {own.settings.redis_url}"
+    )
