@@ -34,6 +34,21 @@ def _unavailable(settings: Settings, exc: Exception) -> ServiceUnavailable:
     )
 
 
+def _consumer(settings: Settings, client_id: str, read_committed: bool, **extra) -> KafkaConsumer:
+    """A group-less consumer (offsets are the caller's business), or a one-line error naming Kafka's address."""
+    try:
+        return KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id=client_id,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+            **extra,
+        )
+    except NoBrokersAvailable as exc:
+        raise _unavailable(settings, exc) from exc
+
+
 def producer(settings: Settings, **overrides) -> KafkaProducer:
     config = dict(
         bootstrap_servers=settings.bootstrap_servers,
@@ -88,18 +103,7 @@ def read_to_end(
     With ``read_committed`` the end is the last stable offset: aborted and open
     transactions are not read.
     """
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
-            client_id="personalize-reader",
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed" if read_committed else "read_uncommitted",
-            auto_offset_reset="earliest",
-            consumer_timeout_ms=1000,
-        )
-    except NoBrokersAvailable as exc:
-        raise _unavailable(settings, exc) from exc
+    consumer = _consumer(settings, "personalize-reader", read_committed, auto_offset_reset="earliest")
     try:
         parts = consumer.partitions_for_topic(topic)
         if not parts:
@@ -131,16 +135,7 @@ def read_to_end(
 
 def offsets(settings: Settings, topic: str, read_committed: bool = True) -> tuple[dict[int, int], dict[int, int]]:
     """(beginning, end) offsets per partition of ``topic``; end is the last stable offset."""
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
-            client_id="personalize-offsets",
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed" if read_committed else "read_uncommitted",
-        )
-    except NoBrokersAvailable as exc:
-        raise _unavailable(settings, exc) from exc
+    consumer = _consumer(settings, "personalize-offsets", read_committed)
     try:
         parts = consumer.partitions_for_topic(topic)
         if not parts:
