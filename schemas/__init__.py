@@ -31,6 +31,21 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+def _without_logical_types(schema):
+    """The same schema with logicalType annotations dropped: identical binary layout and
+    fingerprint (the parsing canonical form has no logical types), but fastavro reads
+    timestamp-millis as plain epoch milliseconds instead of building a datetime per
+    record (84k vs 51k records/s here)."""
+    if isinstance(schema, list):
+        return [_without_logical_types(s) for s in schema]
+    if isinstance(schema, dict):
+        out = {k: _without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+        if schema.get("logicalType") == "decimal":
+            return schema  # keep decimals exact (Decimal), they are rare
+        return out
+    return schema
+
+
 def _fingerprint(parsed: dict) -> bytes:
     # fastavro's hex string already lists the bytes little-endian first, as the
     # single-object header wants them (checked against the spec in the tests)
@@ -42,13 +57,18 @@ class Codec:
 
     def __init__(self, name: str):
         self.name = name
-        self.schema = parse_schema(json.loads((HERE / f"{name}.avsc").read_text()))
+        raw = json.loads((HERE / f"{name}.avsc").read_text())
+        self.schema = parse_schema(raw)
         self.fingerprint = _fingerprint(self.schema)
         self._header = MARKER + self.fingerprint
-        self.writers: dict[bytes, dict] = {self.fingerprint: self.schema}
+        self._reader = parse_schema(_without_logical_types(raw))
+        # writer schemas by fingerprint, read without logical types (see above)
+        self.writers: dict[bytes, dict] = {self.fingerprint: self._reader}
         for path in sorted((HERE / "versions").glob(f"{name}.v*.avsc")):
-            old = parse_schema(json.loads(path.read_text()))
-            self.writers[_fingerprint(old)] = old
+            old_raw = json.loads(path.read_text())
+            fp = _fingerprint(parse_schema(old_raw))
+            if fp != self.fingerprint:
+                self.writers[fp] = parse_schema(_without_logical_types(old_raw))
 
     def encode(self, record: dict) -> bytes:
         out = io.BytesIO()
@@ -57,6 +77,7 @@ class Codec:
         return out.getvalue()
 
     def decode(self, data: bytes) -> dict:
+        """The record; timestamp-millis fields come back as epoch milliseconds (int)."""
         if data is None or len(data) < HEADER_LEN:
             raise DecodeError(f"not single-object encoded: {0 if data is None else len(data)} bytes")
         if data[:2] != MARKER:
@@ -67,10 +88,10 @@ class Codec:
         buf = io.BytesIO(data)
         buf.seek(HEADER_LEN)
         try:
-            if writer is self.schema:
+            if writer is self._reader:
                 record = fastavro.schemaless_reader(buf, writer, None)
             else:
-                record = fastavro.schemaless_reader(buf, writer, self.schema)
+                record = fastavro.schemaless_reader(buf, writer, self._reader)
         except Exception as exc:  # fastavro raises several kinds on bad bytes
             raise DecodeError(f"invalid Avro datum for {self.name}: {type(exc).__name__}: {exc}") from exc
         if buf.tell() != len(data):
