@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from personalize.settings import Settings
+from sinks.kafka import keyed_bytes_sink
 
 
 def source_ddl(table: str, topic: str, settings: Settings, group: str) -> str:
@@ -35,26 +36,6 @@ def source_ddl(table: str, topic: str, settings: Settings, group: str) -> str:
         )"""
 
 
-def sink_ddl(table: str, topic: str, settings: Settings, transactional_prefix: str) -> str:
-    return f"""
-        CREATE TEMPORARY TABLE `{table}` (
-            `user_id` STRING,
-            `value` BYTES,
-            `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp'
-        ) WITH (
-            'connector' = 'kafka',
-            'topic' = '{topic}',
-            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
-            'key.format' = 'raw',
-            'key.fields' = 'user_id',
-            'value.format' = 'raw',
-            'value.fields-include' = 'EXCEPT_KEY',
-            'sink.delivery-guarantee' = 'exactly-once',
-            'sink.transactional-id-prefix' = '{transactional_prefix}',
-            'properties.transaction.timeout.ms' = '600000'
-        )"""
-
-
 def build(env, t_env, settings: Settings, source_topic: str, sink_topic: str):
     """Define the pipeline; return the table whose insert runs it."""
     from pyflink.common import Row, Types
@@ -73,7 +54,7 @@ def build(env, t_env, settings: Settings, source_topic: str, sink_topic: str):
             return Row(event["user_id"], row["value"], row["ts"])
 
     t_env.execute_sql(source_ddl("smoke_source", source_topic, settings, group=f"smoke-{source_topic}"))
-    t_env.execute_sql(sink_ddl("smoke_sink", sink_topic, settings, transactional_prefix=f"smoke-{sink_topic}"))
+    t_env.execute_sql(keyed_bytes_sink("smoke_sink", settings, sink_topic))
     stream = t_env.to_data_stream(t_env.sql_query("SELECT `value`, `ts` FROM smoke_source"))
     keyed = stream.map(
         DecodeAndKey(),

@@ -16,7 +16,7 @@ from personalize.settings import Settings
 TRANSACTION_TIMEOUT_MS = 600_000
 
 
-def _exactly_once(settings: Settings, topic: str) -> str:
+def _exactly_once(topic: str) -> str:
     return f"""
             'sink.delivery-guarantee' = 'exactly-once',
             'sink.transactional-id-prefix' = 'personalize-{topic}',
@@ -48,8 +48,8 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
         )"""
 
 
-def dead_letter_sink(table: str, settings: Settings) -> str:
-    """Avro DeadLetter bytes, keyed by user when the event told us who it was."""
+def keyed_bytes_sink(table: str, settings: Settings, topic: str) -> str:
+    """Raw bytes keyed by ``user_id`` (UTF-8), record timestamp from ``ts``, exactly-once."""
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
             `user_id` STRING,
@@ -57,13 +57,18 @@ def dead_letter_sink(table: str, settings: Settings) -> str:
             `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp'
         ) WITH (
             'connector' = 'kafka',
-            'topic' = '{settings.topic_dlq}',
+            'topic' = '{topic}',
             'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
             'key.format' = 'raw',
             'key.fields' = 'user_id',
             'value.format' = 'raw',
-            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(settings, settings.topic_dlq)}
+            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(topic)}
         )"""
+
+
+def dead_letter_sink(table: str, settings: Settings) -> str:
+    """Avro DeadLetter bytes, keyed by user when the event told us who it was."""
+    return keyed_bytes_sink(table, settings, settings.topic_dlq)
 
 
 def profile_updates_sink(table: str, settings: Settings, *, bounded: bool = False) -> str:
@@ -89,7 +94,7 @@ def profile_updates_sink(table: str, settings: Settings, *, bounded: bool = Fals
             'value.format' = 'json',
             'value.fields-include' = 'EXCEPT_KEY',
             'sink.buffer-flush.max-rows' = '{flush_rows}',
-            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings, settings.topic_profile_updates)}
+            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings.topic_profile_updates)}
         )"""
 
 
@@ -105,5 +110,5 @@ def trending_sink(table: str, settings: Settings) -> str:
             'connector' = 'kafka',
             'topic' = '{settings.topic_trending}',
             'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
-            'value.format' = 'json',{_exactly_once(settings, settings.topic_trending)}
+            'value.format' = 'json',{_exactly_once(settings.topic_trending)}
         )"""
