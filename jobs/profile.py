@@ -34,19 +34,26 @@ def _row_type(columns):
     return Types.ROW_NAMED([c for c, _ in columns], [kinds[t] for _, t in columns])
 
 
+def configure(t_env, settings: Settings, *, bounded: bool) -> None:
+    """The SQL planner's settings for the windows (mini-batch itself is switched on in ``build``)."""
+    config = t_env.get_config()
+    config.set("table.local-time-zone", "UTC")
+    # LAST_VALUE (newest session, newest sliding window) has no merge: no local-global split
+    config.set("table.optimizer.agg-phase-strategy", "ONE_PHASE")
+    # every profile part has its own key (user_id, part): no upsert materialization needed
+    config.set("table.exec.sink.upsert-materialize", "NONE")
+    config.set("table.exec.mini-batch.allow-latency", "2 s")
+    config.set("table.exec.mini-batch.size", "50000")
+    if not bounded:
+        config.set("table.exec.source.idle-timeout", f"{settings.idle_timeout_ms} ms")
+
+
 def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "personalize-profile-job"):
     """Define the whole pipeline; return the statement set that runs it."""
     from pyflink.datastream import OutputTag
     from pyflink.table import Schema
 
-    t_env.get_config().set("table.local-time-zone", "UTC")
-    # LAST_VALUE (newest session, newest sliding window) has no merge: no local-global split
-    t_env.get_config().set("table.optimizer.agg-phase-strategy", "ONE_PHASE")
-    # every profile part has its own key (user_id, part): no upsert materialization needed
-    t_env.get_config().set("table.exec.sink.upsert-materialize", "NONE")
-    if not bounded:
-        t_env.get_config().set("table.exec.source.idle-timeout", f"{settings.idle_timeout_ms} ms")
-
+    configure(t_env, settings, bounded=bounded)
     t_env.execute_sql(kafka_sinks.events_source(SOURCE, settings, bounded=bounded, group_id=group_id))
     t_env.execute_sql(kafka_sinks.dead_letter_sink(DEAD_LETTERS, settings))
     t_env.execute_sql(kafka_sinks.profile_updates_sink(PROFILE_UPDATES, settings, bounded=bounded))
@@ -67,8 +74,6 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     # the source and the Python function and hand it wall-clock watermarks
     # (every replayed event would look late).
     t_env.get_config().set("table.exec.mini-batch.enabled", "true")
-    t_env.get_config().set("table.exec.mini-batch.allow-latency", "2 s")
-    t_env.get_config().set("table.exec.mini-batch.size", "50000")
 
     t_env.create_temporary_view(
         EVENTS_VIEW,

@@ -45,6 +45,8 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     config.set_string("pipeline.name", "personalize")
     config.set_string("rest.bind-address", "127.0.0.1")
     config.set_string("pipeline.max-parallelism", str(settings.max_parallelism))
+    # SQL operators hand rows on without copying them (Python operators serialize anyway)
+    config.set_string("pipeline.object-reuse", "true")
     # checkpoints go to files, bounded runs too: the JobManager's in-memory storage
     # refuses task state above 5 MB, which 100k users' windows exceed
     config.set_string("execution.checkpointing.tolerable-failed-checkpoints", "3")
@@ -66,7 +68,6 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
         config.set_string("execution.state-recovery.path", restore_from)
 
     env = StreamExecutionEnvironment.get_execution_environment(config)
-    
     env.set_parallelism(parallelism or settings.parallelism)
     env.enable_checkpointing(checkpoint_interval_ms or settings.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
     t_env = StreamTableEnvironment.create(env, environment_settings=EnvironmentSettings.in_streaming_mode())
