@@ -58,6 +58,8 @@ def ensure_topics(settings: Settings) -> None:
     topics.ensure(settings, [settings.topic_profile_updates], local_stack=True,
                   configs={"cleanup.policy": "compact"})
     topics.ensure(settings, [settings.topic_trending], local_stack=True)
+    topics.ensure(settings, [settings.topic_model_snapshots], local_stack=True, partitions=1,
+                  configs={"cleanup.policy": "compact"})
 
 
 def _dead_letter_counts(settings: Settings, since: dict[int, int]) -> Counter:

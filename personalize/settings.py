@@ -48,6 +48,8 @@ class Settings:
     # materialized into Redis by a read_committed loader (sinks/redis.py)
     topic_profile_updates: str = "profile-updates"
     topic_trending: str = "trending-products"
+    # internal: the models' snapshot (metrics, segments), read into Redis for `personalize models`
+    topic_model_snapshots: str = "model-snapshots"
     partitions: int = 2
     # event time and windows (DESIGN.md, Semantics)
     out_of_orderness_ms: int = 5_000
@@ -61,6 +63,16 @@ class Settings:
     recent_slide_ms: int = 5 * 60_000
     trending_window_ms: int = 5 * 60_000
     trending_top_n: int = 10
+    # online models (operators/models.py): k segments, the clusterer learns per
+    # mini-batch of this many profiles, a new segment must hold this many
+    # consecutive session closes before it is emitted
+    segment_count: int = 5
+    segment_batch: int = 64
+    segment_debounce: int = 2
+    # session closes are buffered in Flink state and run through the models in
+    # batches of this many, or after this long in processing time
+    model_batch: int = 256
+    model_flush_ms: int = 1_000
     # the profile changelog sink keeps the newest row per key for this long / this many keys
     profile_flush_ms: int = 5_000
     profile_flush_rows: int = 200_000
@@ -89,7 +101,8 @@ class Settings:
             )
         for name in ("partitions", "parallelism", "checkpoint_interval_ms", "bounded_checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
-                     "trending_top_n", "profile_flush_ms", "profile_flush_rows"):
+                     "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
+                     "segment_debounce", "model_batch", "model_flush_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.out_of_orderness_ms < 0:

@@ -15,6 +15,10 @@ Keys written:
   deleted when the user's latest event withdrew personalization consent
 - ``trending:{category}`` ZSET: product -> views in the newest trending window,
   with ``trending:window_end_ms`` (HASH category -> window end) beside it
+- ``triggers:cart_abandonment`` STREAM: one entry per trigger_id, ever. A Lua
+  script adds the entry only when the id is new to ``triggers:cart_abandonment:ids``
+  (a SET), so a replay of the same sessions adds nothing
+- ``models:snapshot`` STRING: the newest model snapshot (JSON), for ``personalize models``
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ PROFILE_PREFIX = "profile:"
 TRENDING_PREFIX = "trending:"
 TRENDING_WINDOWS = "trending:window_end_ms"
 OFFSETS_KEY = "loader:offsets"
+TRIGGER_STREAM = "triggers:cart_abandonment"
+TRIGGER_IDS = "triggers:cart_abandonment:ids"
+MODELS_KEY = "models:snapshot"
+# add a stream entry only for a trigger id never seen (KEYS: stream, id set; ARGV: id, field, value, ...)
+_ADD_ONCE = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+  return 1
+end
+return 0
+"""
 # fields a deleted (tombstoned) part takes with it
 PART_FIELDS = {f"top_category_{n}": (f"top_category_{n}", f"top_category_{n}_events") for n in range(1, TOP_CATEGORIES + 1)}
 
@@ -87,6 +102,7 @@ class LoadStats:
     profile_writes: int = 0
     profiles_deleted: int = 0
     trending_rows: int = 0
+    triggers: int = 0
     users: set[str] = field(default_factory=set)
 
 
@@ -114,7 +130,8 @@ class Materializer:
             max_partition_fetch_bytes=16 * 1024 * 1024,
         )
         tps = []
-        for topic in (self.settings.topic_profile_updates, self.settings.topic_trending):
+        for topic in (self.settings.topic_profile_updates, self.settings.topic_trending,
+                      self.settings.topic_triggers, self.settings.topic_model_snapshots):
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
                 tps.append(TopicPartition(topic, p))
         consumer.assign(tps)
@@ -156,23 +173,45 @@ class Materializer:
     def _apply(self, consumer, batches) -> None:
         if not batches:
             return
-        profile_topic = self.settings.topic_profile_updates
+        import schemas
+
+        topics = self.settings
         latest: dict[tuple[str, str], dict | None] = {}
         trending: list[dict] = []
+        triggers: list[dict] = []
+        snapshot = None
         for tp, records in batches.items():
             self.stats.records += len(records)
-            if tp.topic == profile_topic:
+            if tp.topic == topics.topic_profile_updates:
                 for rec in records:
                     key = orjson.loads(rec.key)
                     value = orjson.loads(rec.value) if rec.value is not None else None
                     latest[(key["user_id"], key["part"])] = None if value is None else value["fields"]
-            else:
+            elif tp.topic == topics.topic_trending:
                 trending.extend(orjson.loads(rec.value) for rec in records)
+            elif tp.topic == topics.topic_triggers:
+                codec = schemas.codec("trigger")
+                triggers.extend(codec.decode(rec.value) for rec in records)
+            elif tp.topic == topics.topic_model_snapshots and records:
+                snapshot = records[-1].value  # one partition: the last is the newest
         pipe = self.redis.pipeline(transaction=True)
         self._profiles(pipe, latest.items())
         self._trending(pipe, trending)
+        self._triggers(pipe, triggers)
+        if snapshot is not None:
+            pipe.set(MODELS_KEY, snapshot)
         pipe.hset(self.offsets_key, mapping={f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in batches})
         pipe.execute()
+
+    def _triggers(self, pipe, records: list[dict]) -> None:
+        from operators.triggers import as_json
+
+        for record in records:
+            entry = as_json(record)
+            entry["cart"] = orjson.dumps(entry["cart"]).decode()
+            flat = [str(x) for k, v in entry.items() if v is not None for x in (k, v)]
+            pipe.eval(_ADD_ONCE, 2, TRIGGER_STREAM, TRIGGER_IDS, entry["trigger_id"], *flat)
+            self.stats.triggers += 1
 
     def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
         for (user, part), fields in updates:

@@ -1,0 +1,99 @@
+"""Cart abandonment (DESIGN.md, Semantics): a closed session with a non-empty net
+cart and no purchase yields one trigger, with an id derived from (user, session start).
+
+Net cart: per product, added minus removed quantity over the whole session,
+floored at 0. The sum does not depend on the order events arrive in (removing
+what was never added changes nothing as long as it is never added later in the
+session; a remove before its add cancels it, which is what a log replayed out of
+order must give). The line's price is the latest add's price.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from operators.sessions import FIELD_SEP, ITEM_SEP
+
+KIND = "cart_abandonment"
+# a fixed namespace: the same (user, session start) gives the same id in every run
+_NAMESPACE = uuid.UUID("6f1d3c2a-5b7e-4e8f-9a0b-1c2d3e4f5a6b")
+
+
+def trigger_id(user_id: str, session_start_ms: int) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{KIND}|{user_id}|{session_start_ms}"))
+
+
+def net_cart(cart_moves: str | None) -> list[tuple[str, int, int]]:
+    """Cart lines (product_id, quantity, price in cents) with quantity above 0, by product id."""
+    added: dict[str, int] = {}
+    removed: dict[str, int] = {}
+    price: dict[str, tuple[int, int]] = {}  # product -> (time of latest add, cents)
+    for move in (cart_moves or "").split(ITEM_SEP):
+        if not move:
+            continue
+        sign, product, quantity, cents, at = move.split(FIELD_SEP)
+        if sign == "+":
+            added[product] = added.get(product, 0) + int(quantity)
+            seen = price.get(product)
+            if seen is None or int(at) >= seen[0]:
+                price[product] = (int(at), int(cents) if cents else 0)
+        else:
+            removed[product] = removed.get(product, 0) + int(quantity)
+    lines = []
+    for product in sorted(added):
+        quantity = added[product] - removed.get(product, 0)
+        if quantity > 0:
+            lines.append((product, quantity, price[product][1]))
+    return lines
+
+
+def cents_decimal(cents: int) -> Decimal:
+    return Decimal(cents).scaleb(-2)
+
+
+def abandonment(session: dict, gap_ms: int, propensity: float | None, segment: str | None) -> dict | None:
+    """The Trigger record (Avro fields) for a closed session, or None when none is due.
+
+    ``session`` has the SESSION_COLUMNS of operators.sessions. No trigger without
+    marketing consent (the session's latest event decides).
+    """
+    if session["n_purchases"] > 0 or not session["consent_marketing"]:
+        return None
+    lines = net_cart(session["cart_moves"])
+    if not lines:
+        return None
+    return {
+        "trigger_id": trigger_id(session["user_id"], session["start_ms"]),
+        "kind": KIND,
+        "user_id": session["user_id"],
+        "session_start_ms": session["start_ms"],
+        "session_end_ms": session["end_ms"],
+        "cart": [{"product_id": p, "quantity": q, "price": cents_decimal(c)} for p, q, c in lines],
+        "cart_value": cents_decimal(sum(q * c for _, q, c in lines)),
+        "propensity": propensity,
+        "segment": segment,
+        "emitted_ms": session["end_ms"] + gap_ms,
+    }
+
+
+def _money(value) -> str:
+    """A decimal (Avro decimal, read as Decimal) with exactly two places."""
+    return f"{Decimal(value):.2f}"
+
+
+def as_json(trigger: dict) -> dict:
+    """The trigger as JSON-ready fields, the same for the Redis stream and ``personalize triggers``."""
+    return {
+        "trigger_id": trigger["trigger_id"],
+        "kind": trigger["kind"],
+        "user_id": trigger["user_id"],
+        "session_start_ms": trigger["session_start_ms"],
+        "session_end_ms": trigger["session_end_ms"],
+        "cart": [{"product_id": line["product_id"], "quantity": line["quantity"], "price": _money(line["price"])}
+                 for line in trigger["cart"]],
+        "cart_value": _money(trigger["cart_value"]),
+        "propensity": trigger["propensity"],
+        "segment": trigger["segment"],
+        "emitted_ms": trigger["emitted_ms"],
+    }
