@@ -132,9 +132,12 @@ def _distance(a: dict[str, float], b: dict[str, float]) -> float:
     return sum((a.get(k, 0.0) - b.get(k, 0.0)) ** 2 for k in set(a) | set(b))
 
 
-def segment_name(centroid: dict[str, float]) -> str:
-    """A readable name from a centroid in standard units (0 = the average user)."""
-    hi = {k: centroid.get(k, 0.0) > 0.5 for k in SEGMENT_FEATURES}
+def segment_name(centroid: dict[str, float], others: list[dict[str, float]] | None = None) -> str:
+    """A readable name from a centroid in standard units, read against the other
+    centroids (their mean is the reference), so k segments get distinct traits."""
+    reference = {k: sum(o.get(k, 0.0) for o in others) / len(others) for k in SEGMENT_FEATURES} if others else {}
+    rel = {k: centroid.get(k, 0.0) - reference.get(k, 0.0) for k in SEGMENT_FEATURES}
+    hi = {k: v > 0.3 for k, v in rel.items()}
     if hi["monetary"] and hi["frequency"]:
         return "high-value frequent buyer"
     if hi["monetary"]:
@@ -204,7 +207,8 @@ class Segmenter:
                     taken.add(sid)
             self.ids = ids
         self.centroids = {self.ids[i]: c for i, c in centers.items()}
-        self.names = {sid: segment_name(c) for sid, c in self.centroids.items()}
+        everyone = list(self.centroids.values())
+        self.names = {sid: segment_name(c, everyone) for sid, c in self.centroids.items()}
 
     def predict_one(self, x: dict[str, float]) -> str | None:
         """The stable segment id, or None before the first mini-batch was learned."""

@@ -86,6 +86,50 @@ def _profile(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _triggers(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    import schemas
+    from operators.triggers import as_json
+    from personalize import kafkaio
+
+    codec = schemas.codec("trigger")
+    topic = settings.topic_triggers
+    records = kafkaio.follow(settings, topic) if args.follow else kafkaio.read_to_end(settings, topic)
+    shown = 0
+    try:
+        for rec in records:
+            if args.limit is not None and shown >= args.limit:
+                break
+            try:
+                trigger = codec.decode(rec.value)
+            except schemas.DecodeError as exc:
+                print(f"personalize: skipped {topic} partition {rec.partition} offset {rec.offset}: {exc.reason}",
+                      file=sys.stderr)
+                continue
+            print(orjson.dumps(as_json(trigger)).decode(), flush=True)
+            shown += 1
+    except KeyboardInterrupt:
+        if not args.follow:
+            raise
+    finally:
+        if hasattr(records, "close"):
+            records.close()
+    return 0
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    from sinks.redis import MODELS_KEY, redis_client
+
+    raw = redis_client(settings).get(MODELS_KEY)
+    if raw is None:
+        print(f"personalize: no model snapshot in {settings.redis_url} yet: run the job first "
+              "(`personalize run --bounded`)", file=sys.stderr)
+        return 1
+    print(raw.decode())
+    return 0
+
+
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
@@ -190,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="a user's live profile from Redis, as one JSON object")
     p.add_argument("user_id")
     p.set_defaults(func=_profile)
+
+    p = sub.add_parser("triggers", help="cart-abandonment triggers as JSON lines from the topic (read_committed)")
+    p.add_argument("--follow", action="store_true", help="keep printing new triggers until Ctrl-C")
+    p.add_argument("--limit", type=_non_negative, help="stop after this many")
+    p.set_defaults(func=_triggers)
+
+    p = sub.add_parser("models", help="the models' metrics and segments (the job's latest snapshot), as JSON")
+    p.set_defaults(func=_models)
 
     p = sub.add_parser(
         "smoke",

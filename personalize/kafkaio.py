@@ -133,6 +133,24 @@ def read_to_end(
         consumer.close()
 
 
+def follow(settings: Settings, topic: str, stop=lambda: False) -> Iterator[Record]:
+    """Every committed record of ``topic`` from its beginning, then new ones as they come, until ``stop()``."""
+    consumer = _consumer(settings, "personalize-follower", True, auto_offset_reset="earliest")
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise ServiceUnavailable(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        while not stop():
+            for msgs in consumer.poll(timeout_ms=500).values():
+                for m in msgs:
+                    yield Record(m.topic, m.partition, m.offset, m.timestamp, m.key, m.value)
+    finally:
+        consumer.close()
+
+
 def offsets(settings: Settings, topic: str, read_committed: bool = True) -> tuple[dict[int, int], dict[int, int]]:
     """(beginning, end) offsets per partition of ``topic``; end is the last stable offset."""
     consumer = _consumer(settings, "personalize-offsets", read_committed)

@@ -2,8 +2,9 @@
 
 Each user shops in sessions (at least two gaps apart): a landing page view,
 product views and searches, cart adds and sometimes a remove, then either a
-checkout and purchase of the net cart or an abandoned cart (at the abandonment
-rate). Consent flags follow a configurable mix; records are sent in an order
+checkout and purchase of the net cart or an abandoned cart (at about the
+abandonment rate; loyal users and bigger carts buy more often, see
+``purchase_chance``). Consent flags follow a configurable mix; records are sent in an order
 jittered against event time (out-of-orderness within ``jitter_ms``).
 Deterministic for a given seed and start.
 """
@@ -35,6 +36,17 @@ class TrafficSpec:
     seed: int = 7
 
 
+LOYAL_SHARE = 0.3
+
+
+def purchase_chance(abandonment_rate: float, loyal: bool, cart_lines: int) -> float:
+    """P(purchase) of a session with a cart: higher for loyal users and bigger carts, so
+    the propensity model has something to learn; about 1 - abandonment_rate on average."""
+    loyalty = 1.5 if loyal else 0.8  # 0.3 * 1.5 + 0.7 * 0.8 = 1.01
+    basket = 0.6 + 0.25 * min(cart_lines, 4) if cart_lines > 1 else 0.7
+    return min(1.0, (1 - abandonment_rate) * loyalty * basket)
+
+
 def generate(spec: TrafficSpec) -> list[dict]:
     """Every event, in event-time order."""
     rng = random.Random(spec.seed)
@@ -43,6 +55,7 @@ def generate(spec: TrafficSpec) -> list[dict]:
         user = f"user-{u}"
         personalization = rng.random() >= spec.no_personalization_rate
         marketing = rng.random() >= spec.no_marketing_rate
+        loyal = rng.random() < LOYAL_SHARE
         t = spec.start_ms + rng.randrange(0, 3_600_000)
         for s in range(spec.sessions_per_user):
             n = 0
@@ -78,7 +91,7 @@ def generate(spec: TrafficSpec) -> list[dict]:
                 product = rng.choice(sorted(cart))
                 category, price, qty = cart.pop(product)
                 emit("remove_from_cart", product, category, price, qty)
-            if cart and rng.random() >= spec.abandonment_rate:
+            if cart and rng.random() < purchase_chance(spec.abandonment_rate, loyal, len(cart)):
                 emit("checkout")
                 for product, (category, price, qty) in sorted(cart.items()):
                     emit("purchase", product, category, price, qty)
