@@ -35,9 +35,9 @@ def net_cart(cart_moves: str | None) -> list[tuple[str, int, int]]:
         sign, product, quantity, cents, at = move.split(FIELD_SEP)
         if sign == "+":
             added[product] = added.get(product, 0) + int(quantity)
-            seen = price.get(product)
-            if seen is None or int(at) >= seen[0]:
-                price[product] = (int(at), int(cents) if cents else 0)
+            seen = (int(at), int(cents) if cents else 0)
+            if seen > price.get(product, (-1, -1)):
+                price[product] = seen  # the latest add; at the same time, the higher price
         else:
             removed[product] = removed.get(product, 0) + int(quantity)
     lines = []

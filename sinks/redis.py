@@ -12,7 +12,8 @@ the values are absolute, even a replay would leave Redis identical.
 
 Keys written:
 - ``profile:{user_id}`` HASH: the profile fields of DESIGN.md (and window extras);
-  deleted when the user's latest event withdrew personalization consent
+  deleted when the user's latest event withdrew personalization consent (the user
+  is then listed in ``loader:no_consent`` and nothing is written for it)
 - ``trending:{category}`` ZSET: product -> views in the newest trending window,
   with ``trending:window_end_ms`` (HASH category -> window end) beside it
 - ``triggers:cart_abandonment`` STREAM: one entry per trigger_id, ever. A Lua
@@ -44,6 +45,7 @@ OFFSETS_KEY = "loader:offsets"
 TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
 MODELS_KEY = "models:snapshot"
+NO_CONSENT_KEY = "loader:no_consent"
 # add a stream entry only for a trigger id never seen (KEYS: stream, id set; ARGV: id, field, value, ...)
 _ADD_ONCE = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
@@ -214,16 +216,33 @@ class Materializer:
             self.stats.triggers += 1
 
     def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
+        """Write profile parts, but nothing for a user whose latest event withdrew consent.
+
+        The ``totals`` part carries the flag of the user's latest event of all (the
+        other parts only the latest of their own input), so it decides: false deletes
+        the profile and marks the user in ``loader:no_consent`` until a newer event
+        gives consent again; parts of marked users are not written."""
+        updates = list(updates)
+        decided = {user: fields.get("consent") != "false"
+                   for (user, part), fields in updates if part == "totals" and fields is not None}
+        others = sorted({user for (user, _), _ in updates} - set(decided))
+        stored = dict(zip(others, self.redis.hmget(NO_CONSENT_KEY, others))) if others else {}
+        allowed = {**{u: v is None for u, v in stored.items()}, **decided}
+        for user, ok in decided.items():
+            if ok:
+                pipe.hdel(NO_CONSENT_KEY, user)
+            else:
+                pipe.hset(NO_CONSENT_KEY, user, 1)
+                pipe.delete(PROFILE_PREFIX + user)  # no profile without personalization consent
+                self.stats.profiles_deleted += 1
+                self.stats.users.discard(user)
         for (user, part), fields in updates:
+            if not allowed[user]:
+                continue
             key = PROFILE_PREFIX + user
             if fields is None:
                 if part in PART_FIELDS:
                     pipe.hdel(key, *PART_FIELDS[part])
-                continue
-            if fields.get("consent") == "false":
-                pipe.delete(key)  # no profile without personalization consent
-                self.stats.profiles_deleted += 1
-                self.stats.users.discard(user)
                 continue
             pipe.hset(key, mapping=profile_fields(part, fields))
             self.stats.profile_writes += 1
