@@ -91,6 +91,24 @@ def expected_rees46_profiles(path: Path) -> dict[str, dict]:
     return users
 
 
+def rees46_events(path: Path) -> list[dict]:
+    """The CSV's rows as events (what the independent trigger computation needs)."""
+    events = []
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        for row in reader:
+            if len(row) != len(header):
+                continue
+            r = dict(zip(header, row))
+            when = dt.datetime.strptime(r["event_time"], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=dt.timezone.utc)
+            events.append({"user_id": r["user_id"], "event_time": int(when.timestamp()) * 1000,
+                           "event_type": TYPES[r["event_type"]], "product_id": r["product_id"],
+                           "price": Decimal(r["price"]).quantize(Decimal("0.01"), ROUND_HALF_EVEN),
+                           "quantity": 1, "consent_marketing": True, "consent_personalization": True})
+    return events
+
+
 @pytest.fixture(scope="module")
 def rees46(stack):
     own = job_stack(stack, redis_db=1)
@@ -128,8 +146,20 @@ def test_every_rees46_profile_equals_an_independent_computation(rees46):
     assert sum(int(p["n_sessions"]) for p in got.values()) == 4518  # shared/data/README.md
 
 
-def test_a_second_bounded_run_over_the_same_topic_changes_no_count(rees46):
+def test_every_abandoned_rees46_session_yields_one_trigger(rees46):
+    from tests.integration.test_triggers_job import check_triggers, expected_triggers
+
     own, _ = rees46
+    want = expected_triggers(rees46_events(REES46))
+    assert len(want) == 49  # cart sessions of the sample that end without a purchase
+    check_triggers(own, want)
+
+
+def test_a_second_bounded_run_over_the_same_topic_changes_no_count(rees46):
+    from tests.integration.test_triggers_job import stream_entries
+
+    own, _ = rees46
+    entries = stream_entries(own)
     stable = ("n_events", "n_product_view", "n_add_to_cart", "n_purchase", "n_sessions", "revenue",
               "first_seen_ms", "last_seen_ms", "session_ms_total", "events_by_hour", "updated_ms")
     before = {u: {f: p.get(f) for f in stable} for u, p in profiles(own).items()}
@@ -137,6 +167,7 @@ def test_a_second_bounded_run_over_the_same_topic_changes_no_count(rees46):
     assert summary["events read"] == 17434
     after = {u: {f: p.get(f) for f in stable} for u, p in profiles(own).items()}
     assert after == before
+    assert stream_entries(own) == entries  # the replayed triggers add nothing to Redis
 
 
 def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons_and_good_ones_count(stack):
