@@ -181,3 +181,69 @@ def test_a_second_bounded_run_adds_no_stream_entry_and_no_new_trigger_id(synthet
     want = expected_triggers(events)
     ids = Counter(t["trigger_id"] for t in kafka_triggers(own))
     assert set(ids) == set(want) and set(ids.values()) == {2}  # the replay re-sent each id once more
+
+
+def _snapshot(stack) -> dict | None:
+    raw = redis.Redis.from_url(stack.settings.redis_url).get("models:snapshot")
+    return json.loads(raw) if raw else None
+
+
+def _wait_for_samples(stack, proc, want: int, timeout_s: float = 240) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    seen = -1
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        snap = _snapshot(stack)
+        seen = snap["propensity"]["samples"] if snap else -1
+        if seen >= want:
+            return seen
+        time.sleep(1)
+    return seen
+
+
+def _clock(at_ms: int) -> list[dict]:
+    """Events of users without consent on every partition: they move the watermark past the sessions."""
+    return [{"event_id": f"clock-{k}-{at_ms}", "event_type": "page_view", "user_id": f"clock-{k}",
+             "session_id": None, "event_time": at_ms, "product_id": None, "category": None, "price": None,
+             "quantity": 1, "consent_analytics": False, "consent_personalization": False,
+             "consent_marketing": False, "context": None} for k in range(8)]
+
+
+def test_an_unbounded_run_stopped_with_a_savepoint_resumes_the_same_models_and_loses_no_trigger(stack, tmp_path):
+    from tests.integration.test_profile_job import _interrupt, _start
+
+    own = job_stack(stack, redis_db=6, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="2000", PERSONALIZE_MODEL_FLUSH_MS="200")
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    codec = schemas.codec("user_event")
+    first = produce.generate(produce.TrafficSpec(users=150, sessions_per_user=1, jitter_ms=0, seed=21))
+    clock1 = max(e["event_time"] for e in first) + 3 * 3_600_000
+    second = produce.generate(produce.TrafficSpec(users=150, sessions_per_user=1, jitter_ms=0, seed=22,
+                                                  start_ms=clock1 + 3_600_000))
+    clock2 = max(e["event_time"] for e in second) + 3 * 3_600_000
+    send = lambda batch: kafkaio.produce(  # noqa: E731
+        s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in batch])
+    consented = lambda evs: sum(1 for x in sessions_of(evs) if x[-1]["consent_personalization"])  # noqa: E731
+
+    send(first + _clock(clock1))
+    proc = _start(own)
+    want1 = consented(first)
+    assert _wait_for_samples(own, proc, want1) == want1
+    _interrupt(proc)
+    stopped = _snapshot(own)["propensity"]
+
+    send(second + _clock(clock2))
+    proc = _start(own)
+    want2 = want1 + consented(second)
+    assert _wait_for_samples(own, proc, want2) == want2  # a fresh model would stop at consented(second)
+    _interrupt(proc)
+    resumed = _snapshot(own)["propensity"]
+    assert resumed["samples"] == want2 and resumed["positives"] >= stopped["positives"]
+
+    want = expected_triggers(first + second)
+    assert want
+    check_triggers(own, want)  # each abandoned session once in Kafka and in Redis, across the restart
+    assert set(Counter(t["trigger_id"] for t in kafka_triggers(own)).values()) == {1}
