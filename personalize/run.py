@@ -14,6 +14,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import orjson
+
 from personalize import kafkaio, logs, topics
 from personalize.errors import PersonalizeError
 from personalize.settings import Settings
@@ -30,6 +32,10 @@ class RunSummary:
     profiles_written: int = 0
     profile_writes: int = 0
     changelog_records: int = 0
+    triggers: int = 0
+    segment_changes: int = 0
+    stream_added: int = 0
+    models: dict = field(default_factory=dict)
     job_seconds: float = 0.0
     load_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -47,10 +53,30 @@ class RunSummary:
             f"late events        {self.late}",
             f"profiles written   {self.profiles_written}  ({self.profile_writes} hash writes from "
             f"{self.changelog_records} changelog records)",
+            f"triggers           {self.triggers}  ({self.stream_added} new in the Redis stream)",
+            f"segment changes    {self.segment_changes}",
+            f"propensity model   {_metrics(self.models)}",
+            f"segments           {_segments(self.models)}",
             f"job                {self.job_seconds:.1f}s, {self.events_per_s:,.0f} events/s (submission to end: JVM start and planning excluded)",
             f"redis catch-up     {self.load_seconds:.1f}s after the job ended",
             f"total              {self.total_seconds:.1f}s",
         ])
+
+
+def _metrics(snapshot: dict) -> str:
+    p = snapshot.get("propensity") or {}
+    if not p.get("samples"):
+        return "no sessions learned"
+    return f"{p['samples']} sessions learned, ROC AUC {p['roc_auc']:.3f}, log loss {p['log_loss']:.3f} (progressive)"
+
+
+def _segments(snapshot: dict) -> str:
+    segs = snapshot.get("segments") or {}
+    return ", ".join(f"{sid} {seg['name']}: {seg['users']}" for sid, seg in segs.items()) or "none yet"
+
+
+def _committed_since(settings: Settings, topic: str, since: dict[int, int]) -> int:
+    return sum(1 for _ in kafkaio.read_to_end(settings, topic, start_offsets=since))
 
 
 def ensure_topics(settings: Settings) -> None:
@@ -78,13 +104,15 @@ def run_bounded(settings: Settings) -> RunSummary:
     commit every output, bring Redis up to date, and report."""
     from jobs import profile
     from personalize.flink import environments
-    from sinks.redis import Materializer
+    from sinks.redis import MODELS_KEY, Materializer
 
     started = time.monotonic()
     ensure_topics(settings)
     begin, end = kafkaio.offsets(settings, settings.topic_events)
     events_read = sum(end[p] - begin[p] for p in end)
     _, dlq_before = kafkaio.offsets(settings, settings.topic_dlq)
+    _, triggers_before = kafkaio.offsets(settings, settings.topic_triggers)
+    _, changes_before = kafkaio.offsets(settings, settings.topic_segment_changes)
     loader = Materializer(settings)
     log.info("bounded run starting", topic=settings.topic_events, events=events_read)
 
@@ -127,6 +155,7 @@ def run_bounded(settings: Settings) -> RunSummary:
     load_seconds = time.monotonic() - load_started
 
     reasons = _dead_letter_counts(settings, dlq_before)
+    snapshot = loader.redis.get(MODELS_KEY)
     return RunSummary(
         events_read=events_read,
         dead_letters=sum(reasons.values()),
@@ -135,6 +164,10 @@ def run_bounded(settings: Settings) -> RunSummary:
         profiles_written=len(stats.users),
         profile_writes=stats.profile_writes,
         changelog_records=stats.records,
+        triggers=_committed_since(settings, settings.topic_triggers, triggers_before),
+        segment_changes=_committed_since(settings, settings.topic_segment_changes, changes_before),
+        stream_added=stats.stream_added,
+        models=orjson.loads(snapshot) if snapshot else {},
         job_seconds=job_seconds,
         load_seconds=load_seconds,
         total_seconds=time.monotonic() - started,

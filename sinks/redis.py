@@ -105,6 +105,7 @@ class LoadStats:
     profiles_deleted: int = 0
     trending_rows: int = 0
     triggers: int = 0
+    stream_added: int = 0
     users: set[str] = field(default_factory=set)
 
 
@@ -197,13 +198,15 @@ class Materializer:
             elif tp.topic == topics.topic_model_snapshots and records:
                 snapshot = records[-1].value  # one partition: the last is the newest
         pipe = self.redis.pipeline(transaction=True)
+        self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
         self._profiles(pipe, latest.items())
         self._trending(pipe, trending)
         self._triggers(pipe, triggers)
         if snapshot is not None:
             pipe.set(MODELS_KEY, snapshot)
         pipe.hset(self.offsets_key, mapping={f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in batches})
-        pipe.execute()
+        replies = pipe.execute()
+        self.stats.stream_added += sum(replies[i - 1] for i in self._added_at)
 
     def _triggers(self, pipe, records: list[dict]) -> None:
         from operators.triggers import as_json
@@ -214,6 +217,7 @@ class Materializer:
             flat = [str(x) for k, v in entry.items() if v is not None for x in (k, v)]
             pipe.eval(_ADD_ONCE, 2, TRIGGER_STREAM, TRIGGER_IDS, entry["trigger_id"], *flat)
             self.stats.triggers += 1
+            self._added_at.append(len(pipe))
 
     def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
         """Write profile parts, but nothing for a user whose latest event withdrew consent.
