@@ -49,6 +49,9 @@ def configure(t_env, settings: Settings, *, bounded: bool) -> None:
     config.set("table.optimizer.agg-phase-strategy", "ONE_PHASE")
     # every profile part has its own key (user_id, part): no upsert materialization needed
     config.set("table.exec.sink.upsert-materialize", "NONE")
+    # explicit uids on the SQL operators too, so a savepoint maps back onto the
+    # same query at another parallelism (the DataStream operators set their own)
+    config.set("table.exec.uid.generation", "ALWAYS")
     config.set("table.exec.mini-batch.allow-latency", "2 s")
     config.set("table.exec.mini-batch.size", "50000")
     if not bounded:
@@ -135,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.from_env()
     env, t_env = environments(settings)
-    build(env, t_env, settings, bounded=args.bounded).execute().wait()
+    result = build(env, t_env, settings, bounded=args.bounded).execute()
+    try:
+        result.wait()
+    except Exception as exc:  # `flink run --detached`: submitted, no result to wait for
+        if "detached" not in str(exc).lower():
+            raise
     return 0
 
 

@@ -118,6 +118,59 @@ def _triggers(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace, settings: Settings) -> int:
+    from personalize import cluster
+
+    if args.action == "up":
+        print(cluster.up(settings).describe())
+    elif args.action == "down":
+        cluster.down(settings)
+        print(cluster.status(settings).describe())
+    else:
+        current = cluster.status(settings)
+        print(current.describe())
+        return 0 if current.running else 1
+    return 0
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from personalize import cluster
+
+    job_id = cluster.submit(settings, from_savepoint=args.from_savepoint, parallelism=args.parallelism)
+    print(f"job {job_id} running on http://{settings.flink_address}/#/job/running/{job_id}/overview")
+    print("Redis follows the job's committed output with `personalize load --follow`")
+    return 0
+
+
+def _stop(args: argparse.Namespace, settings: Settings) -> int:
+    from personalize import cluster
+
+    if not args.savepoint:
+        raise PersonalizeError("stop needs --savepoint (a stop without one would lose the job's state)")
+    print(f"savepoint {cluster.stop_with_savepoint(settings, args.job_id)}")
+    return 0
+
+
+def _load(args: argparse.Namespace, settings: Settings) -> int:
+    import threading
+
+    from sinks.redis import Materializer
+
+    loader = Materializer(settings)
+    if args.follow:
+        stop = threading.Event()
+        try:
+            loader.follow(stop.is_set)
+        except KeyboardInterrupt:
+            pass
+    else:
+        loader.drain()
+    s = loader.stats
+    print(f"loaded {s.records} records: {s.profile_writes} profile writes for {len(s.users)} users, "
+          f"{s.stream_added} new triggers in the Redis stream")
+    return 0
+
+
 def _models(args: argparse.Namespace, settings: Settings) -> int:
     from sinks.redis import MODELS_KEY, redis_client
 
@@ -234,6 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="a user's live profile from Redis, as one JSON object")
     p.add_argument("user_id")
     p.set_defaults(func=_profile)
+
+    p = sub.add_parser("cluster", help="a local standalone Flink cluster (web UI on PERSONALIZE_FLINK_REST_PORT)")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.set_defaults(func=_cluster)
+
+    p = sub.add_parser("submit", help="submit the (unbounded) job to the Flink cluster at PERSONALIZE_FLINK_ADDRESS")
+    p.add_argument("--from-savepoint", metavar="PATH", help="resume from this savepoint")
+    p.add_argument("--parallelism", type=_positive, help="override PERSONALIZE_PARALLELISM")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("stop", help="stop the job on the cluster with a savepoint and print its path")
+    p.add_argument("--savepoint", action="store_true", help="take a savepoint (required)")
+    p.add_argument("job_id", nargs="?", help="default: the one running 'personalize' job")
+    p.set_defaults(func=_stop)
+
+    p = sub.add_parser("load", help="bring Redis up to date from the job's committed output (a cluster job's loader)")
+    p.add_argument("--follow", action="store_true", help="keep loading until Ctrl-C")
+    p.set_defaults(func=_load)
 
     p = sub.add_parser("triggers", help="cart-abandonment triggers as JSON lines from the topic (read_committed)")
     p.add_argument("--follow", action="store_true", help="keep printing new triggers until Ctrl-C")

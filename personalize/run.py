@@ -75,6 +75,19 @@ def _segments(snapshot: dict) -> str:
     return ", ".join(f"{sid} {seg['name']}: {seg['users']}" for sid, seg in segs.items()) or "none yet"
 
 
+def _models(loader) -> dict:
+    """The newest model snapshot in Redis (also logged: the models' metrics go to the log)."""
+    from sinks.redis import MODELS_KEY
+
+    raw = loader.redis.get(MODELS_KEY)
+    snapshot = orjson.loads(raw) if raw else {}
+    if snapshot:
+        log.info("models", version=snapshot["model_version"], sessions=snapshot["sessions_seen"],
+                 **{f"propensity_{k}": v for k, v in snapshot["propensity"].items()},
+                 segments={sid: seg["users"] for sid, seg in snapshot["segments"].items()})
+    return snapshot
+
+
 def _committed_since(settings: Settings, topic: str, since: dict[int, int]) -> int:
     return sum(1 for _ in kafkaio.read_to_end(settings, topic, start_offsets=since))
 
@@ -104,7 +117,7 @@ def run_bounded(settings: Settings) -> RunSummary:
     commit every output, bring Redis up to date, and report."""
     from jobs import profile
     from personalize.flink import environments
-    from sinks.redis import MODELS_KEY, Materializer
+    from sinks.redis import Materializer
 
     started = time.monotonic()
     ensure_topics(settings)
@@ -155,7 +168,7 @@ def run_bounded(settings: Settings) -> RunSummary:
     load_seconds = time.monotonic() - load_started
 
     reasons = _dead_letter_counts(settings, dlq_before)
-    snapshot = loader.redis.get(MODELS_KEY)
+    models = _models(loader)
     return RunSummary(
         events_read=events_read,
         dead_letters=sum(reasons.values()),
@@ -167,7 +180,7 @@ def run_bounded(settings: Settings) -> RunSummary:
         triggers=_committed_since(settings, settings.topic_triggers, triggers_before),
         segment_changes=_committed_since(settings, settings.topic_segment_changes, changes_before),
         stream_added=stats.stream_added,
-        models=orjson.loads(snapshot) if snapshot else {},
+        models=models,
         job_seconds=job_seconds,
         load_seconds=load_seconds,
         total_seconds=time.monotonic() - started,
@@ -193,6 +206,8 @@ class StopReport:
     profile_writes: int
     profiles: int
     seconds: float
+    stream_added: int = 0
+    models: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         return "\n".join([
@@ -200,6 +215,9 @@ class StopReport:
             f"resumed from       {self.restored_from or 'nothing (fresh state, earliest offsets)'}",
             f"stopped with       {self.savepoint or 'no savepoint'}",
             f"profiles written   {self.profiles}  ({self.profile_writes} hash writes)",
+            f"triggers           {self.stream_added} new in the Redis stream",
+            f"propensity model   {_metrics(self.models)}",
+            f"segments           {_segments(self.models)}",
             f"ran                {self.seconds:.1f}s",
         ])
 
@@ -282,5 +300,6 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
     if failures:
         raise failures[0]
     stats = loader.drain()
+    models = _models(loader)
     return StopReport(job_id, restore, savepoint, stats.profile_writes, len(stats.users),
-                      time.monotonic() - started)
+                      time.monotonic() - started, stats.stream_added, models)

@@ -77,6 +77,12 @@ class Settings:
     profile_flush_ms: int = 5_000
     profile_flush_rows: int = 200_000
     # flink
+    # a standalone cluster (`personalize cluster up`): REST/web UI and JobManager RPC ports;
+    # `personalize submit` and `stop` talk to flink_address (default 127.0.0.1:<rest port>)
+    flink_rest_port: int = 8081
+    flink_rpc_port: int = 6123
+    flink_address: str = ""
+    cluster_slots: int = 2
     parallelism: int = 1
     checkpoint_interval_ms: int = 10_000
     # bounded runs commit at the end; a checkpoint in between only costs time (and
@@ -89,7 +95,7 @@ class Settings:
     log_format: str = "console"
 
     def __post_init__(self) -> None:
-        for name in ("kafka_port", "kafka_controller_port", "redis_port"):
+        for name in ("kafka_port", "kafka_controller_port", "redis_port", "flink_rest_port", "flink_rpc_port"):
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise ConfigError(f"{env_name(name)} must be a port between 1 and 65535, got {port}")
@@ -102,7 +108,7 @@ class Settings:
         for name in ("partitions", "parallelism", "checkpoint_interval_ms", "bounded_checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
                      "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
-                     "segment_debounce", "model_batch", "model_flush_ms"):
+                     "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.out_of_orderness_ms < 0:
@@ -121,6 +127,8 @@ class Settings:
         # derived defaults: the local stack's addresses
         if not self.bootstrap_servers:
             object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.kafka_port}")
+        if not self.flink_address:
+            object.__setattr__(self, "flink_address", f"127.0.0.1:{self.flink_rest_port}")
         if not self.redis_url:
             object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
         object.__setattr__(self, "stack_dir", Path(self.stack_dir).resolve())
