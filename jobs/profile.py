@@ -133,17 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the job as a plain script (``python -m jobs.profile``), e.g. under ``flink run -py``."""
     parser = argparse.ArgumentParser(prog="jobs.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--bounded", action="store_true")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="return once the job is submitted (`flink run`, `personalize submit`)")
     args = parser.parse_args(argv)
     from personalize.flink import environments
 
     settings = Settings.from_env()
     env, t_env = environments(settings)
     result = build(env, t_env, settings, bounded=args.bounded).execute()
-    try:
+    if not args.no_wait:
         result.wait()
-    except Exception as exc:  # `flink run --detached`: submitted, no result to wait for
-        if "detached" not in str(exc).lower():
-            raise
     return 0
 
 

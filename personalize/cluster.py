@@ -83,12 +83,30 @@ def configuration(settings: Settings, host: str = "127.0.0.1", bind: str = "127.
     return tree
 
 
+def _lib(settings: Settings) -> Path:
+    """The cluster's lib folder: the distribution's jars plus flink-python from opt/
+    (a JobManager without it cannot read a job with Python operators), as symlinks."""
+    lib = cluster_dir(settings) / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    wanted = {j.name: j for j in (flink_home() / "lib").glob("*.jar")}
+    wanted.update({j.name: j for j in (flink_home() / "opt").glob("flink-python-*.jar")})
+    for link in lib.glob("*.jar"):
+        if link.name not in wanted:
+            link.unlink()
+    for name, target in wanted.items():
+        link = lib / name
+        if not link.exists():
+            link.symlink_to(target)
+    return lib
+
+
 def _env(settings: Settings) -> dict[str, str]:
     base = cluster_dir(settings)
     python_bin = os.path.dirname(sys.executable)
     return {
         **os.environ,
         "FLINK_HOME": str(flink_home()),
+        "FLINK_LIB_DIR": str(base / "lib"),
         "FLINK_CONF_DIR": str(base / "conf"),
         "FLINK_LOG_DIR": str(base / "log"),
         "FLINK_PID_DIR": str(base / "run"),
@@ -182,6 +200,7 @@ def up(settings: Settings, timeout_s: float = 120) -> ClusterStatus:
             raise PersonalizeError(f"port {port} on 127.0.0.1 is taken by another process: "
                                    f"free it or set {name}")
     _write_conf(settings)
+    _lib(settings)
     for name in ("log", "run"):
         (cluster_dir(settings) / name).mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["bash", str(flink_home() / "bin" / "start-cluster.sh")], env=_env(settings),
@@ -264,6 +283,7 @@ def submit(settings: Settings, from_savepoint: str | None = None, parallelism: i
         command += ["--parallelism", str(parallelism)]
     if from_savepoint:
         command += ["--fromSavepoint", from_savepoint]
+    command += ["--no-wait"]  # the job file's own flag: return once submitted
     env = _env(settings)
     # the job file reads these like any PERSONALIZE_* setting
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
