@@ -12,6 +12,7 @@ same. ``personalize stop --savepoint`` stops a job through the REST API.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -143,8 +144,8 @@ def rest(settings: Settings, path: str, body: dict | None = None, timeout: float
         detail = exc.read().decode(errors="replace")[:300]
         raise PersonalizeError(f"the Flink cluster at {settings.flink_address} refused {path}: "
                                f"HTTP {exc.code} {detail}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}".rstrip(": ")
         raise ServiceUnavailable(
             f"no Flink cluster answers at http://{settings.flink_address} ({reason}): start one with "
             "`personalize cluster up` or set PERSONALIZE_FLINK_ADDRESS"

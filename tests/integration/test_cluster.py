@@ -1,0 +1,142 @@
+"""The same job on a real standalone Flink cluster (started from the venv's pyflink):
+submit, stop with a savepoint, resubmit from it at another parallelism, and every
+count, session and trigger is exact across the upgrade; a wrong address is one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections import Counter, defaultdict
+
+import pytest
+import redis
+
+import schemas
+from personalize import kafkaio, produce, topics
+from personalize.settings import Settings
+from sinks.redis import Materializer
+from tests.conftest import Stack, free_port
+from tests.integration.test_profile_job import job_stack, profiles
+from tests.integration.test_triggers_job import _clock, check_triggers, expected_triggers, kafka_triggers, sessions_of
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(stack):
+    env = dict(stack.env, PERSONALIZE_FLINK_REST_PORT=str(free_port()), PERSONALIZE_FLINK_RPC_PORT=str(free_port()))
+    own = Stack(Settings.from_env(env), env)
+    done = own.cli("cluster", "up", timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "taskmanagers 1  slots 2/2 free" in done.stdout
+    try:
+        yield own
+    finally:
+        own.cli("cluster", "down", timeout=120)
+        assert own.cli("cluster", "status").returncode == 1
+
+
+def _submit(own: Stack, *args: str) -> str:
+    done = own.cli("submit", *args, timeout=360)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"job ([0-9a-f]{32}) running on (http://\S+)", done.stdout)
+    assert found and found.group(2).startswith(f"http://{own.settings.flink_address}/#/job/running/"), done.stdout
+    return found.group(1)
+
+
+def _stop(own: Stack) -> str:
+    done = own.cli("stop", "--savepoint", timeout=360)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = done.stdout.strip().removeprefix("savepoint ")
+    assert path.startswith(str(own.settings.state_dir)), done.stdout
+    return path
+
+
+def _wait(own: Stack, events: int, samples: int, timeout_s: float = 300) -> tuple[int, int]:
+    """Load Redis from the committed output until every event is counted and every session learned."""
+    loader = Materializer(own.settings)
+    r = redis.Redis.from_url(own.settings.redis_url)
+    deadline = time.monotonic() + timeout_s
+    seen = (-1, -1)
+    while time.monotonic() < deadline:
+        loader.drain()
+        snapshot = json.loads(r.get("models:snapshot") or "{}")
+        seen = (sum(int(p.get("n_events", 0)) for p in profiles(own).values()),
+                snapshot.get("propensity", {}).get("samples", -1))
+        if seen[0] >= events and seen[1] >= samples:
+            return seen
+        time.sleep(2)
+    return seen
+
+
+def profiled(events: list[dict]) -> set[str]:
+    """Users whose latest event gives personalization consent: only they have a profile."""
+    latest = {}
+    for e in sorted(events, key=lambda e: e["event_time"]):
+        latest[e["user_id"]] = e["consent_personalization"]
+    return {u for u, ok in latest.items() if ok}
+
+
+def _parallelism(own: Stack, job_id: str) -> int:
+    with urllib.request.urlopen(f"http://{own.settings.flink_address}/jobs/{job_id}", timeout=10) as response:
+        return max(v["parallelism"] for v in json.load(response)["vertices"])
+
+
+def test_submit_stop_with_savepoint_and_resume_at_parallelism_2_loses_and_repeats_nothing(cluster, tmp_path):
+    own = job_stack(cluster, redis_db=7, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="2000", PERSONALIZE_MODEL_FLUSH_MS="200")
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    codec = schemas.codec("user_event")
+    first = produce.generate(produce.TrafficSpec(users=120, sessions_per_user=1, jitter_ms=0, seed=31))
+    clock1 = max(e["event_time"] for e in first) + 3 * 3_600_000
+    second = produce.generate(produce.TrafficSpec(users=120, sessions_per_user=1, jitter_ms=0, seed=32,
+                                                  start_ms=clock1 + 3_600_000))
+    clock2 = max(e["event_time"] for e in second) + 3 * 3_600_000
+    send = lambda batch: kafkaio.produce(  # noqa: E731
+        s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in batch])
+    consented = lambda evs: sum(1 for x in sessions_of(evs) if x[-1]["consent_personalization"])  # noqa: E731
+    counted = lambda evs: sum(1 for e in evs if e["user_id"] in profiled(evs))  # noqa: E731
+
+    send(first + _clock(clock1))
+    job = _submit(own, "--parallelism", "1")
+    assert _parallelism(own, job) == 1
+    want1 = (counted(first), consented(first))
+    assert _wait(own, *want1) == want1
+    savepoint = _stop(own)
+
+    send(second + _clock(clock2))
+    job = _submit(own, "--parallelism", "2", "--from-savepoint", savepoint)
+    assert _parallelism(own, job) == 2
+    want2 = (counted(first + second), consented(first + second))
+    assert _wait(own, *want2) == want2  # a fresh start would count only the second half
+    _stop(own)
+
+    events = first + second
+    users = profiled(events)
+    want: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in events:
+        if e["user_id"] in users:
+            want[e["user_id"]]["n_events"] += 1
+            want[e["user_id"]][f"n_{e['event_type']}"] += 1
+    for session in sessions_of(events):
+        if session[0]["user_id"] in users:
+            want[session[0]["user_id"]]["n_sessions"] += 1
+    got = profiles(own)
+    assert set(got) == set(want)
+    wrong = [(u, f, got[u].get(f), n) for u, counts in want.items() for f, n in counts.items()
+             if int(got[u].get(f, 0)) != n]
+    assert not wrong, wrong[:10]
+    check_triggers(own, expected_triggers(events))
+    assert set(Counter(t["trigger_id"] for t in kafka_triggers(own)).values()) == {1}
+
+
+def test_submit_to_a_wrong_address_or_a_stopped_cluster_is_one_line_naming_it(stack):
+    for address in (f"127.0.0.1:{free_port()}", f"127.0.0.1:{stack.settings.redis_port}"):
+        env = dict(stack.env, PERSONALIZE_FLINK_ADDRESS=address)
+        done = Stack(Settings.from_env(env), env).cli("submit", timeout=60)
+        assert done.returncode == 3, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"no Flink cluster answers at http://{address}" in lines[0], done.stderr
