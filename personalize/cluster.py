@@ -61,6 +61,8 @@ def configuration(settings: Settings, host: str = "127.0.0.1", bind: str = "127.
     tree = yaml.safe_load((flink_home() / "conf" / "config.yaml").read_text()) or {}
     state = settings.state_dir / "cluster"
     local = {"taskmanager.host": host} if bind != "0.0.0.0" else {}
+    if not local:  # in a container each TaskManager announces its own address, not the default localhost
+        tree.get("taskmanager", {}).pop("host", None)
     for key, value in {
         **local,
         "jobmanager.bind-host": bind,
