@@ -32,6 +32,7 @@ from personalize.settings import Settings, project_root
 log = logs.get(__name__)
 
 JOB_NAME = "personalize"
+PACKAGES = ("personalize", "jobs", "operators", "schemas", "sinks")
 
 
 def flink_home() -> Path:
@@ -279,6 +280,8 @@ def submit(settings: Settings, from_savepoint: str | None = None, parallelism: i
         "--python", str(root / "jobs" / "profile.py"),
         "--pyExecutable", sys.executable,
         "--pyClientExecutable", sys.executable,
+        # the project's packages go with the job (a TaskManager elsewhere has only the pinned libraries)
+        "--pyFiles", ",".join(str(root / p) for p in PACKAGES),
     ]
     for jar in jars.jars(settings, "flink"):
         command += ["--jarfile", str(jar)] if jar.name.startswith("flink-sql-connector-kafka") else []

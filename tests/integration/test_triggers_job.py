@@ -173,6 +173,25 @@ def test_the_triggers_command_prints_the_topic_as_json_lines(synthetic):
     assert len(done.stdout.splitlines()) == 3
 
 
+def test_triggers_follow_prints_the_topic_then_waits_until_interrupted(synthetic):
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import CLI, ROOT
+
+    own, _ = synthetic
+    proc = subprocess.Popen([*CLI, "triggers", "--follow"], env=own.env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = [json.loads(proc.stdout.readline()) for _ in range(3)]
+    time.sleep(2)
+    assert proc.poll() is None  # still following after the topic's end
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert len({t["trigger_id"] for t in first}) == 3
+
+
 def test_a_second_bounded_run_adds_no_stream_entry_and_no_new_trigger_id(synthetic):
     own, events = synthetic
     before = stream_entries(own)
