@@ -91,6 +91,17 @@ def produce(
     return sent
 
 
+def _from_beginning(settings: Settings, consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` to ``consumer`` at its beginning."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise ServiceUnavailable(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    return tps
+
+
 def read_to_end(
     settings: Settings,
     topic: str,
@@ -105,12 +116,7 @@ def read_to_end(
     """
     consumer = _consumer(settings, "personalize-reader", read_committed, auto_offset_reset="earliest")
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise ServiceUnavailable(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
+        tps = _from_beginning(settings, consumer, topic)
         for tp in tps:
             if start_offsets and tp.partition in start_offsets:
                 consumer.seek(tp, start_offsets[tp.partition])
@@ -137,12 +143,7 @@ def follow(settings: Settings, topic: str, stop=lambda: False) -> Iterator[Recor
     """Every committed record of ``topic`` from its beginning, then new ones as they come, until ``stop()``."""
     consumer = _consumer(settings, "personalize-follower", True, auto_offset_reset="earliest")
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise ServiceUnavailable(f"topic {topic!r} does not exist at {settings.bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
+        _from_beginning(settings, consumer, topic)
         while not stop():
             for msgs in consumer.poll(timeout_ms=500).values():
                 for m in msgs:

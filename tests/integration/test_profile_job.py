@@ -61,38 +61,8 @@ def run_bounded(stack: Stack) -> dict[str, str]:
     return summary
 
 
-def expected_rees46_profiles(path: Path) -> dict[str, dict]:
-    """Per-user figures computed straight from the CSV (rows of the wrong width skipped)."""
-    rows = []
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        for row in reader:
-            if len(row) != len(header):
-                continue
-            r = dict(zip(header, row))
-            when = dt.datetime.strptime(r["event_time"], "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=dt.timezone.utc)
-            ms = int(when.timestamp()) * 1000
-            rows.append((r["user_id"], ms, TYPES[r["event_type"]], r["price"]))
-    users: dict[str, dict] = defaultdict(lambda: defaultdict(int))
-    times: dict[str, list[int]] = defaultdict(list)
-    for user, ms, etype, price in rows:
-        p = users[user]
-        p["n_events"] += 1
-        p[f"n_{etype}"] += 1
-        if etype == "purchase":
-            p["revenue_cents"] += int(Decimal(price).quantize(Decimal("0.01"), ROUND_HALF_EVEN) * 100)
-        times[user].append(ms)
-    for user, ts in times.items():
-        ts.sort()
-        p = users[user]
-        p["first_seen_ms"], p["last_seen_ms"] = ts[0], ts[-1]
-        p["n_sessions"] = 1 + sum(1 for a, b in zip(ts, ts[1:]) if b - a >= GAP_MS)
-    return users
-
-
 def rees46_events(path: Path) -> list[dict]:
-    """The CSV's rows as events (what the independent trigger computation needs)."""
+    """The CSV's rows as events, read straight from the file (rows of the wrong width skipped)."""
     events = []
     with open(path, newline="") as handle:
         reader = csv.reader(handle)
@@ -107,6 +77,25 @@ def rees46_events(path: Path) -> list[dict]:
                            "price": Decimal(r["price"]).quantize(Decimal("0.01"), ROUND_HALF_EVEN),
                            "quantity": 1, "consent_marketing": True, "consent_personalization": True})
     return events
+
+
+def expected_rees46_profiles(path: Path) -> dict[str, dict]:
+    """Per-user figures computed straight from the CSV."""
+    users: dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    times: dict[str, list[int]] = defaultdict(list)
+    for e in rees46_events(path):
+        p = users[e["user_id"]]
+        p["n_events"] += 1
+        p[f"n_{e['event_type']}"] += 1
+        if e["event_type"] == "purchase":
+            p["revenue_cents"] += int(e["price"] * 100)
+        times[e["user_id"]].append(e["event_time"])
+    for user, ts in times.items():
+        ts.sort()
+        p = users[user]
+        p["first_seen_ms"], p["last_seen_ms"] = ts[0], ts[-1]
+        p["n_sessions"] = 1 + sum(1 for a, b in zip(ts, ts[1:]) if b - a >= GAP_MS)
+    return users
 
 
 @pytest.fixture(scope="module")
