@@ -14,26 +14,7 @@ import argparse
 import sys
 
 from personalize.settings import Settings
-from sinks.kafka import keyed_bytes_sink
-
-
-def source_ddl(table: str, topic: str, settings: Settings, group: str) -> str:
-    return f"""
-        CREATE TEMPORARY TABLE `{table}` (
-            `value` BYTES,
-            `partition` INT METADATA VIRTUAL,
-            `offset` BIGINT METADATA VIRTUAL,
-            `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp'
-        ) WITH (
-            'connector' = 'kafka',
-            'topic' = '{topic}',
-            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
-            'properties.group.id' = '{group}',
-            'properties.isolation.level' = 'read_committed',
-            'scan.startup.mode' = 'earliest-offset',
-            'scan.bounded.mode' = 'latest-offset',
-            'format' = 'raw'
-        )"""
+from sinks.kafka import events_source, keyed_bytes_sink
 
 
 def build(env, t_env, settings: Settings, source_topic: str, sink_topic: str):
@@ -53,7 +34,8 @@ def build(env, t_env, settings: Settings, source_topic: str, sink_topic: str):
             event = self.codec.decode(row["value"])
             return Row(event["user_id"], row["value"], row["ts"])
 
-    t_env.execute_sql(source_ddl("smoke_source", source_topic, settings, group=f"smoke-{source_topic}"))
+    t_env.execute_sql(events_source("smoke_source", settings, bounded=True, group_id=f"smoke-{source_topic}",
+                                    topic=source_topic))
     t_env.execute_sql(keyed_bytes_sink("smoke_sink", settings, sink_topic))
     stream = t_env.to_data_stream(t_env.sql_query("SELECT `value`, `ts` FROM smoke_source"))
     keyed = stream.map(

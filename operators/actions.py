@@ -44,11 +44,13 @@ def close_session(models: m.Models, history: m.UserHistory | None, session: dict
     closed_ms = session["end_ms"] + settings.session_gap_ms
     out: list[tuple] = []
     propensity = segment = None
+    lines = triggers.net_cart(session["cart_moves"])  # parsed once for the features and the trigger
     if session["consent_personalization"]:
-        x = m.propensity_features(session, before)
+        focus = m.affinity(session["categories"])
+        x = m.propensity_features(session, before, lines=lines, focus=focus)
         propensity = models.propensity.predict_one(x)
         models.propensity.learn_one(x, session["n_purchases"] > 0, propensity)
-        profile_x = m.segment_features(session, after, before)
+        profile_x = m.segment_features(session, after, before, focus=focus)
         candidate = models.segmenter.predict_one(profile_x)
         models.segmenter.learn_one(profile_x)
         old = after.segment
@@ -72,7 +74,7 @@ def close_session(models: m.Models, history: m.UserHistory | None, session: dict
     elif after.segment is not None:  # consent withdrawn: the user leaves its segment
         models.segment_sizes[after.segment] -= 1
         after.segment, after.pending, after.pending_count = None, None, 0
-    trigger = triggers.abandonment(session, settings.session_gap_ms, propensity, segment)
+    trigger = triggers.abandonment(session, settings.session_gap_ms, propensity, segment, lines=lines)
     if trigger is not None:
         out.append(("trigger", session["user_id"], codecs["trigger"].encode(trigger), closed_ms, None))
     models.sessions += 1

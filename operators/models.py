@@ -61,9 +61,11 @@ def affinity(categories: str | None) -> float:
     return Counter(names).most_common(1)[0][1] / len(names)
 
 
-def propensity_features(session: dict, before: UserHistory) -> dict[str, float]:
-    """The session so far and the profile before it; nothing of checkout or purchase."""
-    lines = net_cart(session["cart_moves"])
+def propensity_features(session: dict, before: UserHistory, *, lines: list | None = None,
+                        focus: float | None = None) -> dict[str, float]:
+    """The session so far and the profile before it; nothing of checkout or purchase.
+    ``lines`` (net cart) and ``focus`` (affinity) when the caller has them already."""
+    lines = net_cart(session["cart_moves"]) if lines is None else lines
     browse_end = session["browse_end_ms"] if session["browse_end_ms"] is not None else session["start_ms"]
     recency_h = (session["start_ms"] - before.last_end_ms) / HOUR_MS if before.last_end_ms is not None else 0.0
     return {
@@ -80,11 +82,12 @@ def propensity_features(session: dict, before: UserHistory) -> dict[str, float]:
         "cart_lines": float(len(lines)),
         "cart_value": math.log1p(sum(q * c for _, q, c in lines) / 100),
         "browse_min": math.log1p(max(browse_end - session["start_ms"], 0) / 60_000),
-        "affinity": affinity(session["categories"]),
+        "affinity": affinity(session["categories"]) if focus is None else focus,
     }
 
 
-def segment_features(session: dict, after: UserHistory, before: UserHistory) -> dict[str, float]:
+def segment_features(session: dict, after: UserHistory, before: UserHistory, *,
+                     focus: float | None = None) -> dict[str, float]:
     """The profile after the session: recency, frequency, monetary value, engagement, cart, affinity."""
     recency_h = (session["start_ms"] - before.last_end_ms) / HOUR_MS if before.last_end_ms is not None else 0.0
     return {
@@ -93,7 +96,7 @@ def segment_features(session: dict, after: UserHistory, before: UserHistory) -> 
         "monetary": math.log1p(after.revenue_cents / 100),
         "engagement": math.log1p(session["n_events"]),
         "cart": math.log1p(session["n_cart_adds"]),
-        "affinity": affinity(session["categories"]),
+        "affinity": affinity(session["categories"]) if focus is None else focus,
     }
 
 

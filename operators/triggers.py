@@ -52,7 +52,8 @@ def cents_decimal(cents: int) -> Decimal:
     return Decimal(cents).scaleb(-2)
 
 
-def abandonment(session: dict, gap_ms: int, propensity: float | None, segment: str | None) -> dict | None:
+def abandonment(session: dict, gap_ms: int, propensity: float | None, segment: str | None, *,
+                lines: list | None = None) -> dict | None:
     """The Trigger record (Avro fields) for a closed session, or None when none is due.
 
     ``session`` has the SESSION_COLUMNS of operators.sessions. No trigger without
@@ -60,7 +61,7 @@ def abandonment(session: dict, gap_ms: int, propensity: float | None, segment: s
     """
     if session["n_purchases"] > 0 or not session["consent_marketing"]:
         return None
-    lines = net_cart(session["cart_moves"])
+    lines = net_cart(session["cart_moves"]) if lines is None else lines
     if not lines:
         return None
     return {

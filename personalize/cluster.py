@@ -264,12 +264,7 @@ def submit(settings: Settings, from_savepoint: str | None = None, parallelism: i
     """Submit the unbounded job with ``flink run -py``; return the job id once it runs."""
     from personalize import jars
 
-    status_now = status(settings)
-    if not status_now.running:
-        raise ServiceUnavailable(
-            f"no Flink cluster answers at http://{settings.flink_address} ({status_now.reason}): "
-            "start one with `personalize cluster up` or set PERSONALIZE_FLINK_ADDRESS"
-        )
+    rest(settings, "/overview", timeout=5)  # a wrong address or a stopped cluster: one line naming it
     from personalize.run import ensure_topics
 
     ensure_topics(settings)
@@ -284,7 +279,7 @@ def submit(settings: Settings, from_savepoint: str | None = None, parallelism: i
         "--pyFiles", ",".join(str(root / p) for p in PACKAGES),
     ]
     for jar in jars.jars(settings, "flink"):
-        command += ["--jarfile", str(jar)] if jar.name.startswith("flink-sql-connector-kafka") else []
+        command += ["--jarfile", str(jar)]
     if parallelism:
         command += ["--parallelism", str(parallelism)]
     if from_savepoint:

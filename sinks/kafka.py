@@ -23,7 +23,8 @@ def _exactly_once(topic: str) -> str:
             'properties.transaction.timeout.ms' = '{TRANSACTION_TIMEOUT_MS}'"""
 
 
-def events_source(table: str, settings: Settings, *, bounded: bool, group_id: str) -> str:
+def events_source(table: str, settings: Settings, *, bounded: bool, group_id: str, topic: str | None = None) -> str:
+    """The events topic (or ``topic``) as raw bytes with metadata and event-time watermarks."""
     from operators.windows import interval
 
     bounded_opt = "'scan.bounded.mode' = 'latest-offset'," if bounded else ""
@@ -37,7 +38,7 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
             WATERMARK FOR `ts` AS `ts` - {interval(settings.out_of_orderness_ms)}
         ) WITH (
             'connector' = 'kafka',
-            'topic' = '{settings.topic_events}',
+            'topic' = '{topic or settings.topic_events}',
             'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
             'properties.group.id' = '{group_id}',
             'properties.isolation.level' = 'read_committed',

@@ -13,13 +13,21 @@ from collections import Counter, defaultdict
 import pytest
 import redis
 
-import schemas
-from personalize import kafkaio, produce, topics
+from personalize import topics
 from personalize.settings import Settings
 from sinks.redis import Materializer
 from tests.conftest import Stack, free_port
 from tests.integration.test_profile_job import job_stack, profiles
-from tests.integration.test_triggers_job import _clock, check_triggers, expected_triggers, kafka_triggers, sessions_of
+from tests.integration.test_triggers_job import (
+    _clock,
+    check_triggers,
+    consented_sessions,
+    expected_triggers,
+    kafka_triggers,
+    send_events,
+    sessions_of,
+    two_phases,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -89,15 +97,9 @@ def test_submit_stop_with_savepoint_and_resume_at_parallelism_2_loses_and_repeat
                     PERSONALIZE_CHECKPOINT_INTERVAL_MS="2000", PERSONALIZE_MODEL_FLUSH_MS="200")
     s = own.settings
     topics.ensure(s, [s.topic_events], local_stack=True)
-    codec = schemas.codec("user_event")
-    first = produce.generate(produce.TrafficSpec(users=120, sessions_per_user=1, jitter_ms=0, seed=31))
-    clock1 = max(e["event_time"] for e in first) + 3 * 3_600_000
-    second = produce.generate(produce.TrafficSpec(users=120, sessions_per_user=1, jitter_ms=0, seed=32,
-                                                  start_ms=clock1 + 3_600_000))
-    clock2 = max(e["event_time"] for e in second) + 3 * 3_600_000
-    send = lambda batch: kafkaio.produce(  # noqa: E731
-        s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in batch])
-    consented = lambda evs: sum(1 for x in sessions_of(evs) if x[-1]["consent_personalization"])  # noqa: E731
+    first, second, clock1, clock2 = two_phases(120, (31, 32))
+    send = lambda batch: send_events(own, batch)  # noqa: E731
+    consented = consented_sessions
     counted = lambda evs: sum(1 for e in evs if e["user_id"] in profiled(evs))  # noqa: E731
 
     send(first + _clock(clock1))

@@ -230,6 +230,27 @@ def _clock(at_ms: int) -> list[dict]:
              "consent_marketing": False, "context": None} for k in range(8)]
 
 
+def two_phases(users: int, seeds: tuple[int, int]) -> tuple[list[dict], list[dict], int, int]:
+    """Two halves of one session per user, the second starting after the first half's clock events."""
+    first = produce.generate(produce.TrafficSpec(users=users, sessions_per_user=1, jitter_ms=0, seed=seeds[0]))
+    clock1 = max(e["event_time"] for e in first) + 3 * 3_600_000
+    second = produce.generate(produce.TrafficSpec(users=users, sessions_per_user=1, jitter_ms=0, seed=seeds[1],
+                                                  start_ms=clock1 + 3_600_000))
+    clock2 = max(e["event_time"] for e in second) + 3 * 3_600_000
+    return first, second, clock1, clock2
+
+
+def send_events(stack, events: list[dict]) -> int:
+    codec = schemas.codec("user_event")
+    s = stack.settings
+    return kafkaio.produce(s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"])
+                                               for e in events])
+
+
+def consented_sessions(events: list[dict]) -> int:
+    return sum(1 for x in sessions_of(events) if x[-1]["consent_personalization"])
+
+
 def test_an_unbounded_run_stopped_with_a_savepoint_resumes_the_same_models_and_loses_no_trigger(stack, tmp_path):
     from tests.integration.test_profile_job import _interrupt, _start
 
@@ -237,15 +258,9 @@ def test_an_unbounded_run_stopped_with_a_savepoint_resumes_the_same_models_and_l
                     PERSONALIZE_CHECKPOINT_INTERVAL_MS="2000", PERSONALIZE_MODEL_FLUSH_MS="200")
     s = own.settings
     topics.ensure(s, [s.topic_events], local_stack=True)
-    codec = schemas.codec("user_event")
-    first = produce.generate(produce.TrafficSpec(users=150, sessions_per_user=1, jitter_ms=0, seed=21))
-    clock1 = max(e["event_time"] for e in first) + 3 * 3_600_000
-    second = produce.generate(produce.TrafficSpec(users=150, sessions_per_user=1, jitter_ms=0, seed=22,
-                                                  start_ms=clock1 + 3_600_000))
-    clock2 = max(e["event_time"] for e in second) + 3 * 3_600_000
-    send = lambda batch: kafkaio.produce(  # noqa: E731
-        s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in batch])
-    consented = lambda evs: sum(1 for x in sessions_of(evs) if x[-1]["consent_personalization"])  # noqa: E731
+    first, second, clock1, clock2 = two_phases(150, (21, 22))
+    send = lambda batch: send_events(own, batch)  # noqa: E731
+    consented = consented_sessions
 
     send(first + _clock(clock1))
     proc = _start(own)
