@@ -8,7 +8,7 @@ Python (``operators.actions``). Columns are SESSION_COLUMNS.
 
 from __future__ import annotations
 
-from operators.windows import _count_of, interval
+from operators.windows import REVENUE, _count_of, interval
 from personalize.settings import Settings
 
 # separators inside the listed strings (ASCII unit/record separators: in no id)
@@ -66,7 +66,7 @@ def session_closes(view: str, settings: Settings) -> str:
                {_count_of('remove_from_cart')} AS n_cart_removes,
                {_count_of('checkout')} AS n_checkouts,
                {_count_of('purchase')} AS n_purchases,
-               SUM(CASE WHEN event_type = 'purchase' THEN price_cents * quantity ELSE 0 END) AS revenue_cents,
+               {REVENUE} AS revenue_cents,
                MAX(CASE WHEN event_type NOT IN ('checkout', 'purchase') THEN event_time_ms END) AS browse_end_ms,
                LISTAGG({move}, {item}) AS cart_moves,
                LISTAGG(category, {item}) AS categories,

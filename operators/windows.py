@@ -48,7 +48,8 @@ def _count_of(event_type: str) -> str:
     return f"SUM(CASE WHEN event_type = '{event_type}' THEN 1 ELSE 0 END)"
 
 
-REVENUE = "SUM(CASE WHEN event_type = 'purchase' THEN price_cents * quantity ELSE 0 END)"
+# a purchase without a price (Taobao logs carry none) adds 0, so the sum is never NULL
+REVENUE = "SUM(CASE WHEN event_type = 'purchase' THEN COALESCE(price_cents, 0) * quantity ELSE 0 END)"
 # the consent flag of the user's latest event by event time, as a mergeable MAX
 # (LAST_VALUE cannot merge, so it cannot run in session windows): the event time
 # shifted left one bit with the flag in the low bit; MAX of these keeps the newest

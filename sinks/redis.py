@@ -85,16 +85,24 @@ def active_hours(events_by_hour: str, top: int = 3) -> str:
 
 
 def profile_fields(part: str, fields: dict[str, str]) -> dict[str, str]:
-    """What one part writes into the profile hash."""
+    """What one part writes into the profile hash.
+
+    A field the part lacks (a NULL the job dropped, an older job's record) leaves
+    its derived fields out; it never stops the loader."""
     out = {k: v for k, v in fields.items() if k != "consent" and v is not None}
     if part == "totals":
-        out["revenue"] = format_cents(int(out["revenue_cents"]))
-        out["updated_ms"] = out["last_seen_ms"]  # event time, so a replay writes the same value
+        if "revenue_cents" in out:
+            out["revenue"] = format_cents(int(out["revenue_cents"]))
+        if "last_seen_ms" in out:
+            out["updated_ms"] = out["last_seen_ms"]  # event time, so a replay writes the same value
     elif part == "hours":
-        out["active_hours"] = active_hours(out["events_by_hour"])
+        if "events_by_hour" in out:
+            out["active_hours"] = active_hours(out["events_by_hour"])
     elif part == "sessions":
-        out["avg_session_s"] = f"{int(out['avg_session_ms']) / 1000:.3f}"
-        out["last_session_revenue"] = format_cents(int(out.pop("last_session_revenue_cents")))
+        if "avg_session_ms" in out:
+            out["avg_session_s"] = f"{int(out['avg_session_ms']) / 1000:.3f}"
+        if "last_session_revenue_cents" in out:
+            out["last_session_revenue"] = format_cents(int(out.pop("last_session_revenue_cents")))
     return out
 
 

@@ -51,7 +51,7 @@ def expected_triggers(events: list[dict]) -> dict[str, dict]:
         for e in session:
             if e["event_type"] == "add_to_cart":
                 net[e["product_id"]] += e["quantity"]
-                cents = int(Decimal(str(e["price"])).quantize(Decimal("0.01")) * 100)
+                cents = int(Decimal(str(e["price"] or 0)).quantize(Decimal("0.01")) * 100)  # Taobao: no price
                 price[e["product_id"]] = max(price.get(e["product_id"], (-1, -1)), (e["event_time"], cents))
             elif e["event_type"] == "remove_from_cart":
                 net[e["product_id"]] -= e["quantity"]

@@ -20,3 +20,12 @@ def test_totals_add_revenue_and_updated_ms_and_drop_consent():
                                             "consent": "true"})
     assert fields == {"n_events": "3", "revenue_cents": "1999", "last_seen_ms": "77", "revenue": "19.99",
                       "updated_ms": "77"}
+
+
+def test_a_part_missing_a_field_writes_the_rest_and_does_not_raise():
+    """A purchase without a price once made SQL drop last_session_revenue_cents (KeyError in the loader)."""
+    fields = sink.profile_fields("sessions", {"n_sessions": "1", "avg_session_ms": "1500",
+                                              "last_session_revenue_cents": None, "consent": "true"})
+    assert fields == {"n_sessions": "1", "avg_session_ms": "1500", "avg_session_s": "1.500"}
+    assert sink.profile_fields("totals", {"n_events": "2"}) == {"n_events": "2"}
+    assert sink.profile_fields("hours", {}) == {}
