@@ -32,6 +32,18 @@ EVENT_COLUMNS = (
 DEAD_LETTER_COLUMNS = (("user_id", "STRING"), ("value", "BYTES"), ("ts_ms", "BIGINT"))
 
 _CENT = Decimal("0.01")
+# Bounds that keep every downstream step total (issue "Faults and bad input"): an id
+# longer than this, or holding a control character (the session rows list cart moves
+# with U+001E/U+001F between them), is refused; a price above MAX_PRICE_CENTS or a
+# quantity above MAX_QUANTITY too, so a cart line (and any sum of them a session can
+# hold) fits the Trigger's Avro decimals and revenue stays far from BIGINT overflow.
+MAX_ID_CHARS = 256
+MAX_PRICE_CENTS = 100_000_000  # 1,000,000.00
+MAX_QUANTITY = 1_000
+# a dead letter keeps at most this much of the original value (the rest stays at its
+# topic/partition/offset): a ~1 MiB value would not fit the sink's request size
+MAX_ORIGINAL_BYTES = 64 * 1024
+ID_FIELDS = ("user_id", "product_id", "category", "session_id", "event_id")
 
 
 def to_cents(price: float | str | Decimal) -> int:
@@ -46,14 +58,29 @@ def epoch_ms(value) -> int:
     return round(value.timestamp() * 1000)
 
 
-def validate(event: dict, record_ts_ms: int) -> tuple[tuple | None, str | None]:
-    """The event as a row of EVENT_COLUMNS, or None and the reason it cannot be used."""
+def _bad_id(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > MAX_ID_CHARS:
+        return f"{name} is longer than {MAX_ID_CHARS} characters ({len(value)})"
+    if not value.isprintable():
+        return f"{name} contains a control character"
+    return None
+
+
+def validate(event: dict, record_ts_ms: int | None = None) -> tuple[tuple | None, str | None]:
+    """The event as a row of EVENT_COLUMNS, or None and the reason it cannot be used.
+    ``record_ts_ms`` None leaves the record-timestamp check to the caller (the SQL job)."""
     user = event["user_id"]
     if not user or not user.strip():
         return None, "user_id is empty"
+    for name in ID_FIELDS:
+        why = _bad_id(name, event.get(name))
+        if why:
+            return None, why
     etype = event["event_type"]
     event_ms = epoch_ms(event["event_time"])
-    if event_ms != record_ts_ms:
+    if record_ts_ms is not None and event_ms != record_ts_ms:
         return None, f"record timestamp {record_ts_ms} differs from event_time {event_ms}"
     product = event.get("product_id")
     if etype in NEEDS_PRODUCT and not product:
@@ -63,13 +90,17 @@ def validate(event: dict, record_ts_ms: int) -> tuple[tuple | None, str | None]:
     if price is not None:
         try:
             cents = to_cents(price)
-        except (InvalidOperation, ValueError):
+        except (InvalidOperation, ValueError, OverflowError):
             return None, f"price {price!r} is not a number"
         if cents < 0:
             return None, f"price {price!r} is negative"
+        if cents > MAX_PRICE_CENTS:
+            return None, f"price {price!r} is above {MAX_PRICE_CENTS // 100}"
     quantity = event.get("quantity", 1)
     if quantity < 1:
         return None, f"quantity {quantity} is below 1"
+    if quantity > MAX_QUANTITY:
+        return None, f"quantity {quantity} is above {MAX_QUANTITY}"
     return (
         user,
         etype,
@@ -87,6 +118,9 @@ def validate(event: dict, record_ts_ms: int) -> tuple[tuple | None, str | None]:
 def dead_letter(codec, original: bytes | None, topic: str, partition: int, offset: int, ts_ms: int,
                 reason: str, watermark: int | None = None) -> bytes:
     """An Avro DeadLetter (single-object encoded)."""
+    if original is not None and len(original) > MAX_ORIGINAL_BYTES:
+        reason = f"{reason} (original truncated to {MAX_ORIGINAL_BYTES} of {len(original)} bytes)"
+        original = bytes(original[:MAX_ORIGINAL_BYTES])
     return codec.encode({
         "original": original,
         "topic": topic,

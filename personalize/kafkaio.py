@@ -34,6 +34,9 @@ def _unavailable(settings: Settings, exc: Exception) -> ServiceUnavailable:
     )
 
 
+RECEIVE_MAX_BYTES = 128 * 1024 * 1024
+
+
 def _consumer(settings: Settings, client_id: str, read_committed: bool, **extra) -> KafkaConsumer:
     """A group-less consumer (offsets are the caller's business), or a one-line error naming Kafka's address."""
     try:
@@ -43,6 +46,8 @@ def _consumer(settings: Settings, client_id: str, read_committed: bool, **extra)
             group_id=None,
             enable_auto_commit=False,
             isolation_level="read_committed" if read_committed else "read_uncommitted",
+            # a fetch holding one ~1 MiB record exceeds kafka-python's default frame limit
+            receive_message_max_bytes=RECEIVE_MAX_BYTES,
             **extra,
         )
     except NoBrokersAvailable as exc:

@@ -138,6 +138,7 @@ class Materializer:
             auto_offset_reset="earliest",
             max_poll_records=20_000,
             fetch_max_bytes=64 * 1024 * 1024,
+            receive_message_max_bytes=128 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
         )
         tps = []

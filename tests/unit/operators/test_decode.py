@@ -41,6 +41,15 @@ def test_a_valid_event_becomes_a_row_in_column_order():
         ({"price": -1.0}, 1_000, "price -1.0 is negative"),
         ({"quantity": 0}, 1_000, "quantity 0 is below 1"),
         ({"price": float("nan")}, 1_000, "price nan is not a number"),
+        ({"price": float("inf")}, 1_000, "price inf is not a number"),
+        # each of these once stopped the job (issue "Faults and bad input")
+        ({"product_id": "p\x1e1"}, 1_000, "product_id contains a control character"),
+        ({"user_id": "u\x00"}, 1_000, "user_id contains a control character"),
+        ({"category": "c\x1f"}, 1_000, "category contains a control character"),
+        ({"quantity": 2147483647, "price": 500.0}, 1_000, "quantity 2147483647 is above 1000"),
+        ({"price": 1e12}, 1_000, "price 1000000000000.0 is above 1000000"),
+        ({"user_id": "u" * 257}, 1_000, "user_id is longer than 256 characters (257)"),
+        ({"product_id": "p" * 300}, 1_000, "product_id is longer than 256 characters (300)"),
     ],
 )
 def test_unusable_events_get_a_reason(overrides, ts, reason):
@@ -59,3 +68,19 @@ def test_dead_letters_are_avro_with_their_origin():
     letter = codec.decode(data)
     assert (letter["original"], letter["topic"], letter["partition"], letter["offset"], letter["reason"],
             letter["watermark"]) == (b"\x00bad", "events", 1, 42, "late", 6_000)
+
+
+def test_the_largest_valid_line_fits_the_trigger_decimals():
+    """price x quantity at the bounds fits Trigger.price (12,2) and a 999-line cart_value (14,2)."""
+    row, reason = decode.validate(event(price=decode.MAX_PRICE_CENTS / 100, quantity=decode.MAX_QUANTITY), 1_000)
+    assert reason is None
+    line = row[4] * row[5]
+    assert row[4] < 10**12 and line * 999 < 10**14
+
+
+def test_a_huge_original_is_cut_in_its_dead_letter_and_the_reason_says_so():
+    codec = schemas.codec("dead_letter")
+    huge = b"\x07" * (1024 * 1024)
+    letter = codec.decode(decode.dead_letter(codec, huge, "events", 0, 9, 5_000, "not single-object encoded"))
+    assert letter["original"] == huge[:decode.MAX_ORIGINAL_BYTES]
+    assert letter["reason"] == ("not single-object encoded (original truncated to 65536 of 1048576 bytes)")
