@@ -1,7 +1,7 @@
-"""The profile job: Avro events -> decode/validate (Python, once per event) -> JVM windows
--> profile changelog, trending products and dead letters on Kafka (exactly-once);
-closed sessions -> models, segment changes and cart-abandonment triggers (Python,
-once per session) -> Kafka (exactly-once).
+"""The profile job: Avro events -> decode (a scalar Python UDF in SQL, once per event)
+-> JVM windows -> profile changelog, trending products and dead letters on Kafka
+(exactly-once); closed sessions -> session fields, models, segment changes and
+cart-abandonment triggers (Python, once per session) -> Kafka (exactly-once).
 
 Redis is materialized from the changelog by ``sinks.redis`` (a read_committed
 loader), so every Redis write follows a committed Flink checkpoint.
@@ -17,9 +17,12 @@ from personalize.settings import Settings
 from sinks import kafka as kafka_sinks
 
 SOURCE = "events_source"
+CHECKED_VIEW = "events_checked"
 EVENTS_VIEW = "events_clean"
 DEAD_LETTERS = "dead_letter_sink"
-PROFILE_UPDATES = "profile_updates_sink"
+PROFILE_TOTALS = "profile_totals_sink"
+PROFILE_RECENT = "profile_recent_sink"
+PROFILE_SESSIONS = "profile_sessions_sink"
 TRENDING = "trending_sink"
 TRIGGERS = "triggers_sink"
 SEGMENT_CHANGES = "segment_changes_sink"
@@ -36,7 +39,6 @@ def _row_type(columns):
         "INT": Types.INT(),
         "BOOLEAN": Types.BOOLEAN(),
         "BYTES": Types.PRIMITIVE_ARRAY(Types.BYTE()),
-        "MAP<STRING, STRING>": Types.MAP(Types.STRING(), Types.STRING()),
     }
     return Types.ROW_NAMED([c for c, _ in columns], [kinds[t] for _, t in columns])
 
@@ -45,7 +47,7 @@ def configure(t_env, settings: Settings, *, bounded: bool) -> None:
     """The SQL planner's settings for the windows (mini-batch itself is switched on in ``build``)."""
     config = t_env.get_config()
     config.set("table.local-time-zone", "UTC")
-    # LAST_VALUE (newest session, newest sliding window) has no merge: no local-global split
+    # LAST_VALUE/MAX tricks aside, every aggregate here merges; one phase keeps one state per key
     config.set("table.optimizer.agg-phase-strategy", "ONE_PHASE")
     # every profile part has its own key (user_id, part): no upsert materialization needed
     config.set("table.exec.sink.upsert-materialize", "NONE")
@@ -58,74 +60,100 @@ def configure(t_env, settings: Settings, *, bounded: bool) -> None:
         config.set("table.exec.source.idle-timeout", f"{settings.idle_timeout_ms} ms")
 
 
+def decoded_events(t_env, source: str):
+    """The source's records, each decoded once by the Python UDF, behind a JVM-only barrier.
+
+    The planner copies a Python UDF into every consumer of its result (DESIGN.md):
+    ``to_data_stream`` -> ``from_data_stream`` right after the decode makes it run
+    once per record whatever reads it. The watermark the record met at the source
+    (``wm``) is taken before the barrier, so lateness is what the source saw."""
+    from pyflink.table import Schema
+
+    t_env.create_temporary_function("decode_event", decode.decode_udf())
+    raw = t_env.sql_query(
+        f"SELECT `value`, `topic`, `partition`, `offset`, `ts`, CURRENT_WATERMARK(`ts`) AS wm, "
+        f"decode_event(`value`) AS d FROM {source}")
+    return t_env.from_data_stream(
+        t_env.to_data_stream(raw),
+        Schema.new_builder().watermark("ts", "SOURCE_WATERMARK()").build(),
+    )
+
+
+def checked_sql(decoded: str) -> str:
+    """Every record with its reason (NULL for a usable, on-time event)."""
+    fields = ", ".join(f"CAST(d.{name} AS {sql}) AS {name}" if sql == "INT" else f"d.{name} AS {name}"
+                       for name, sql in decode.EVENT_COLUMNS)
+    return f"""
+        SELECT {fields}, MOD(d.event_time_ms / 3600000, 24) AS hour_of_day, ts AS rowtime,
+               `value`, `topic`, `partition`, `offset`, wm,
+               CASE WHEN d.reason IS NOT NULL THEN d.reason
+                    WHEN TO_TIMESTAMP_LTZ(d.event_time_ms, 3) <> ts
+                      THEN CONCAT('record timestamp ', CAST({windows.epoch_ms('ts')} AS STRING),
+                                  ' differs from event_time ', CAST(d.event_time_ms AS STRING))
+                    WHEN ts <= wm THEN '{decode.LATE}'
+               END AS reason
+        FROM {decoded}"""
+
+
 def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "personalize-profile-job"):
     """Define the whole pipeline; return the statement set that runs it."""
     from pyflink.common import Types
-    from pyflink.datastream import OutputTag
-    from pyflink.table import Schema
 
     configure(t_env, settings, bounded=bounded)
     t_env.execute_sql(kafka_sinks.events_source(SOURCE, settings, bounded=bounded, group_id=group_id))
     t_env.execute_sql(kafka_sinks.dead_letter_sink(DEAD_LETTERS, settings))
-    t_env.execute_sql(kafka_sinks.profile_updates_sink(PROFILE_UPDATES, settings, bounded=bounded))
+    t_env.execute_sql(kafka_sinks.profile_part_sink(PROFILE_TOTALS, settings, "totals", windows.TOTALS_COLUMNS,
+                                                    bounded=bounded))
+    t_env.execute_sql(kafka_sinks.profile_part_sink(PROFILE_RECENT, settings, "recent", windows.RECENT_COLUMNS,
+                                                    bounded=bounded))
+    t_env.execute_sql(kafka_sinks.keyed_bytes_sink(PROFILE_SESSIONS, settings, settings.topic_profile_updates,
+                                                   sink=actions.PROFILE_PART))
     t_env.execute_sql(kafka_sinks.trending_sink(TRENDING, settings))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(TRIGGERS, settings, settings.topic_triggers))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(SEGMENT_CHANGES, settings, settings.topic_segment_changes))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(MODEL_SNAPSHOTS, settings, settings.topic_model_snapshots))
 
-    raw = t_env.to_data_stream(t_env.sql_query(f"SELECT `value`, `topic`, `partition`, `offset`, `ts` FROM {SOURCE}"))
-    dead_letter_tag = OutputTag("dead-letters", _row_type(decode.DEAD_LETTER_COLUMNS))
-    events = (
-        raw.process(decode.decode_function(dead_letter_tag), output_type=_row_type(decode.EVENT_COLUMNS))
-        .uid("decode-validate")
-        .name("decode Avro, validate, split late")
-    )
-    letters = events.get_side_output(dead_letter_tag)
+    t_env.create_temporary_view("events_decoded", decoded_events(t_env, SOURCE))
+    t_env.create_temporary_view(CHECKED_VIEW, t_env.sql_query(checked_sql("events_decoded")))
+    columns = ", ".join(name for name, _ in decode.EVENT_COLUMNS)
+    t_env.create_temporary_view(EVENTS_VIEW, t_env.sql_query(
+        f"SELECT {columns}, hour_of_day, rowtime FROM {CHECKED_VIEW} WHERE reason IS NULL"))
 
-    t_env.create_temporary_view(
-        EVENTS_VIEW,
-        t_env.from_data_stream(
-            events,
-            Schema.new_builder()
-            .column_by_expression("rowtime", "TO_TIMESTAMP_LTZ(event_time_ms, 3)")
-            .watermark("rowtime", "SOURCE_WATERMARK()")
-            .build(),
-        ),
-    )
-    t_env.create_temporary_view("dead_letters", t_env.from_data_stream(letters))
-
-    # closed sessions (about one row per ten events) -> models and triggers in Python,
-    # keyed by a constant: the models are one global object (operators/actions.py)
+    # closed sessions (about one row per nine events) -> session fields, models and
+    # triggers in Python, keyed by a constant: the models are one global object
     closes = t_env.to_data_stream(t_env.sql_query(sessions.session_closes(EVENTS_VIEW, settings)))
     acted = (
         closes.key_by(lambda row: 0, key_type=Types.INT())
         .process(actions.actions_function(settings), output_type=_row_type(actions.ACTION_COLUMNS))
         .uid("models-triggers")
-        .name("models, segments, cart-abandonment triggers")
+        .name("session fields, models, segments, cart-abandonment triggers")
     )
     t_env.create_temporary_view(ACTIONS_VIEW, t_env.from_data_stream(acted))
 
     # The SQL aggregations emit one update per key per mini-batch, not per event.
     # Only from here on: to_data_stream above is planned when it is called, and
     # with mini-batch on, a processing-time mini-batch assigner would stand between
-    # the source and the Python functions and hand them wall-clock watermarks
-    # (every replayed event would look late).
+    # the source and what reads its watermark (every replayed event would look late).
     t_env.get_config().set("table.exec.mini-batch.enabled", "true")
+    t_env.create_temporary_function("dead_letter", decode.dead_letter_udf())
 
     statements = t_env.create_statement_set()
-    statements.add_insert_sql(
-        f"INSERT INTO {DEAD_LETTERS} SELECT user_id, `value`, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM dead_letters"
-    )
-    # one insert per sink table: each Kafka sink has its own transactional id prefix
-    model_part = f"SELECT user_id, 'models' AS part, fields FROM {ACTIONS_VIEW} WHERE kind = 'profile'"
-    parts = " UNION ALL ".join(f"({q})" for q in [*windows.profile_parts(EVENTS_VIEW, settings), model_part])
-    statements.add_insert_sql(f"INSERT INTO {PROFILE_UPDATES} {parts}")
+    # the dead-letter UDF runs for unusable records only (the filter runs first, in the JVM)
+    statements.add_insert_sql(f"""
+        INSERT INTO {DEAD_LETTERS}
+        SELECT user_id,
+               dead_letter(`value`, `topic`, `partition`, `offset`, {windows.epoch_ms('rowtime')}, reason,
+                           CASE WHEN reason = '{decode.LATE}' THEN {windows.epoch_ms('wm')} END),
+               rowtime
+        FROM {CHECKED_VIEW} WHERE reason IS NOT NULL""")
+    statements.add_insert_sql(f"INSERT INTO {PROFILE_TOTALS} {windows.totals(EVENTS_VIEW)}")
+    statements.add_insert_sql(f"INSERT INTO {PROFILE_RECENT} {windows.recent(EVENTS_VIEW, settings)}")
     statements.add_insert_sql(f"INSERT INTO {TRENDING} {windows.trending(EVENTS_VIEW, settings)}")
-    for sink, kind in ((TRIGGERS, "trigger"), (SEGMENT_CHANGES, "segment_change"), (MODEL_SNAPSHOTS, "models")):
+    for sink, key, column in ((PROFILE_SESSIONS, "profile_key", "profile"), (TRIGGERS, "user_id", "trigger"),
+                              (SEGMENT_CHANGES, "user_id", "segment_change"), (MODEL_SNAPSHOTS, "user_id", "snapshot")):
         statements.add_insert_sql(
-            f"INSERT INTO {sink} SELECT user_id, `value`, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM {ACTIONS_VIEW} "
-            f"WHERE kind = '{kind}'"
-        )
+            f"INSERT INTO {sink} SELECT `{key}`, `{column}`, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM {ACTIONS_VIEW} "
+            f"WHERE `{column}` IS NOT NULL")
     return statements
 
 

@@ -24,27 +24,64 @@ from operators import triggers
 from operators.sessions import SESSION_COLUMNS
 from personalize.settings import Settings
 
-# what the step emits, split by kind in SQL
+# what the step emits: one row per closed session (its profile part, and its trigger
+# and segment change when it has them), and one model snapshot row per batch; the
+# SQL splits them to their sinks. One row rather than one per output halves the
+# rows that cross back from Python.
 ACTION_COLUMNS = (
-    ("kind", "STRING"),       # trigger | segment_change | profile | models
-    ("user_id", "STRING"),
-    ("value", "BYTES"),       # Avro Trigger / SegmentChange, JSON model snapshot
-    ("ts_ms", "BIGINT"),      # event time: the record timestamp on Kafka
-    ("fields", "MAP<STRING, STRING>"),  # profile fields (kind profile)
+    ("user_id", "STRING"),          # the Kafka key of the trigger and the segment change
+    ("profile_key", "STRING"),      # the changelog's JSON key of this step's profile part
+    ("profile", "BYTES"),           # JSON profile fields
+    ("trigger", "BYTES"),           # Avro Trigger
+    ("segment_change", "BYTES"),    # Avro SegmentChange
+    ("snapshot", "BYTES"),          # JSON model snapshot (snapshot rows only)
+    ("ts_ms", "BIGINT"),            # event time: the record timestamp on Kafka
 )
 SNAPSHOT_KEY = "models"
 END_OF_INPUT = 2**63 - 1
+PROFILE_PART = "sessions"
+TOP_CATEGORIES = 3
+
+
+def profile_key(user_id: str) -> str:
+    """The changelog key of this step's profile part (the SQL parts' keys have the same shape)."""
+    return orjson.dumps({"user_id": user_id, "part": PROFILE_PART}).decode()
+
+
+def session_fields(after: m.UserHistory, consent: bool) -> dict:
+    """The profile's session fields from the user's history after its newest closed session."""
+    start, n_events, adds, removes, purchases, revenue = after.last
+    avg_ms = after.session_ms_total // after.sessions
+    fields = {
+        "n_sessions": after.sessions,
+        "session_ms_total": after.session_ms_total,
+        "avg_session_ms": avg_ms,
+        "avg_session_s": f"{avg_ms / 1000:.3f}",
+        "last_session_start_ms": start,
+        "last_session_events": n_events,
+        "last_session_cart_adds": adds,
+        "last_session_cart_removes": removes,
+        "last_session_purchases": purchases,
+        "last_session_revenue": triggers.format_cents(revenue),
+        "consent": consent,
+    }
+    for rank, (name, count) in enumerate(after.top_categories(TOP_CATEGORIES), start=1):
+        fields[f"top_category_{rank}"] = name
+        fields[f"top_category_{rank}_events"] = count
+    return fields
 
 
 def close_session(models: m.Models, history: m.UserHistory | None, session: dict, settings: Settings,
-                  codecs) -> tuple[m.UserHistory, list[tuple]]:
-    """Run one closed session through the models; the user's new history and the output rows."""
+                  codecs) -> tuple[m.UserHistory, tuple]:
+    """Run one closed session through the models; the user's new history and its output row (ACTION_COLUMNS)."""
     before = history or m.UserHistory()
     after = before.after(session)
     closed_ms = session["end_ms"] + settings.session_gap_ms
-    out: list[tuple] = []
+    user = session["user_id"]
+    change = trigger = None
     propensity = segment = None
     lines = triggers.net_cart(session["cart_moves"])  # parsed once for the features and the trigger
+    fields = session_fields(after, bool(session["consent_personalization"]))
     if session["consent_personalization"]:
         focus = m.affinity(session["categories"])
         x = m.propensity_features(session, before, lines=lines, focus=focus)
@@ -59,31 +96,30 @@ def close_session(models: m.Models, history: m.UserHistory | None, session: dict
             if old is not None:
                 models.segment_sizes[old] -= 1
             models.segment_sizes[after.segment] += 1
-            change = {
-                "user_id": session["user_id"], "old_segment": old, "new_segment": after.segment,
+            change = codecs["segment_change"].encode({
+                "user_id": user, "old_segment": old, "new_segment": after.segment,
                 "new_segment_name": models.segmenter.names.get(after.segment),
                 "changed_ms": closed_ms, "model_version": models.segmenter.version,
-            }
-            out.append(("segment_change", session["user_id"], codecs["segment_change"].encode(change), closed_ms, None))
+            })
         segment = after.segment
-        fields = {"propensity": f"{propensity:.6f}", "propensity_ms": str(closed_ms), "consent": "true"}
+        fields["propensity"] = f"{propensity:.6f}"
+        fields["propensity_ms"] = closed_ms
         if segment is not None:
             fields["segment"] = segment
             fields["segment_name"] = models.segmenter.names.get(segment, "")
-        out.append(("profile", session["user_id"], None, closed_ms, fields))
     elif after.segment is not None:  # consent withdrawn: the user leaves its segment
         models.segment_sizes[after.segment] -= 1
         after.segment, after.pending, after.pending_count = None, None, 0
-    trigger = triggers.abandonment(session, settings.session_gap_ms, propensity, segment, lines=lines)
-    if trigger is not None:
-        out.append(("trigger", session["user_id"], codecs["trigger"].encode(trigger), closed_ms, None))
+    due = triggers.abandonment(session, settings.session_gap_ms, propensity, segment, lines=lines)
+    if due is not None:
+        trigger = codecs["trigger"].encode(due)
     models.sessions += 1
     models.updated_ms = max(models.updated_ms, closed_ms)
-    return after, out
+    return after, (user, profile_key(user), orjson.dumps(fields), trigger, change, None, closed_ms)
 
 
 def snapshot_row(models: m.Models) -> tuple:
-    return ("models", SNAPSHOT_KEY, orjson.dumps(models.snapshot()), models.updated_ms, None)
+    return (SNAPSHOT_KEY, None, None, None, None, orjson.dumps(models.snapshot()), models.updated_ms)
 
 
 def actions_function(settings: Settings):
@@ -132,8 +168,7 @@ def actions_function(settings: Settings):
                 if user not in seen:
                     seen[user] = self.histories.get(user)
                 seen[user], out = close_session(models, seen[user], session, settings, self.codecs)
-                for kind, key, value, ts_ms, fields in out:
-                    yield Row(kind, key, value, ts_ms, fields)
+                yield Row(*out)
             self.histories.put_all(seen)
             self.models.update(models)
             yield Row(*snapshot_row(models))

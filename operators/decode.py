@@ -1,10 +1,14 @@
 """Decode and validate: the one place Python touches every event.
 
-Bytes from ``events`` become flat event rows for the JVM windows, or dead letters
-(Avro ``DeadLetter``: original bytes, topic, partition, offset, reason). An event
-whose time is at or behind the current watermark when it arrives is late
-(DESIGN.md): it goes to the dead letters with reason ``late`` and changes no
-window. Nothing here keeps state, so the operator runs unkeyed at full speed.
+In the job this is a scalar Python UDF in SQL (``decode_udf``), called once per
+record (the job puts a JVM-only barrier right after it, DESIGN.md): Kafka bytes
+become one typed row of DECODED_COLUMNS, the event's fields with ``reason`` NULL,
+or the reason the record cannot be used. The SQL around it checks the record
+timestamp and splits late events off with ``CURRENT_WATERMARK`` (an event at or
+behind the watermark when it arrives is late: reason ``late``, DESIGN.md); every
+unusable record becomes an Avro ``DeadLetter`` (original bytes, topic, partition,
+offset, reason) through a second UDF (``dead_letter_udf``) that runs for those
+records only. Nothing here keeps state.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ EVENT_COLUMNS = (
     ("consent_marketing", "BOOLEAN"),
     ("event_time_ms", "BIGINT"),
 )
-# the dead-letter row: key, Avro DeadLetter bytes, record timestamp
-DEAD_LETTER_COLUMNS = (("user_id", "STRING"), ("value", "BYTES"), ("ts_ms", "BIGINT"))
+# what the decode UDF returns per record: the event, or the user (when known) and the reason.
+# INT columns cross as BIGINT: PyFlink 2.2.1's thread mode fails on a NULL INT inside
+# a ROW (NullPointerException in Long.intValue), and a bad record's fields are NULL;
+# the SQL casts them back to EVENT_COLUMNS' types.
+DECODED_COLUMNS = (*((name, "BIGINT" if sql == "INT" else sql) for name, sql in EVENT_COLUMNS), ("reason", "STRING"))
+_NOTHING = (None,) * (len(EVENT_COLUMNS) - 1)
 
 _CENT = Decimal("0.01")
 # Bounds that keep every downstream step total (issue "Faults and bad input"): an id
@@ -132,38 +140,64 @@ def dead_letter(codec, original: bytes | None, topic: str, partition: int, offse
     })
 
 
-def decode_function(dead_letter_tag):
-    """The Flink ProcessFunction (built here so importing this module starts no JVM)."""
-    from pyflink.common import Row
-    from pyflink.datastream import ProcessFunction
+def decode_row(codec, value: bytes | None) -> tuple:
+    """One record's bytes as a DECODED_COLUMNS tuple (no exception escapes: a bad
+    record is a reason, never a failed job)."""
+    try:
+        event = codec.decode(value)
+    except Exception as exc:  # DecodeError, or anything fastavro raised
+        return (None, *_NOTHING, getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
+    try:
+        fields, reason = validate(event)
+    except Exception as exc:  # a value of a type no check foresaw
+        fields, reason = None, f"invalid event: {type(exc).__name__}: {exc}"
+    if fields is None:
+        user = event.get("user_id")
+        return (user if isinstance(user, str) and user and user.isprintable() and len(user) <= MAX_ID_CHARS
+                else None, *_NOTHING, reason)
+    return (*fields, None)
 
-    class DecodeValidate(ProcessFunction):
-        def open(self, runtime_context):
+
+def _data_type(sql: str):
+    from pyflink.table import DataTypes
+
+    return {"STRING": DataTypes.STRING(), "BIGINT": DataTypes.BIGINT(), "INT": DataTypes.INT(),
+            "BOOLEAN": DataTypes.BOOLEAN(), "BYTES": DataTypes.BYTES()}[sql]
+
+
+def decode_udf():
+    """``decode_event(value BYTES) -> ROW<DECODED_COLUMNS>`` (built here so importing this module starts no JVM)."""
+    from pyflink.common import Row
+    from pyflink.table import DataTypes
+    from pyflink.table.udf import ScalarFunction, udf
+
+    class DecodeEvent(ScalarFunction):
+        def open(self, function_context):
             import schemas
 
-            self.events = schemas.codec("user_event")
-            self.letters = schemas.codec("dead_letter")
+            self.codec = schemas.codec("user_event")
 
-        def process_element(self, row, ctx):
-            value, topic, partition, offset = row[0], row[1], row[2], row[3]
-            ts_ms = ctx.timestamp()
-            user = None
-            try:
-                event = self.events.decode(value)
-            except Exception as exc:  # DecodeError, or anything fastavro raised
-                reason = getattr(exc, "reason", f"{type(exc).__name__}: {exc}")
-            else:
-                user = event["user_id"] or None
-                fields, reason = validate(event, ts_ms)
-                if fields is not None:
-                    watermark = ctx.timer_service().current_watermark()
-                    if ts_ms <= watermark:
-                        letter = dead_letter(self.letters, value, topic, partition, offset, ts_ms, LATE, watermark)
-                        yield dead_letter_tag, Row(user, letter, ts_ms)
-                        return
-                    yield Row(*fields)
-                    return
-            letter = dead_letter(self.letters, value, topic, partition, offset, ts_ms, reason)
-            yield dead_letter_tag, Row(user, letter, ts_ms)
+        def eval(self, value):
+            return Row(*decode_row(self.codec, value))
 
-    return DecodeValidate()
+    row_type = DataTypes.ROW([DataTypes.FIELD(name, _data_type(sql)) for name, sql in DECODED_COLUMNS])
+    return udf(DecodeEvent(), input_types=[DataTypes.BYTES()], result_type=row_type)
+
+
+def dead_letter_udf():
+    """``dead_letter(value, topic, partition, offset, ts_ms, reason, watermark_ms) -> BYTES``: the Avro DeadLetter."""
+    from pyflink.table import DataTypes
+    from pyflink.table.udf import ScalarFunction, udf
+
+    class DeadLetter(ScalarFunction):
+        def open(self, function_context):
+            import schemas
+
+            self.codec = schemas.codec("dead_letter")
+
+        def eval(self, value, topic, partition, offset, ts_ms, reason, watermark_ms):
+            return dead_letter(self.codec, value, topic, partition, offset, ts_ms, reason, watermark_ms)
+
+    inputs = [DataTypes.BYTES(), DataTypes.STRING(), DataTypes.INT(), DataTypes.BIGINT(), DataTypes.BIGINT(),
+              DataTypes.STRING(), DataTypes.BIGINT()]
+    return udf(DeadLetter(), input_types=inputs, result_type=DataTypes.BYTES())

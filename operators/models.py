@@ -33,7 +33,8 @@ SEGMENT_FEATURES = ("recency", "frequency", "monetary", "engagement", "cart", "a
 
 @dataclass
 class UserHistory:
-    """What the models know of one user before the current session."""
+    """What the job knows of one user's closed sessions: the models' inputs and the
+    profile's session fields (folded here once per session, in one place)."""
 
     sessions: int = 0
     purchase_sessions: int = 0
@@ -42,15 +43,33 @@ class UserHistory:
     segment: str | None = None
     pending: str | None = None
     pending_count: int = 0
+    session_ms_total: int = 0
+    # the newest closed session: start, events, cart adds, cart removes, purchases, revenue (cents)
+    last: tuple | None = None
+    # events per category over every closed session (for the profile's top categories)
+    categories: dict | None = None
 
     def after(self, session: dict) -> UserHistory:
+        categories = dict(self.categories or ())
+        for name in (session["categories"] or "").split(ITEM_SEP):
+            if name:
+                categories[name] = categories.get(name, 0) + 1
+        revenue = session["revenue_cents"] or 0
         return UserHistory(
             sessions=self.sessions + 1,
             purchase_sessions=self.purchase_sessions + (1 if session["n_purchases"] > 0 else 0),
-            revenue_cents=self.revenue_cents + (session["revenue_cents"] or 0),
+            revenue_cents=self.revenue_cents + revenue,
             last_end_ms=session["end_ms"],
             segment=self.segment, pending=self.pending, pending_count=self.pending_count,
+            session_ms_total=self.session_ms_total + session["end_ms"] - session["start_ms"],
+            last=(session["start_ms"], session["n_events"], session["n_cart_adds"], session["n_cart_removes"],
+                  session["n_purchases"], revenue),
+            categories=categories,
         )
+
+    def top_categories(self, n: int = 3) -> list[tuple[str, int]]:
+        """The user's most frequent categories, most events first, ties by name."""
+        return sorted((self.categories or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
 def affinity(categories: str | None) -> float:

@@ -52,6 +52,13 @@ def cents_decimal(cents: int) -> Decimal:
     return Decimal(cents).scaleb(-2)
 
 
+def format_cents(cents: int) -> str:
+    """Integer cents as a decimal with exactly two places (``-0.05``, ``12.30``)."""
+    sign = "-" if cents < 0 else ""
+    whole, rest = divmod(abs(cents), 100)
+    return f"{sign}{whole}.{rest:02d}"
+
+
 def abandonment(session: dict, gap_ms: int, propensity: float | None, segment: str | None, *,
                 lines: list | None = None) -> dict | None:
     """The Trigger record (Avro fields) for a closed session, or None when none is due.

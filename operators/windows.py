@@ -1,20 +1,23 @@
 """The windows, as Flink SQL over the decoded event view: they run in the JVM.
 
-Per-event stateful work stays in Flink's JVM operators (DESIGN.md: ~260k events/s
-for a session window in SQL against ~3k in a Python window). Each per-user query
-yields rows ``(user_id, part, fields)``: one *part* of the profile with its
-fields as strings, an upsert keyed by (user_id, part) into the profile changelog
-topic, which the Redis loader materializes into ``profile:{user_id}``.
+Per-event stateful work stays in Flink's JVM operators, and there it is the number
+and shape of operators that costs (DESIGN.md): each query here is written once,
+emits typed rows, and nothing re-aggregates a window's results (no retraction
+chain, no string map). Per event, four keyed JVM operators:
 
-- ``totals``     continuous per-user aggregate: counts per event type, revenue, first/last seen
-- ``sessions``   session windows (inactivity gap), then per user: sessions, durations
-- ``hours``      tumbling windows per user (activity per hour of day), then per user
-- ``recent``     sliding (hop) windows per user: events and product views lately
-- ``top_category_N`` per-user top categories (Top-N over category counts)
-- trending       global tumbling windows: top products per category (Window Top-N)
+- ``totals``   continuous GROUP BY user: counts per event type, revenue (integer
+               cents), first/last seen, events per hour of day (UTC) and the
+               personalization flag of the user's latest event
+- ``recent``   sliding (HOP) window per user: events and product views in each
+               window; the profile keeps the newest (the upsert sink keeps the
+               last row per user, and windows fire in end order)
+- sessions     one SESSION window per user (``operators.sessions``), shared by the
+               profile's session fields and the models: its closed sessions are
+               folded per user once, in ``operators.actions``
+- ``trending`` global tumbling window: top products per category (Window Top-N)
 
-Every part carries ``consent``: the personalization flag of the user's latest
-event in that part's input, so the loader writes nothing for users without it.
+Each profile part is an upsert keyed by (user_id, part) on the profile changelog
+topic, which the Redis loader merges into ``profile:{user_id}``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 from personalize.settings import Settings
 
 EVENT_TYPES = ("page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout", "purchase", "search")
-TOP_CATEGORIES = 3
 
 
 def interval(ms: int) -> str:
@@ -34,18 +36,15 @@ def interval(ms: int) -> str:
     return f"INTERVAL '{days} {hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}' DAY TO SECOND(3)"
 
 
-def _map(**entries: str) -> str:
-    pairs = ", ".join(f"'{name}', CAST({expr} AS STRING)" for name, expr in entries.items())
-    return f"MAP[{pairs}]"
-
-
-def _epoch_ms(column: str) -> str:
-    """A window bound (TIMESTAMP(3) in UTC) as epoch milliseconds (BIGINT: INT overflows)."""
-    return f"CAST(TIMESTAMPDIFF(SECOND, TIMESTAMP '1970-01-01 00:00:00', {column}) AS BIGINT) * 1000"
+def epoch_ms(column: str) -> str:
+    """A TIMESTAMP(3)/TIMESTAMP_LTZ(3) (UTC session time zone) as epoch milliseconds, BIGINT."""
+    ts = f"CAST({column} AS TIMESTAMP(3))"
+    return (f"(CAST(TIMESTAMPDIFF(SECOND, TIMESTAMP '1970-01-01 00:00:00', {ts}) AS BIGINT) * 1000"
+            f" + EXTRACT(MILLISECOND FROM {ts}))")
 
 
 def _count_of(event_type: str) -> str:
-    return f"SUM(CASE WHEN event_type = '{event_type}' THEN 1 ELSE 0 END)"
+    return f"COUNT(*) FILTER (WHERE event_type = '{event_type}')"
 
 
 # a purchase without a price (Taobao logs carry none) adds 0, so the sum is never NULL
@@ -56,105 +55,58 @@ REVENUE = "SUM(CASE WHEN event_type = 'purchase' THEN COALESCE(price_cents, 0) *
 CONSENT_KEY = "MAX(event_time_ms * 2 + CASE WHEN consent_personalization THEN 1 ELSE 0 END)"
 
 
-def _consent(key: str = "consent_key") -> str:
-    """The consent field from per-window consent keys."""
-    return f"CASE WHEN MOD(MAX({key}), 2) = 1 THEN 'true' ELSE 'false' END"
+def _consent(key: str) -> str:
+    return f"MOD({key}, 2) = 1"
 
 
-def _consent_now() -> str:
-    """The consent field straight from events."""
-    return f"CASE WHEN MOD({CONSENT_KEY}, 2) = 1 THEN 'true' ELSE 'false' END"
+# the typed columns of each SQL profile part (besides user_id and part): (name, SQL type)
+TOTALS_COLUMNS = (
+    ("n_events", "BIGINT"),
+    *((f"n_{t}", "BIGINT") for t in EVENT_TYPES),
+    ("revenue_cents", "BIGINT"),
+    ("first_seen_ms", "BIGINT"),
+    ("last_seen_ms", "BIGINT"),
+    ("events_by_hour", "STRING"),
+    ("consent", "BOOLEAN"),
+)
+RECENT_COLUMNS = (
+    ("recent_events", "BIGINT"),
+    ("recent_product_views", "BIGINT"),
+    ("recent_window_end_ms", "BIGINT"),
+    ("consent", "BOOLEAN"),
+)
 
 
 def totals(view: str) -> str:
-    counts = {f"n_{t}": _count_of(t) for t in EVENT_TYPES}
-    fields = _map(
-        n_events="COUNT(*)",
-        **counts,
-        revenue_cents=REVENUE,
-        first_seen_ms="MIN(event_time_ms)",
-        last_seen_ms="MAX(event_time_ms)",
-        consent=_consent_now(),
-    )
-    return f"SELECT user_id, 'totals' AS part, {fields} AS fields FROM {view} GROUP BY user_id"
-
-
-def sessions(view: str, settings: Settings) -> str:
-    """Session windows per user. Flink merges windows that touch, so the window gap is
-    the configured gap less 1 ms: an event exactly ``gap`` after the previous one
-    starts a new session, as DESIGN.md defines it."""
-    gap = interval(settings.session_gap_ms - 1)
-    per_session = f"""
-        SELECT user_id, window_start, window_end,
-               COUNT(*) AS n_events,
-               {_count_of('add_to_cart')} AS cart_adds,
-               {_count_of('remove_from_cart')} AS cart_removes,
-               {_count_of('purchase')} AS purchases,
-               {REVENUE} AS revenue_cents,
-               MIN(event_time_ms) AS start_ms,
-               MAX(event_time_ms) AS end_ms,
-               {CONSENT_KEY} AS consent_key
-        FROM TABLE(SESSION(TABLE {view} PARTITION BY user_id, DESCRIPTOR(rowtime), {gap}))
-        GROUP BY user_id, window_start, window_end"""
-    fields = _map(
-        n_sessions="COUNT(*)",
-        session_ms_total="SUM(end_ms - start_ms)",
-        avg_session_ms="SUM(end_ms - start_ms) / COUNT(*)",
-        last_session_start_ms="MAX(start_ms)",
-        last_session_events="LAST_VALUE(n_events)",
-        last_session_cart_adds="LAST_VALUE(cart_adds)",
-        last_session_cart_removes="LAST_VALUE(cart_removes)",
-        last_session_purchases="LAST_VALUE(purchases)",
-        last_session_revenue_cents="LAST_VALUE(revenue_cents)",
-        consent=_consent(),
-    )
-    return f"SELECT user_id, 'sessions' AS part, {fields} AS fields FROM ({per_session}) GROUP BY user_id"
-
-
-def hours(view: str, settings: Settings) -> str:
-    """Tumbling activity windows per user, folded into events per hour of day (UTC)."""
-    per_window = f"""
-        SELECT user_id, window_start, COUNT(*) AS n, {CONSENT_KEY} AS consent_key
-        FROM TABLE(TUMBLE(TABLE {view}, DESCRIPTOR(rowtime), {interval(settings.activity_window_ms)}))
-        GROUP BY user_id, window_start, window_end"""
-    by_hour = ", ".join(
-        f"CAST(SUM(CASE WHEN HOUR(window_start) = {h} THEN n ELSE 0 END) AS STRING)" for h in range(24)
-    )
-    fields = f"MAP['events_by_hour', CONCAT_WS(',', {by_hour}), 'consent', {_consent()}]"
-    return f"SELECT user_id, 'hours' AS part, {fields} AS fields FROM ({per_window}) GROUP BY user_id"
+    """One continuous aggregate per user (mini-batched: one update per user per batch)."""
+    counts = ", ".join(f"{_count_of(t)} AS n_{t}" for t in EVENT_TYPES)
+    hours = ", ".join(f"COUNT(*) FILTER (WHERE hour_of_day = {h}) AS h{h}" for h in range(24))
+    per_user = f"""
+        SELECT user_id, COUNT(*) AS n_events, {counts}, {REVENUE} AS revenue_cents,
+               MIN(event_time_ms) AS first_seen_ms, MAX(event_time_ms) AS last_seen_ms,
+               {hours}, {CONSENT_KEY} AS consent_key
+        FROM {view} GROUP BY user_id"""
+    by_hour = ", ".join(f"CAST(h{h} AS STRING)" for h in range(24))
+    return f"""
+        SELECT user_id, 'totals' AS part, n_events, {', '.join(f'n_{t}' for t in EVENT_TYPES)}, revenue_cents,
+               first_seen_ms, last_seen_ms, CONCAT_WS(',', {by_hour}) AS events_by_hour,
+               {_consent('consent_key')} AS consent
+        FROM ({per_user})"""
 
 
 def recent(view: str, settings: Settings) -> str:
-    """Sliding windows per user; the profile keeps the newest window's figures."""
-    per_window = f"""
-        SELECT user_id, window_end, COUNT(*) AS n, {_count_of('product_view')} AS n_views,
-               {CONSENT_KEY} AS consent_key
+    """Sliding windows per user, straight to the changelog: the newest window wins per user.
+
+    Each event lands in ``recent_window_ms / recent_slide_ms`` windows; that ratio
+    is what the window costs (``scripts/bench_windows.py recent``)."""
+    return f"""
+        SELECT user_id, 'recent' AS part, COUNT(*) AS recent_events,
+               {_count_of('product_view')} AS recent_product_views,
+               {epoch_ms('window_end')} AS recent_window_end_ms,
+               {_consent(CONSENT_KEY)} AS consent
         FROM TABLE(HOP(TABLE {view}, DESCRIPTOR(rowtime),
                        {interval(settings.recent_slide_ms)}, {interval(settings.recent_window_ms)}))
         GROUP BY user_id, window_start, window_end"""
-    fields = _map(
-        recent_events="LAST_VALUE(n)",
-        recent_product_views="LAST_VALUE(n_views)",
-        recent_window_end_ms=f"MAX({_epoch_ms('window_end')})",
-        consent=_consent(),
-    )
-    return f"SELECT user_id, 'recent' AS part, {fields} AS fields FROM ({per_window}) GROUP BY user_id"
-
-
-def top_categories(view: str) -> str:
-    counts = f"""
-        SELECT user_id, category, COUNT(*) AS cnt, {CONSENT_KEY} AS consent_key
-        FROM {view} WHERE category IS NOT NULL GROUP BY user_id, category"""
-    ranked = f"""
-        SELECT user_id, category, cnt, consent_key,
-               ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY cnt DESC, category ASC) AS rn
-        FROM ({counts})"""
-    name = "CONCAT('top_category_', CAST(rn AS STRING))"
-    fields = (
-        f"MAP[{name}, category, CONCAT({name}, '_events'), CAST(cnt AS STRING), "
-        "'consent', CASE WHEN MOD(consent_key, 2) = 1 THEN 'true' ELSE 'false' END]"
-    )
-    return f"SELECT user_id, {name} AS part, {fields} AS fields FROM ({ranked}) WHERE rn <= {TOP_CATEGORIES}"
 
 
 def trending(view: str, settings: Settings) -> str:
@@ -170,16 +122,6 @@ def trending(view: str, settings: Settings) -> str:
         FROM ({counts})"""
     return f"""
         SELECT category, product_id, view_count AS `views`,
-               {_epoch_ms('window_end')} AS window_end_ms,
+               {epoch_ms('window_end')} AS window_end_ms,
                rn AS `rank`
         FROM ({ranked}) WHERE rn <= {settings.trending_top_n}"""
-
-
-def profile_parts(view: str, settings: Settings) -> list[str]:
-    return [
-        totals(view),
-        sessions(view, settings),
-        hours(view, settings),
-        recent(view, settings),
-        top_categories(view),
-    ]

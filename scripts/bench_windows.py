@@ -7,7 +7,7 @@ what the windows alone cost on this machine: the job can be no faster.
 
 Usage: python scripts/bench_windows.py [EVENTS] [USERS] [PART,...]
   EVENTS default 1000000, USERS default 100000; PART any of
-  totals sessions hours recent top_categories trending (default: all, one job)
+  totals recent sessions trending (default: all, one job)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PARTS = ("totals", "sessions", "hours", "recent", "top_categories", "trending")
+PARTS = ("totals", "recent", "sessions", "trending")
 # one event a minute per user on average, spread over ~17 hours: several sessions,
 # hours and sliding windows per user, as in the synthetic traffic
 EVENT_SPACING_MS = 60
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         return 2
 
     from jobs.profile import configure
-    from operators import windows
+    from operators import sessions, windows
     from personalize.flink import environments
     from personalize.settings import Settings
     from pyflink.table import Schema
@@ -57,31 +57,35 @@ def main(argv: list[str]) -> int:
                TRUE AS consent_analytics, TRUE AS consent_personalization, TRUE AS consent_marketing,
                1572000000000 + seq * {EVENT_SPACING_MS} AS event_time_ms
         FROM gen""")
-    # the same rowtime and bounded out-of-orderness the job's view has
+    # the same rowtime, hour of day and bounded out-of-orderness the job's event view has
     lag = windows.interval(settings.out_of_orderness_ms)
     t_env.create_temporary_view("bench_events", t_env.from_data_stream(
         t_env.to_data_stream(shaped),
         Schema.new_builder()
+        .column_by_expression("hour_of_day", "MOD(event_time_ms / 3600000, 24)")
         .column_by_expression("rowtime", "TO_TIMESTAMP_LTZ(event_time_ms, 3)")
         .watermark("rowtime", f"rowtime - {lag}")
         .build()))
     t_env.get_config().set("table.exec.mini-batch.enabled", "true")  # after to_data_stream, as in the job
-    t_env.execute_sql("CREATE TEMPORARY TABLE profile_bh (user_id STRING, part STRING, fields MAP<STRING, STRING>)"
-                      " WITH ('connector' = 'blackhole')")
-    t_env.execute_sql("CREATE TEMPORARY TABLE trending_bh (category STRING, product_id STRING, `views` BIGINT,"
-                      " window_end_ms BIGINT, `rank` BIGINT) WITH ('connector' = 'blackhole')")
     statements = t_env.create_statement_set()
-    queries = {
-        "totals": lambda v: windows.totals(v),
-        "sessions": lambda v: windows.sessions(v, settings),
-        "hours": lambda v: windows.hours(v, settings),
-        "recent": lambda v: windows.recent(v, settings),
-        "top_categories": lambda v: windows.top_categories(v),
-    }
-    profile = [queries[p]("bench_events") for p in parts if p in queries]
-    if profile:
-        statements.add_insert_sql("INSERT INTO profile_bh " + " UNION ALL ".join(f"({q})" for q in profile))
+
+    def blackhole(name: str, columns) -> None:
+        typed = ", ".join(f"`{c}` {t}" for c, t in columns)
+        t_env.execute_sql(f"CREATE TEMPORARY TABLE {name} ({typed}) WITH ('connector' = 'blackhole')")
+
+    keyed = (("user_id", "STRING"), ("part", "STRING"))
+    if "totals" in parts:
+        blackhole("totals_bh", (*keyed, *windows.TOTALS_COLUMNS))
+        statements.add_insert_sql("INSERT INTO totals_bh " + windows.totals("bench_events"))
+    if "recent" in parts:
+        blackhole("recent_bh", (*keyed, *windows.RECENT_COLUMNS))
+        statements.add_insert_sql("INSERT INTO recent_bh " + windows.recent("bench_events", settings))
+    if "sessions" in parts:
+        blackhole("sessions_bh", sessions.SESSION_COLUMNS)
+        statements.add_insert_sql("INSERT INTO sessions_bh " + sessions.session_closes("bench_events", settings))
     if "trending" in parts:
+        blackhole("trending_bh", (("category", "STRING"), ("product_id", "STRING"), ("views", "BIGINT"),
+                                  ("window_end_ms", "BIGINT"), ("rank", "BIGINT")))
         statements.add_insert_sql("INSERT INTO trending_bh " + windows.trending("bench_events", settings))
 
     print(f"windows {','.join(parts)}: {events:,} events for {users:,} users, JVM only (datagen -> blackhole)",

@@ -16,10 +16,11 @@ from personalize.settings import Settings
 TRANSACTION_TIMEOUT_MS = 600_000
 
 
-def _exactly_once(topic: str) -> str:
+def _exactly_once(topic: str, sink: str = "") -> str:
+    """Exactly-once delivery; ``sink`` tells apart several sinks writing to one topic."""
     return f"""
             'sink.delivery-guarantee' = 'exactly-once',
-            'sink.transactional-id-prefix' = 'personalize-{topic}',
+            'sink.transactional-id-prefix' = 'personalize-{topic}{'-' + sink if sink else ''}',
             'properties.transaction.timeout.ms' = '{TRANSACTION_TIMEOUT_MS}'"""
 
 
@@ -49,8 +50,8 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
         )"""
 
 
-def keyed_bytes_sink(table: str, settings: Settings, topic: str) -> str:
-    """Raw bytes keyed by ``user_id`` (UTF-8), record timestamp from ``ts``, exactly-once."""
+def keyed_bytes_sink(table: str, settings: Settings, topic: str, sink: str = "") -> str:
+    """Raw bytes keyed by ``user_id`` (its UTF-8 bytes), record timestamp from ``ts``, exactly-once."""
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
             `user_id` STRING,
@@ -63,7 +64,7 @@ def keyed_bytes_sink(table: str, settings: Settings, topic: str) -> str:
             'key.format' = 'raw',
             'key.fields' = 'user_id',
             'value.format' = 'raw',
-            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(topic)}
+            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(topic, sink)}
         )"""
 
 
@@ -72,20 +73,22 @@ def dead_letter_sink(table: str, settings: Settings) -> str:
     return keyed_bytes_sink(table, settings, settings.topic_dlq)
 
 
-def profile_updates_sink(table: str, settings: Settings, *, bounded: bool = False) -> str:
-    """The profile changelog: one upsert per (user, part), JSON, on a compacted topic.
+def profile_part_sink(table: str, settings: Settings, part: str, columns, *, bounded: bool = False) -> str:
+    """One profile part's changelog: an upsert per (user, part), typed JSON, on the compacted
+    profile-updates topic (key ``{"user_id":…,"part":…}``, value the part's fields, NULLs left out).
 
-    The sink keeps only the newest row per (user, part) between flushes (and at
-    every checkpoint), so the changelog carries a few records per user, not one
-    per event and window. Bounded runs flush only at checkpoints (rare there) and
-    at the end: one record per (user, part) for a backfill."""
+    The sink keeps only the newest row per key between flushes (and at every
+    checkpoint), so the changelog carries one record per user and part per flush,
+    not one per event or window. Bounded runs flush only at checkpoints (rare
+    there) and at the end: one record per (user, part) for a backfill."""
     flush_ms = 3_600_000 if bounded else settings.profile_flush_ms
     flush_rows = 10_000_000 if bounded else settings.profile_flush_rows
+    typed = ",\n            ".join(f"`{name}` {sql}" for name, sql in columns)
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
             `user_id` STRING,
             `part` STRING,
-            `fields` MAP<STRING, STRING>,
+            {typed},
             PRIMARY KEY (`user_id`, `part`) NOT ENFORCED
         ) WITH (
             'connector' = 'upsert-kafka',
@@ -93,9 +96,10 @@ def profile_updates_sink(table: str, settings: Settings, *, bounded: bool = Fals
             'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
             'key.format' = 'json',
             'value.format' = 'json',
+            'value.json.encode.ignore-null-fields' = 'true',
             'value.fields-include' = 'EXCEPT_KEY',
             'sink.buffer-flush.max-rows' = '{flush_rows}',
-            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings.topic_profile_updates)}
+            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings.topic_profile_updates, part)}
         )"""
 
 

@@ -34,7 +34,7 @@ import redis as redis_lib
 from personalize import logs
 from personalize.errors import ServiceUnavailable
 from personalize.settings import Settings
-from operators.windows import TOP_CATEGORIES
+from operators.triggers import format_cents
 
 log = logs.get(__name__)
 
@@ -54,8 +54,6 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
 end
 return 0
 """
-# fields a deleted (tombstoned) part takes with it
-PART_FIELDS = {f"top_category_{n}": (f"top_category_{n}", f"top_category_{n}_events") for n in range(1, TOP_CATEGORIES + 1)}
 
 
 def redis_client(settings: Settings) -> redis_lib.Redis:
@@ -70,13 +68,6 @@ def redis_client(settings: Settings) -> redis_lib.Redis:
     return client
 
 
-def format_cents(cents: int) -> str:
-    """Integer cents as a decimal with exactly two places (``-0.05``, ``12.30``)."""
-    sign = "-" if cents < 0 else ""
-    whole, rest = divmod(abs(cents), 100)
-    return f"{sign}{whole}.{rest:02d}"
-
-
 def active_hours(events_by_hour: str, top: int = 3) -> str:
     """The busiest hours of day (UTC), most events first, ties to the earlier hour."""
     counts = [int(c) for c in events_by_hour.split(",")]
@@ -84,26 +75,25 @@ def active_hours(events_by_hour: str, top: int = 3) -> str:
     return ",".join(str(h) for h in ranked[:top])
 
 
-def profile_fields(part: str, fields: dict[str, str]) -> dict[str, str]:
-    """What one part writes into the profile hash.
+def profile_fields(part: str, fields: dict) -> dict[str, str]:
+    """What one part of the changelog writes into the profile hash (values as strings).
 
-    A field the part lacks (a NULL the job dropped, an older job's record) leaves
+    A field the part lacks (a NULL the job left out, an older job's record) leaves
     its derived fields out; it never stops the loader."""
-    out = {k: v for k, v in fields.items() if k != "consent" and v is not None}
+    out = {k: str(v) for k, v in fields.items() if k != "consent" and v is not None}
     if part == "totals":
         if "revenue_cents" in out:
             out["revenue"] = format_cents(int(out["revenue_cents"]))
         if "last_seen_ms" in out:
             out["updated_ms"] = out["last_seen_ms"]  # event time, so a replay writes the same value
-    elif part == "hours":
         if "events_by_hour" in out:
             out["active_hours"] = active_hours(out["events_by_hour"])
-    elif part == "sessions":
-        if "avg_session_ms" in out:
-            out["avg_session_s"] = f"{int(out['avg_session_ms']) / 1000:.3f}"
-        if "last_session_revenue_cents" in out:
-            out["last_session_revenue"] = format_cents(int(out.pop("last_session_revenue_cents")))
     return out
+
+
+def consents(fields: dict) -> bool:
+    """The personalization flag a part carries (True unless it says false)."""
+    return fields.get("consent") not in (False, "false")
 
 
 @dataclass
@@ -124,6 +114,7 @@ class Materializer:
         self.settings = settings
         self.offsets_key = offsets_key
         self.redis = redis_client(settings)
+        self._add_once = self.redis.register_script(_ADD_ONCE)  # EVALSHA, the script sent once
         self.stats = LoadStats()
 
     def _consumer(self):
@@ -197,8 +188,7 @@ class Materializer:
             if tp.topic == topics.topic_profile_updates:
                 for rec in records:
                     key = orjson.loads(rec.key)
-                    value = orjson.loads(rec.value) if rec.value is not None else None
-                    latest[(key["user_id"], key["part"])] = None if value is None else value["fields"]
+                    latest[(key["user_id"], key["part"])] = orjson.loads(rec.value) if rec.value is not None else None
             elif tp.topic == topics.topic_trending:
                 trending.extend(orjson.loads(rec.value) for rec in records)
             elif tp.topic == topics.topic_triggers:
@@ -224,7 +214,7 @@ class Materializer:
             entry = as_json(record)
             entry["cart"] = orjson.dumps(entry["cart"]).decode()
             flat = [str(x) for k, v in entry.items() if v is not None for x in (k, v)]
-            pipe.eval(_ADD_ONCE, 2, TRIGGER_STREAM, TRIGGER_IDS, entry["trigger_id"], *flat)
+            self._add_once(keys=[TRIGGER_STREAM, TRIGGER_IDS], args=[entry["trigger_id"], *flat], client=pipe)
             self.stats.triggers += 1
             self._added_at.append(len(pipe))
 
@@ -236,30 +226,29 @@ class Materializer:
         the profile and marks the user in ``loader:no_consent`` until a newer event
         gives consent again; parts of marked users are not written."""
         updates = list(updates)
-        decided = {user: fields.get("consent") != "false"
-                   for (user, part), fields in updates if part == "totals" and fields is not None}
+        decided = {user: consents(fields) for (user, part), fields in updates
+                   if part == "totals" and fields is not None}
         others = sorted({user for (user, _), _ in updates} - set(decided))
         stored = dict(zip(others, self.redis.hmget(NO_CONSENT_KEY, others))) if others else {}
         allowed = {**{u: v is None for u, v in stored.items()}, **decided}
+        consenting = [user for user, ok in decided.items() if ok]
+        if consenting:
+            pipe.hdel(NO_CONSENT_KEY, *consenting)  # one command for the batch
         for user, ok in decided.items():
-            if ok:
-                pipe.hdel(NO_CONSENT_KEY, user)
-            else:
+            if not ok:
                 pipe.hset(NO_CONSENT_KEY, user, 1)
                 pipe.delete(PROFILE_PREFIX + user)  # no profile without personalization consent
                 self.stats.profiles_deleted += 1
                 self.stats.users.discard(user)
+        merged: dict[str, dict[str, str]] = {}  # one HSET per user per batch
         for (user, part), fields in updates:
-            if not allowed[user]:
-                continue
-            key = PROFILE_PREFIX + user
-            if fields is None:
-                if part in PART_FIELDS:
-                    pipe.hdel(key, *PART_FIELDS[part])
-                continue
-            pipe.hset(key, mapping=profile_fields(part, fields))
-            self.stats.profile_writes += 1
-            self.stats.users.add(user)
+            if allowed[user] and fields is not None:
+                merged.setdefault(user, {}).update(profile_fields(part, fields))
+                self.stats.profile_writes += 1
+        for user, mapping in merged.items():
+            if mapping:
+                pipe.hset(PROFILE_PREFIX + user, mapping=mapping)
+                self.stats.users.add(user)
 
     def _trending(self, pipe, rows: list[dict]) -> None:
         if not rows:

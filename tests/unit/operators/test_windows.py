@@ -1,8 +1,8 @@
-"""Window SQL: exact intervals, and session gaps that follow DESIGN.md's boundary."""
+"""Window SQL: exact intervals, session gaps that follow DESIGN.md's boundary, typed parts."""
 
 from __future__ import annotations
 
-from operators import windows
+from operators import sessions, windows
 from personalize.settings import Settings
 
 
@@ -13,10 +13,21 @@ def test_intervals_are_exact_to_the_millisecond():
 
 
 def test_session_window_gap_is_one_millisecond_short_so_an_event_exactly_one_gap_later_starts_anew():
-    sql = windows.sessions("v", Settings.from_env({"PERSONALIZE_SESSION_GAP_MS": "1800000"}))
+    sql = sessions.session_closes("v", Settings.from_env({"PERSONALIZE_SESSION_GAP_MS": "1800000"}))
     assert "INTERVAL '0 00:29:59.999' DAY TO SECOND(3)" in sql
 
 
-def test_every_profile_part_carries_consent():
-    for sql in windows.profile_parts("v", Settings.from_env({})):
-        assert "'consent'" in sql
+def test_every_profile_part_is_typed_and_carries_consent():
+    settings = Settings.from_env({})
+    for sql, columns in ((windows.totals("v"), windows.TOTALS_COLUMNS),
+                         (windows.recent("v", settings), windows.RECENT_COLUMNS)):
+        assert "MAP[" not in sql
+        assert ("consent", "BOOLEAN") in columns
+        assert [name for name, _ in columns if name not in sql] == []
+
+
+def test_the_sliding_window_follows_its_size_and_slide_settings():
+    sql = windows.recent("v", Settings.from_env({"PERSONALIZE_RECENT_WINDOW_MS": "1800000",
+                                                 "PERSONALIZE_RECENT_SLIDE_MS": "600000"}))
+    assert "HOP(TABLE v, DESCRIPTOR(rowtime), INTERVAL '0 00:10:00.000' DAY TO SECOND(3), " \
+           "INTERVAL '0 00:30:00.000' DAY TO SECOND(3))" in " ".join(sql.split())
