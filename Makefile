@@ -31,8 +31,9 @@ run: setup ## stack up, load the REES46 sample and synthetic traffic once, run t
 test: setup ## every test: unit, then integration against a stack the tests start on free ports
 	@$(PY) -m pytest
 
-bench: setup ## benchmark: ~1,000,000 synthetic events for 115,000 users through the bounded job
-	@bash scripts/benchmark.sh
+bench: setup ## benchmark: ~1,000,000 synthetic events for 100,000 users, one table from one run (docs/benchmarks.md)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
+	@$(PY) scripts/bench.py
 
 smoke: setup ## Kafka -> Flink -> exactly-once Kafka, 1,000 events
 	@$(PERSONALIZE) stack up

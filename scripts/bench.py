@@ -1,0 +1,292 @@
+"""`make bench`: one run, one table (a benchmark, not a test).
+
+1. Events, once per topic: USERS synthetic users with one session each, plus a second
+   session for USERS * 0.13 of them a day later: ~1,000,000 events for 100,000 users
+   by default (``--users`` scales), in topic ``bench-events-<USERS>``.
+2. ``personalize run --bounded`` over them into fresh output topics and a Redis
+   database of its own, sampled every second: peak memory of the JVM (the embedded
+   Flink, with the Python functions it runs in thread mode), of the CLI's Python
+   process (the Redis loader) and Redis's ``used_memory_peak``; CPU seconds by
+   stage from the JVM's threads.
+3. ``scripts/bench_windows.py``: the same window queries over as many rows from
+   ``datagen``, JVM only: the ceiling. The ratio says how close the job comes.
+4. The job's triggers against the generator's known abandoned sessions.
+
+Prints a Markdown table (docs/benchmarks.md keeps one) and, when matplotlib is
+installed (the ``bench`` extra), writes the chart by stage to docs/benchmarks.png.
+
+Usage: python scripts/bench.py [--users N] [--chart PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECOND_SESSION_SHARE = 0.13  # 100,000 users x ~8.85 events + 13,000 second sessions: ~1,000,000 events
+DAY_MS = 86_400_000
+# JVM threads by stage (task threads are named after their first operator; Linux keeps 15 characters)
+STAGES = (
+    ("decode (Kafka source, Python UDF, barrier)", ("Source: events_",)),
+    ("models, triggers, session fields (Python)", ("session fields",)),
+    ("windows (JVM)", ("WindowAggregate", "GroupAggregate", "WindowRank", "Calc", "Source: *anonym")),
+    ("Kafka sinks", ("kafka-producer", "Sink", "profile_", "trending_sink", "triggers_sink", "segment_changes",
+                     "model_snapshots", "dead_letter")),
+    ("JIT compiler", ("C1 CompilerThre", "C2 CompilerThre")),
+    ("garbage collector", ("GC Thread", "G1 ", "VM Thread", "ParGC", "Parallel")),
+)
+
+
+def specs(users: int):
+    from personalize.produce import TrafficSpec
+
+    first = TrafficSpec(users=users, sessions_per_user=1, seed=7)
+    second = TrafficSpec(users=int(users * SECOND_SESSION_SHARE), sessions_per_user=1, seed=8,
+                         start_ms=first.start_ms + DAY_MS)
+    return first, second
+
+
+def known_abandonments(users: int, gap_ms: int) -> int:
+    """Abandoned sessions as the generator made them: a net cart, no purchase, marketing consent."""
+    from personalize.produce import generate
+
+    by_user: dict[str, list[dict]] = defaultdict(list)
+    for spec in specs(users):
+        for e in generate(spec):
+            by_user[e["user_id"]].append(e)
+    count = 0
+    for events in by_user.values():
+        events.sort(key=lambda e: e["event_time"])
+        sessions, current = [], [events[0]]
+        for prev, e in zip(events, events[1:]):
+            if e["event_time"] - prev["event_time"] >= gap_ms:
+                sessions.append(current)
+                current = []
+            current.append(e)
+        sessions.append(current)
+        for s in sessions:
+            net: dict[str, int] = defaultdict(int)
+            for e in s:
+                if e["event_type"] == "add_to_cart":
+                    net[e["product_id"]] += e["quantity"]
+                elif e["event_type"] == "remove_from_cart":
+                    net[e["product_id"]] -= e["quantity"]
+            if any(q > 0 for q in net.values()) and not any(e["event_type"] == "purchase" for e in s) \
+                    and s[-1]["consent_marketing"]:
+                count += 1
+    return count
+
+
+def cli(*args: str, env: dict, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "personalize.cli", *args], env=env, cwd=ROOT, text=True,
+                          capture_output=capture, check=False)
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of the run's processes, Redis's peak, and the JVM's CPU seconds by thread."""
+
+    def __init__(self, root_pid: int, redis_client):
+        super().__init__(daemon=True)
+        self.root_pid, self.redis = root_pid, redis_client
+        self.peak = {"jvm": 0, "python": 0}
+        self.threads: dict[str, float] = {}
+        self.done = threading.Event()
+
+    def _children(self, pid: int) -> list[int]:
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                    out.append(int(entry))
+        return out
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _thread_cpu(self, pid: int) -> dict[str, float]:
+        hz = os.sysconf("SC_CLK_TCK")
+        cpu: dict[str, float] = {}
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2:].split()
+                cpu[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / hz
+        except OSError:
+            pass
+        return cpu
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.peak["python"] = max(self.peak["python"], self._rss(self.root_pid))
+            for child in self._children(self.root_pid):
+                if Path(f"/proc/{child}/comm").exists() and Path(f"/proc/{child}/comm").read_text().strip() == "java":
+                    self.peak["jvm"] = max(self.peak["jvm"], self._rss(child))
+                    sample = self._thread_cpu(child)
+                    if sample:
+                        self.threads.update(sample)  # threads that ended keep their last figure
+
+    def stages(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for key, seconds in self.threads.items():
+            name = key.split(":", 1)[1]
+            stage = next((s for s, prefixes in STAGES if name.startswith(prefixes)), "other JVM threads")
+            out[stage] += seconds
+        return dict(out)
+
+
+def summary_value(text: str, label: str, pattern: str = r"([\d.,]+)") -> float:
+    m = re.search(rf"^{re.escape(label)}\s+{pattern}", text, re.M)
+    return float(m.group(1).replace(",", "")) if m else float("nan")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks.png"))
+    args = parser.parse_args(argv)
+
+    import redis
+
+    from personalize.settings import Settings
+
+    base = Settings.from_env()
+    env = dict(os.environ)
+    tag = uuid.uuid4().hex[:8]
+    topic = f"bench-events-{args.users}"
+    env.update(PERSONALIZE_TOPIC_EVENTS=topic, PERSONALIZE_TOPIC_DLQ=f"bench-{tag}-dlq",
+               PERSONALIZE_TOPIC_PROFILE_UPDATES=f"bench-{tag}-profiles",
+               PERSONALIZE_TOPIC_TRENDING=f"bench-{tag}-trending", PERSONALIZE_TOPIC_TRIGGERS=f"bench-{tag}-triggers",
+               PERSONALIZE_TOPIC_SEGMENT_CHANGES=f"bench-{tag}-segments",
+               PERSONALIZE_TOPIC_MODEL_SNAPSHOTS=f"bench-{tag}-models",
+               PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{base.redis_port}/9")
+    if cli("stack", "up", env=env).returncode != 0:
+        print("bench: `personalize stack up` failed", file=sys.stderr)
+        return 2
+    from personalize import kafkaio, topics
+
+    settings = Settings.from_env(env)
+    topics.ensure(settings, [topic], local_stack=True)
+    begin, end = kafkaio.offsets(settings, topic)
+    if sum(end[p] - begin[p] for p in end) == 0:  # produced once per size, reused by later runs
+        for spec in specs(args.users):
+            done = cli("produce", "--users", str(spec.users), "--sessions", "1", "--seed", str(spec.seed),
+                       "--start-ms", str(spec.start_ms), "--topic", topic, env=env, capture=False)
+            if done.returncode != 0:
+                return done.returncode
+    client = redis.Redis.from_url(env["PERSONALIZE_REDIS_URL"])
+    client.flushdb()
+    client.config_resetstat()
+
+    print(f"bench: bounded run over {topic}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "personalize.cli", "run", "--bounded"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid, client)
+    sampler.start()
+    err_lines = []
+    for line in proc.stderr:  # progress lines as they come
+        err_lines.append(line)
+        if line.startswith("progress:"):
+            print(line, end="", file=sys.stderr, flush=True)
+    out = proc.stdout.read()
+    proc.wait()
+    sampler.done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        print("".join(err_lines[-20:]), file=sys.stderr)
+        return proc.returncode
+    redis_peak = int(client.info("memory")["used_memory_peak"])
+
+    events = int(summary_value(out, "events read"))
+    e2e_s = summary_value(out, "end to end")
+    startup_s = summary_value(out, "start-up")
+    job_s = summary_value(out, "job")
+    catchup_s = summary_value(out, "redis catch-up")
+    triggers = int(summary_value(out, "triggers"))
+    stream = int(summary_value(out, "triggers", r"\d+\s+\((\d+) new"))
+    known = known_abandonments(args.users, base.session_gap_ms)
+
+    print(f"bench: JVM-only ceiling over {events:,} rows (scripts/bench_windows.py)", file=sys.stderr, flush=True)
+    ceiling = subprocess.run([sys.executable, "scripts/bench_windows.py", str(events), str(args.users)],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+    m = re.search(r"windows ([\d.]+)s", ceiling.stdout)
+    ceiling_s = float(m.group(1)) if m else float("nan")
+
+    stages = sampler.stages()
+    cpu_total = sum(stages.values())
+    e2e_rate = events / e2e_s
+    ceiling_rate = events / ceiling_s
+    rows = [
+        ("events (users)", f"{events:,} ({args.users:,})"),
+        ("**end to end** (first record read to last Redis write)", f"**{e2e_s:.1f} s, {e2e_rate:,.0f} events/s**"),
+        ("start-up (JVM, planning, submission to first record read)", f"{startup_s:.1f} s"),
+        ("job (submission to end)", f"{job_s:.1f} s"),
+        ("Redis catch-up after the job", f"{catchup_s:.1f} s"),
+        ("JVM-only ceiling, same windows over datagen rows (start-up included)",
+         f"{ceiling_s:.1f} s, {ceiling_rate:,.0f} events/s"),
+        ("ratio end to end / ceiling", f"{e2e_rate / ceiling_rate:.2f}"),
+        ("peak memory: JVM (embedded Flink + thread-mode Python)", f"{sampler.peak['jvm'] / 2**20:,.0f} MiB RSS"),
+        ("peak memory: CLI Python (loader)", f"{sampler.peak['python'] / 2**20:,.0f} MiB RSS"),
+        ("peak memory: Redis used_memory_peak", f"{redis_peak / 2**20:,.0f} MiB"),
+        ("triggers in Kafka / new in the Redis stream / generator's abandoned sessions",
+         f"{triggers:,} / {stream:,} / {known:,}" + (" (equal)" if triggers == stream == known else " (DIFFER)")),
+    ]
+    rows += [(f"JVM CPU: {stage}", f"{sec:.1f} core-s ({100 * sec / cpu_total:.0f} %)")
+             for stage, sec in sorted(stages.items(), key=lambda kv: -kv[1])]
+    print("\n| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    _chart(args.chart, stages, e2e_s, startup_s, catchup_s, ceiling_s)
+    return 0 if triggers == stream == known else 1
+
+
+def _chart(path: str, stages: dict[str, float], e2e_s: float, startup_s: float, catchup_s: float,
+           ceiling_s: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed (pip install -e '.[bench]'): no chart", file=sys.stderr)
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [n for n, _ in sorted(stages.items(), key=lambda kv: kv[1])]
+    left.barh(names, [stages[n] for n in names], color="#4c72b0")
+    left.set_xlabel("JVM CPU seconds (2 cores)")
+    left.set_title("Where the job's CPU goes, by stage")
+    phases = ["start-up", "end to end", "of which Redis catch-up", "JVM-only ceiling"]
+    right.bar(phases, [startup_s, e2e_s, catchup_s, ceiling_s], color=["#999999", "#4c72b0", "#dd8452", "#55a868"])
+    right.set_ylabel("seconds")
+    right.set_title("Bounded backfill, wall clock")
+    right.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"bench: chart written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
