@@ -223,6 +223,11 @@ def test_late_events_are_counted_and_dead_lettered_with_reason_late(stack):
     letters = [schemas.codec("dead_letter").decode(r.value) for r in kafkaio.read_to_end(s, s.topic_dlq)]
     assert {l["reason"] for l in letters} == {"late"}
     assert all(l["watermark"] >= smoke.BASE_MS + 3_600_000 for l in letters)
+    # exactly the late records, each pointing at its own source record
+    source = {(r.partition, r.offset): r.value for r in kafkaio.read_to_end(s, s.topic_events)}
+    assert all(l["original"] == source[(l["partition"], l["offset"])] for l in letters)
+    assert sorted(codec.decode(l["original"])["event_id"] for l in letters) == sorted(e["event_id"] for e in late)
+    assert all(l["record_timestamp"] == codec.decode(l["original"])["event_time"] for l in letters)
     assert int(profiles(own)["u0"]["n_events"]) == 60
 
 
@@ -291,7 +296,10 @@ def test_profile_command_prints_json_and_says_so_for_an_unknown_user(rees46):
     done = own.cli("profile", "541312140")
     assert done.returncode == 0
     profile = json.loads(done.stdout)
-    assert profile["user_id"] == "541312140" and int(profile["n_events"]) >= 1
+    want = expected_rees46_profiles(REES46)["541312140"]
+    assert profile["user_id"] == "541312140"
+    assert {f: int(profile[f]) for f in ("n_events", "n_product_view", "n_sessions", "first_seen_ms", "last_seen_ms")} \
+        == {f: want[f] for f in ("n_events", "n_product_view", "n_sessions", "first_seen_ms", "last_seen_ms")}
     done = own.cli("profile", "no-such-user")
     assert done.returncode == 1
     assert done.stderr.strip() == (
