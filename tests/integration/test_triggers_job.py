@@ -184,31 +184,54 @@ def test_the_triggers_command_prints_the_topic_as_json_lines(synthetic):
     assert len(done.stdout.splitlines()) == 3
 
 
-def test_triggers_follow_prints_the_topic_then_waits_until_interrupted(synthetic):
-    import signal
-    import subprocess
-    import time
-
-    from tests.conftest import CLI, ROOT
-
-    own, _ = synthetic
-    proc = subprocess.Popen([*CLI, "triggers", "--follow"], env=own.env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    first = [json.loads(proc.stdout.readline()) for _ in range(3)]
-    time.sleep(2)
-    assert proc.poll() is None  # still following after the topic's end
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert len({t["trigger_id"] for t in first}) == 3
-
-
 def test_a_second_bounded_run_adds_no_stream_entry_and_no_new_trigger_id(synthetic):
     own, events = synthetic
     before = stream_entries(own)
     run_bounded(own)
     assert stream_entries(own) == before
     check_triggers(own, expected_triggers(events), copies=2)  # the replay re-sent each trigger once more
+
+
+def test_triggers_follow_prints_a_trigger_that_arrives_after_it_started(synthetic):
+    """Runs after the replay test of this module: it adds a trigger of its own to the topic."""
+    import queue
+    import signal
+    import subprocess
+    import threading
+
+    from tests.conftest import CLI, ROOT
+
+    own, events = synthetic
+    codec = schemas.codec("trigger")
+    proc = subprocess.Popen([*CLI, "triggers", "--follow"], env=own.env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def next_line(deadline_s: float = 30) -> dict:
+        try:
+            return json.loads(lines.get(timeout=deadline_s))
+        except queue.Empty:
+            raise AssertionError(f"no trigger printed within {deadline_s:.0f} s") from None
+
+    try:
+        in_topic = kafka_triggers(own)
+        seen = {next_line()["trigger_id"] for _ in in_topic}
+        assert seen == set(expected_triggers(events))  # the topic from its beginning
+        late = {"trigger_id": f"follow-{uuid.uuid4()}", "kind": "cart_abandonment", "user_id": "follower",
+                "session_start_ms": 1_000, "session_end_ms": 2_000,
+                "cart": [{"product_id": "p1", "quantity": 2, "price": Decimal("1.50")}],
+                "cart_value": Decimal("3.00"), "propensity": None, "segment": None, "emitted_ms": 2_000 + GAP_MS}
+        s = own.settings
+        assert kafkaio.produce(s, s.topic_triggers, [(b"follower", codec.encode(late), 2_000)]) == 1
+        line = next_line()  # within the deadline, while it keeps following
+        assert line["trigger_id"] == late["trigger_id"] and line["cart"] == [
+            {"product_id": "p1", "quantity": 2, "price": "1.50"}] and line["cart_value"] == "3.00"
+        assert proc.poll() is None  # still following
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
 
 
 def _snapshot(stack) -> dict | None:
