@@ -75,3 +75,42 @@ def test_records_that_once_stopped_the_job_are_dead_lettered_and_valid_users_cou
     for user, counts in want.items():
         assert {f: int(got[user].get(f, 0)) for f in counts} == dict(counts), user
     check_triggers(own, expected_triggers(events))
+
+
+def test_events_written_with_the_first_schema_version_count_like_current_ones(stack):
+    """Schema evolution through the whole job: half the users' events come from an old producer
+    writing v1 (no consent_analytics, no context); the job resolves them to the current schema."""
+    from pathlib import Path
+
+    from tests.unit.schemas.test_codec import writer
+
+    own = job_stack(stack, redis_db=10)
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    current = schemas.codec("user_event")
+    v1 = writer(Path(schemas.HERE, "versions", "user_event.v1.avsc"))
+    assert v1.fingerprint != current.fingerprint
+    events = produce.generate(produce.TrafficSpec(users=40, sessions_per_user=1, jitter_ms=0, seed=9,
+                                                  no_personalization_rate=0.0))
+    old_users = {f"user-{u}" for u in range(0, 40, 2)}
+    records = []
+    for e in events:
+        if e["user_id"] in old_users:
+            old = {k: v for k, v in e.items() if k not in ("consent_analytics", "context")}
+            records.append((e["user_id"].encode(), v1.encode(old), e["event_time"]))
+        else:
+            records.append((e["user_id"].encode(), current.encode(e), e["event_time"]))
+    assert sum(r[1][2:10] == v1.fingerprint for r in records) > 0
+    assert kafkaio.produce(s, s.topic_events, records) == len(events)
+
+    summary = run_bounded(own)
+    assert summary["events read"] == len(events) and summary["dead letters"] == 0
+    want: dict[str, Counter] = defaultdict(Counter)
+    for e in events:
+        want[e["user_id"]]["n_events"] += 1
+        want[e["user_id"]][f"n_{e['event_type']}"] += 1
+    got = profiles(own)
+    assert set(got) == set(want)
+    for user, counts in want.items():
+        assert {f: int(got[user].get(f, 0)) for f in counts} == dict(counts), user
+    check_triggers(own, expected_triggers(events))

@@ -104,6 +104,29 @@ def test_trailing_bytes_are_refused_with_a_reason():
     assert "2 trailing bytes" in info.value.reason
 
 
+def writer(path: Path) -> Codec:
+    """A codec that writes with an older kept version (as an old producer would)."""
+    old = Codec.__new__(Codec)
+    old.name = "user_event"
+    old.schema = parse_schema(json.loads(path.read_text()))
+    old.fingerprint = schemas._fingerprint(old.schema)
+    old._header = schemas.MARKER + old.fingerprint
+    old.writers = {old.fingerprint: old.schema}
+    return old
+
+
+def test_the_first_version_is_a_real_older_schema_whose_data_resolves_to_the_current_one():
+    """v1 lacks consent_analytics and context: reading its data takes their defaults."""
+    current = schemas.codec("user_event")
+    v1 = writer(Path(schemas.HERE, "versions", "user_event.v1.avsc"))
+    assert v1.fingerprint != current.fingerprint and v1.fingerprint in current.writers
+    sent = {k: v for k, v in event().items() if k not in ("consent_analytics", "context")}
+    data = v1.encode(sent)
+    assert data[2:10] == v1.fingerprint
+    decoded = current.decode(data)
+    assert decoded == {**sent, "consent_analytics": True, "context": None}
+
+
 def test_data_written_with_every_kept_version_reads_with_the_current_one():
     current = schemas.codec("user_event")
     versions = sorted(Path(schemas.HERE, "versions").glob("user_event.v*.avsc"))
