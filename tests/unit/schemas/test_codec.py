@@ -104,15 +104,20 @@ def test_trailing_bytes_are_refused_with_a_reason():
     assert "2 trailing bytes" in info.value.reason
 
 
+def _writing_with(schema: dict) -> Codec:
+    """A user_event codec that encodes with ``schema`` (another producer's version)."""
+    codec = Codec.__new__(Codec)
+    codec.name = "user_event"
+    codec.schema = parse_schema(schema)
+    codec.fingerprint = schemas._fingerprint(codec.schema)
+    codec._header = schemas.MARKER + codec.fingerprint
+    codec.writers = {codec.fingerprint: codec.schema}
+    return codec
+
+
 def writer(path: Path) -> Codec:
     """A codec that writes with an older kept version (as an old producer would)."""
-    old = Codec.__new__(Codec)
-    old.name = "user_event"
-    old.schema = parse_schema(json.loads(path.read_text()))
-    old.fingerprint = schemas._fingerprint(old.schema)
-    old._header = schemas.MARKER + old.fingerprint
-    old.writers = {old.fingerprint: old.schema}
-    return old
+    return _writing_with(json.loads(path.read_text()))
 
 
 def test_the_first_version_is_a_real_older_schema_whose_data_resolves_to_the_current_one():
@@ -132,13 +137,7 @@ def test_data_written_with_every_kept_version_reads_with_the_current_one():
     versions = sorted(Path(schemas.HERE, "versions").glob("user_event.v*.avsc"))
     assert versions, "the first version must be kept in schemas/versions"
     for path in versions:
-        old = Codec.__new__(Codec)
-        old.name = "user_event"
-        old.schema = parse_schema(json.loads(path.read_text()))
-        old.fingerprint = schemas._fingerprint(old.schema)
-        old._header = schemas.MARKER + old.fingerprint
-        old.writers = {old.fingerprint: old.schema}
-        decoded = current.decode(old.encode(event()))
+        decoded = current.decode(writer(path).encode(event()))
         assert decoded["event_id"] == "e1" and decoded["user_id"] == "u1", path.name
 
 
@@ -146,12 +145,7 @@ def test_a_newer_writer_with_an_added_defaulted_field_is_refused_until_kept():
     """An unknown version is a dead letter, never guessed at."""
     schema = json.loads(Path(schemas.HERE, "user_event.avsc").read_text())
     schema["fields"].append({"name": "coupon", "type": ["null", "string"], "default": None})
-    newer = Codec.__new__(Codec)
-    newer.name = "user_event"
-    newer.schema = parse_schema(schema)
-    newer.fingerprint = schemas._fingerprint(newer.schema)
-    newer._header = schemas.MARKER + newer.fingerprint
-    newer.writers = {newer.fingerprint: newer.schema}
+    newer = _writing_with(schema)
     with pytest.raises(DecodeError) as info:
         schemas.codec("user_event").decode(newer.encode(event(coupon="X")))
     assert "unknown schema fingerprint" in info.value.reason
