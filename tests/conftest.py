@@ -9,7 +9,6 @@ never touches a stack a user left running on the default ports.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,16 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from personalize.flink import free_port
 from personalize.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "personalize.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stack_env(kafka_port: int, controller_port: int, redis_port: int, stack_dir: Path) -> dict[str, str]:

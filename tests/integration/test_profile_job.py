@@ -108,6 +108,18 @@ def rees46(stack):
     return own, first
 
 
+def check_counts(stack: Stack, events: list[dict]) -> None:
+    """Every user of ``events`` has a profile, and nobody else; n_events and each n_<type> exact."""
+    want: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in events:
+        want[e["user_id"]]["n_events"] += 1
+        want[e["user_id"]][f"n_{e['event_type']}"] += 1
+    got = profiles(stack)
+    assert set(got) == set(want)
+    for user, counts in want.items():
+        assert {f: int(got[user].get(f, 0)) for f in counts} == dict(counts), user
+
+
 def profiles(stack: Stack) -> dict[str, dict[str, str]]:
     r = redis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
     return {k.split(":", 1)[1]: r.hgetall(k) for k in r.scan_iter("profile:*", count=1000)}
@@ -280,15 +292,7 @@ def test_unbounded_run_stopped_with_a_savepoint_resumes_without_losing_or_recoun
     out = _interrupt(second)
     assert "resumed from       " in out and "savepoint" in out.split("resumed from", 1)[1].splitlines()[0]
 
-    want: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for e in events:
-        want[e["user_id"]]["n_events"] += 1
-        want[e["user_id"]][f"n_{e['event_type']}"] += 1
-    got = profiles(own)
-    assert set(got) == set(want)
-    for user, counts in want.items():
-        for field, n in counts.items():
-            assert int(got[user][field]) == n, (user, field)
+    check_counts(own, events)
 
 
 def test_profile_command_prints_json_and_says_so_for_an_unknown_user(rees46):
