@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(PY) -c "import pyflink, river, kafka, redis, fastavro, orjson, structlog"
 	@touch $@
 
-jars: venv ## Flink's Kafka connector and the Kafka broker, resolved with Maven into lib/
+jars: venv ## Flink's Kafka connector and the Kafka broker resolved with Maven, the decode function built, into lib/
 	@$(PY) -m personalize.jars
 
 redis-server: ## Debian's redis-server when missing (the system service is not started)
@@ -39,7 +39,7 @@ smoke: setup ## Kafka -> Flink -> exactly-once Kafka, 1,000 events
 	@$(PERSONALIZE) stack up
 	@$(PERSONALIZE) smoke
 
-test-unit: venv
+test-unit: venv jars
 	@$(PY) -m pytest tests/unit
 
 stack-up: setup

@@ -1,4 +1,4 @@
-"""The profile job: Avro events -> decode (a scalar Python UDF in SQL, once per event)
+"""The profile job: Avro events -> decode (a Java scalar function in SQL, once per event)
 -> JVM windows -> profile changelog, trending products and dead letters on Kafka
 (exactly-once); closed sessions -> session fields, models, segment changes and
 cart-abandonment triggers (Python, once per session) -> Kafka (exactly-once).
@@ -28,6 +28,7 @@ TRIGGERS = "triggers_sink"
 SEGMENT_CHANGES = "segment_changes_sink"
 MODEL_SNAPSHOTS = "model_snapshots_sink"
 ACTIONS_VIEW = "session_actions"
+DECODE_FUNCTION = "personalize.decode.DecodeEvent"
 
 
 def _row_type(columns):
@@ -61,15 +62,16 @@ def configure(t_env, settings: Settings, *, bounded: bool) -> None:
 
 
 def decoded_events(t_env, source: str):
-    """The source's records, each decoded once by the Python UDF, behind a JVM-only barrier.
+    """The source's records, each decoded once by the JVM function, behind a barrier.
 
-    The planner copies a Python UDF into every consumer of its result (DESIGN.md):
+    The planner copies a function call into every consumer of its result (DESIGN.md):
     ``to_data_stream`` -> ``from_data_stream`` right after the decode makes it run
     once per record whatever reads it. The watermark the record met at the source
     (``wm``) is taken before the barrier, so lateness is what the source saw."""
     from pyflink.table import Schema
 
-    t_env.create_temporary_function("decode_event", decode.decode_udf())
+    # operators/jvm, built by `make setup` into lib/udf (on pipeline.jars)
+    t_env.create_java_temporary_function("decode_event", DECODE_FUNCTION)
     raw = t_env.sql_query(
         f"SELECT `value`, `topic`, `partition`, `offset`, `ts`, CURRENT_WATERMARK(`ts`) AS wm, "
         f"decode_event(`value`) AS d FROM {source}")

@@ -1,19 +1,23 @@
-"""Decode and validate: the one place Python touches every event.
+"""Decode and validate: Kafka bytes -> one typed row of DECODED_COLUMNS, the event's
+fields with ``reason`` NULL, or the reason the record cannot be used.
 
-In the job this is a scalar Python UDF in SQL (``decode_udf``), called once per
-record (the job puts a JVM-only barrier right after it, DESIGN.md): Kafka bytes
-become one typed row of DECODED_COLUMNS, the event's fields with ``reason`` NULL,
-or the reason the record cannot be used. The SQL around it checks the record
+In the job this step runs in the JVM: ``operators/jvm`` (``personalize.decode.DecodeEvent``,
+a Java scalar function in SQL, called once per record behind a JVM-only barrier),
+because measured, this Python decode held the job under its throughput target
+(README). ``decode_row`` here is its twin, rule for rule and reason for reason, held
+to it by one shared corpus (tests/unit/operators/test_decode_jvm.py); the CLI and
+the tests read events with it. The SQL around the decode checks the record
 timestamp and splits late events off with ``CURRENT_WATERMARK`` (an event at or
 behind the watermark when it arrives is late: reason ``late``, DESIGN.md); every
 unusable record becomes an Avro ``DeadLetter`` (original bytes, topic, partition,
-offset, reason) through a second UDF (``dead_letter_udf``) that runs for those
+offset, reason) through a Python UDF (``dead_letter_udf``) that runs for those
 records only. Nothing here keeps state.
 """
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+import math
+from decimal import ROUND_HALF_EVEN, Decimal
 
 LATE = "late"
 CART_TYPES = ("add_to_cart", "remove_from_cart")
@@ -32,10 +36,11 @@ EVENT_COLUMNS = (
     ("consent_marketing", "BOOLEAN"),
     ("event_time_ms", "BIGINT"),
 )
-# what the decode UDF returns per record: the event, or the user (when known) and the reason.
-# INT columns cross as BIGINT: PyFlink 2.2.1's thread mode fails on a NULL INT inside
-# a ROW (NullPointerException in Long.intValue), and a bad record's fields are NULL;
-# the SQL casts them back to EVENT_COLUMNS' types.
+# what the decode returns per record: the event, or the user (when known) and the reason
+# (the JVM function's result type, DecodeEvent.RESULT, spells the same columns). INT
+# columns come as BIGINT (as they did from the Python UDF this replaced: PyFlink 2.2.1's
+# thread mode failed on a NULL INT inside a ROW); the SQL casts them back to
+# EVENT_COLUMNS' types.
 DECODED_COLUMNS = (*((name, "BIGINT" if sql == "INT" else sql) for name, sql in EVENT_COLUMNS), ("reason", "STRING"))
 _NOTHING = (None,) * (len(EVENT_COLUMNS) - 1)
 
@@ -48,6 +53,9 @@ _CENT = Decimal("0.01")
 MAX_ID_CHARS = 256
 MAX_PRICE_CENTS = 100_000_000  # 1,000,000.00
 MAX_QUANTITY = 1_000
+# prices at or beyond this size are refused before any rounding (far above MAX_PRICE_CENTS)
+PRICE_LIMIT = 1e13
+INT_RANGE = (-(2**31), 2**31 - 1)
 # a dead letter keeps at most this much of the original value (the rest stays at its
 # topic/partition/offset): a ~1 MiB value would not fit the sink's request size
 MAX_ORIGINAL_BYTES = 64 * 1024
@@ -96,14 +104,17 @@ def validate(event: dict, record_ts_ms: int | None = None) -> tuple[tuple | None
     price = event.get("price")
     cents = None
     if price is not None:
-        try:
-            cents = to_cents(price)
-        except (InvalidOperation, ValueError, OverflowError):
-            return None, f"price {price!r} is not a number"
+        if not math.isfinite(price):
+            return None, "price is not a finite number"
+        if price <= -PRICE_LIMIT:
+            return None, "price is negative"
+        if price >= PRICE_LIMIT:
+            return None, f"price is above {MAX_PRICE_CENTS // 100}"
+        cents = to_cents(price)
         if cents < 0:
-            return None, f"price {price!r} is negative"
+            return None, "price is negative"
         if cents > MAX_PRICE_CENTS:
-            return None, f"price {price!r} is above {MAX_PRICE_CENTS // 100}"
+            return None, f"price is above {MAX_PRICE_CENTS // 100}"
     quantity = event.get("quantity", 1)
     if quantity < 1:
         return None, f"quantity {quantity} is below 1"
@@ -147,6 +158,11 @@ def decode_row(codec, value: bytes | None) -> tuple:
         event = codec.decode(value)
     except Exception as exc:  # DecodeError, or anything fastavro raised
         return (None, *_NOTHING, getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}")
+    quantity = event.get("quantity")
+    if isinstance(quantity, int) and not INT_RANGE[0] <= quantity <= INT_RANGE[1]:
+        # fastavro reads an Avro int as a varint of any length; Avro's Java library does
+        # not (the JVM decode refuses it the same way)
+        return (None, *_NOTHING, f"invalid Avro datum for user_event: int out of range: {quantity}")
     try:
         fields, reason = validate(event)
     except Exception as exc:  # a value of a type no check foresaw
@@ -156,32 +172,6 @@ def decode_row(codec, value: bytes | None) -> tuple:
         return (user if isinstance(user, str) and user and user.isprintable() and len(user) <= MAX_ID_CHARS
                 else None, *_NOTHING, reason)
     return (*fields, None)
-
-
-def _data_type(sql: str):
-    from pyflink.table import DataTypes
-
-    return {"STRING": DataTypes.STRING(), "BIGINT": DataTypes.BIGINT(), "INT": DataTypes.INT(),
-            "BOOLEAN": DataTypes.BOOLEAN(), "BYTES": DataTypes.BYTES()}[sql]
-
-
-def decode_udf():
-    """``decode_event(value BYTES) -> ROW<DECODED_COLUMNS>`` (built here so importing this module starts no JVM)."""
-    from pyflink.common import Row
-    from pyflink.table import DataTypes
-    from pyflink.table.udf import ScalarFunction, udf
-
-    class DecodeEvent(ScalarFunction):
-        def open(self, function_context):
-            import schemas
-
-            self.codec = schemas.codec("user_event")
-
-        def eval(self, value):
-            return Row(*decode_row(self.codec, value))
-
-    row_type = DataTypes.ROW([DataTypes.FIELD(name, _data_type(sql)) for name, sql in DECODED_COLUMNS])
-    return udf(DecodeEvent(), input_types=[DataTypes.BYTES()], result_type=row_type)
 
 
 def dead_letter_udf():

@@ -278,7 +278,7 @@ def submit(settings: Settings, from_savepoint: str | None = None, parallelism: i
         # the project's packages go with the job (a TaskManager elsewhere has only the pinned libraries)
         "--pyFiles", ",".join(str(root / p) for p in PACKAGES),
     ]
-    for jar in jars.jars(settings, "flink"):
+    for jar in jars.job_jars(settings):
         command += ["--jarfile", str(jar)]
     if parallelism:
         command += ["--parallelism", str(parallelism)]

@@ -47,7 +47,7 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     from pyflink.datastream import CheckpointingMode, StreamExecutionEnvironment
     from pyflink.table import EnvironmentSettings, StreamTableEnvironment
 
-    connector_jars = jars.jars(settings, "flink")
+    connector_jars = jars.job_jars(settings)
     python = sys.executable
     # the gateway JVM and thread mode find python through PATH as well
     os.environ["PATH"] = os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")

@@ -232,7 +232,11 @@ def main(argv: list[str]) -> int:
     ceiling = subprocess.run([sys.executable, "scripts/bench_windows.py", str(events), str(args.users)],
                              cwd=ROOT, env=env, capture_output=True, text=True)
     m = re.search(r"windows ([\d.]+)s", ceiling.stdout)
-    ceiling_s = float(m.group(1)) if m else float("nan")
+    if m is None:
+        tail = (ceiling.stdout + ceiling.stderr).strip().splitlines()[-3:]
+        print("bench: error: the JVM-only ceiling run failed: " + " | ".join(tail), file=sys.stderr)
+        return 1
+    ceiling_s = float(m.group(1))
 
     stages = sampler.stages()
     cpu_total = sum(stages.values())

@@ -29,7 +29,7 @@ def _bad(events: list[dict]) -> list[tuple[str, dict | bytes, str]]:
          "product_id contains a control character"),
         ("bad-qty", dict(base, user_id="bad-qty", quantity=2**31 - 1, price=500.0),
          "quantity 2147483647 is above 1000"),
-        ("bad-price", dict(base, user_id="bad-price", price=1e12), "price 1000000000000.0 is above 1000000"),
+        ("bad-price", dict(base, user_id="bad-price", price=1e12), "price is above 1000000"),
         ("bad-huge", b"\x00not avro!" * 100_000, "not single-object encoded: marker 006e is not c301"),
     ]
 
