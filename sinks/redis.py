@@ -14,12 +14,18 @@ Keys written:
 - ``profile:{user_id}`` HASH: the profile fields of DESIGN.md (and window extras);
   deleted when the user's latest event withdrew personalization consent (the user
   is then listed in ``loader:no_consent`` and nothing is written for it)
-- ``trending:{category}`` ZSET: product -> views in the newest trending window,
-  with ``trending:window_end_ms`` (HASH category -> window end) beside it
+- ``trending:{category}`` ZSET: product -> views in the newest trending window
+  (``personalize:trending:window_end_ms``, a HASH category -> window end, beside it)
 - ``triggers:cart_abandonment`` STREAM: one entry per trigger_id, ever. A Lua
   script adds the entry only when the id is new to ``triggers:cart_abandonment:ids``
   (a SET), so a replay of the same sessions adds nothing
 - ``models:snapshot`` STRING: the newest model snapshot (JSON), for ``personalize models``
+
+The loader's own keys live under ``personalize:`` (no category or user id can name
+one of them): its offsets, the users whose consent is withdrawn, the trending window
+ends, and ``personalize:loader:dead_letters``, a STREAM of the records it could not
+read (topic, partition, offset, reason; the newest 10,000), which it skips instead of
+stopping. (The trigger id set keeps its name beside the stream it guards.)
 """
 
 from __future__ import annotations
@@ -40,12 +46,15 @@ log = logs.get(__name__)
 
 PROFILE_PREFIX = "profile:"
 TRENDING_PREFIX = "trending:"
-TRENDING_WINDOWS = "trending:window_end_ms"
-OFFSETS_KEY = "loader:offsets"
+INTERNAL = "personalize:"
+TRENDING_WINDOWS = INTERNAL + "trending:window_end_ms"
+OFFSETS_KEY = INTERNAL + "loader:offsets"
+DEAD_LETTERS_KEY = INTERNAL + "loader:dead_letters"
+DEAD_LETTERS_KEPT = 10_000
 TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
 MODELS_KEY = "models:snapshot"
-NO_CONSENT_KEY = "loader:no_consent"
+NO_CONSENT_KEY = INTERNAL + "loader:no_consent"
 # add a stream entry only for a trigger id never seen (KEYS: stream, id set; ARGV: id, field, value, ...)
 _ADD_ONCE = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
@@ -91,6 +100,12 @@ def profile_fields(part: str, fields: dict) -> dict[str, str]:
     return out
 
 
+def _dead_letter(rec, exc: Exception) -> dict:
+    """What the loader keeps of a record it cannot read: where it is, and why."""
+    return {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+            "reason": f"{type(exc).__name__}: {exc}"[:1000]}
+
+
 def consents(fields: dict) -> bool:
     """The personalization flag a part carries (True unless it says false)."""
     return fields.get("consent") not in (False, "false")
@@ -105,6 +120,7 @@ class LoadStats:
     triggers: int = 0
     stream_added: int = 0
     users: set[str] = field(default_factory=set)
+    dead_letters: int = 0
 
 
 class Materializer:
@@ -183,20 +199,43 @@ class Materializer:
         trending: list[dict] = []
         triggers: list[dict] = []
         snapshot = None
+        unreadable: list[dict] = []
         for tp, records in batches.items():
             self.stats.records += len(records)
             if tp.topic == topics.topic_profile_updates:
                 for rec in records:
-                    key = orjson.loads(rec.key)
-                    latest[(key["user_id"], key["part"])] = orjson.loads(rec.value) if rec.value is not None else None
+                    try:
+                        key = orjson.loads(rec.key)
+                        part = (str(key["user_id"]), str(key["part"]))
+                        value = orjson.loads(rec.value) if rec.value is not None else None
+                        if value is not None and not isinstance(value, dict):
+                            raise ValueError(f"a profile part is a JSON object, not {type(value).__name__}")
+                    except Exception as exc:  # noqa: BLE001 - any unreadable record is skipped with its reason
+                        unreadable.append(_dead_letter(rec, exc))
+                        continue
+                    latest[part] = value
             elif tp.topic == topics.topic_trending:
-                trending.extend(orjson.loads(rec.value) for rec in records)
+                for rec in records:
+                    try:
+                        row = orjson.loads(rec.value)
+                        trending.append({"category": row["category"], "product_id": str(row["product_id"]),
+                                         "views": int(row["views"]), "window_end_ms": int(row["window_end_ms"])})
+                    except Exception as exc:  # noqa: BLE001
+                        unreadable.append(_dead_letter(rec, exc))
             elif tp.topic == topics.topic_triggers:
                 codec = schemas.codec("trigger")
-                triggers.extend(codec.decode(rec.value) for rec in records)
+                for rec in records:
+                    try:
+                        triggers.append(codec.decode(rec.value))
+                    except Exception as exc:  # noqa: BLE001
+                        unreadable.append(_dead_letter(rec, exc))
             elif tp.topic == topics.topic_model_snapshots and records:
                 snapshot = records[-1].value  # one partition: the last is the newest
         pipe = self.redis.pipeline(transaction=True)
+        for letter in unreadable:
+            pipe.xadd(DEAD_LETTERS_KEY, letter, maxlen=DEAD_LETTERS_KEPT, approximate=True)
+            log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
+        self.stats.dead_letters += len(unreadable)
         self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
         self._profiles(pipe, latest.items())
         self._trending(pipe, trending)
@@ -204,8 +243,17 @@ class Materializer:
         if snapshot is not None:
             pipe.set(MODELS_KEY, snapshot)
         pipe.hset(self.offsets_key, mapping={f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in batches})
-        replies = pipe.execute()
-        self.stats.stream_added += sum(replies[i - 1] for i in self._added_at)
+        # a command Redis refuses (say a profile key some other writer made a string) is
+        # kept as a dead letter; the rest of the batch and its offsets stand
+        replies = pipe.execute(raise_on_error=False)
+        refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
+        if refused:
+            for error in refused:
+                log.warning("Redis refused a loader write", error=str(error))
+                self.redis.xadd(DEAD_LETTERS_KEY, {"reason": f"Redis refused a write: {error}"[:1000]},
+                                maxlen=DEAD_LETTERS_KEPT, approximate=True)
+            self.stats.dead_letters += len(refused)
+        self.stats.stream_added += sum(replies[i - 1] for i in self._added_at if isinstance(replies[i - 1], int))
 
     def _triggers(self, pipe, records: list[dict]) -> None:
         from operators.triggers import as_json
