@@ -187,10 +187,20 @@ def _start_redis(settings: Settings) -> int:
         "--daemonize", "no",
         "--protected-mode", "yes",
         "--save", "60 1",  # keep profiles across down/up; `down --purge` deletes them
-        "--appendonly", "no",
+        # the append-only file (fsync every second) keeps the loader's writes and its
+        # offsets across a crash of Redis, not only those of the last snapshot. Redis 7
+        # started with it on over a folder that has only a snapshot would start empty,
+        # so such a folder starts without it and turns it on once loaded (below).
+        "--appendfsync", "everysec",
+        "--appendonly", "yes" if (data / "appendonlydir").is_dir() else "no",
     ]
     proc = _spawn(cmd, logfile, data)
     _wait(f"redis-server on port {settings.redis_port}", lambda: _redis_answers(settings), proc, logfile, 20)
+    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        client.config_set("appendonly", "yes")  # writes the AOF from the loaded data when it was off
+    finally:
+        client.close()
     return proc.pid
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 import redis as redis_lib
@@ -51,6 +51,7 @@ TRENDING_WINDOWS = INTERNAL + "trending:window_end_ms"
 OFFSETS_KEY = INTERNAL + "loader:offsets"
 DEAD_LETTERS_KEY = INTERNAL + "loader:dead_letters"
 DEAD_LETTERS_KEPT = 10_000
+RETRY_MAX_S = 30.0  # the longest wait between two tries while Redis does not answer
 TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
 MODELS_KEY = "models:snapshot"
@@ -154,6 +155,11 @@ class Materializer:
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
                 tps.append(TopicPartition(topic, p))
         consumer.assign(tps)
+        self._seek_to_stored(consumer, tps)
+        return consumer, tps
+
+    def _seek_to_stored(self, consumer, tps) -> None:
+        """Position every partition at the offset Redis holds (its beginning when none)."""
         stored = self.redis.hgetall(self.offsets_key)
         for tp in tps:
             offset = stored.get(f"{tp.topic}:{tp.partition}".encode())
@@ -161,30 +167,56 @@ class Materializer:
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, int(offset))
-        return consumer, tps
+
+    def _apply_or_wait(self, consumer, tps, batches, give_up) -> None:
+        """Apply a batch; while Redis does not answer, wait with backoff (1 s doubling to
+        RETRY_MAX_S) and then resume from the offsets Redis holds, not from memory: a
+        Redis that restarted without its newest writes gets them again."""
+        delay = 1.0
+        while True:
+            counted = replace(self.stats, users=set(self.stats.users))  # a failed batch is counted again
+            try:
+                if batches is not None:
+                    self._apply(consumer, batches)
+                else:
+                    self._seek_to_stored(consumer, tps)
+                return
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.BusyLoadingError) as exc:
+                self.stats = counted
+                if give_up():
+                    raise ServiceUnavailable(
+                        f"Redis at {self.settings.redis_url} did not come back ({type(exc).__name__}): "
+                        "start it with `personalize stack up`") from None
+                log.warning("Redis unavailable, the loader waits", url=self.settings.redis_url,
+                            error=type(exc).__name__, retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                batches = None  # what was fetched may be applied or not: Redis's offsets say which
 
     def drain(self, timeout_s: float = 600) -> LoadStats:
         """Apply everything committed up to the end offsets current now, then return."""
         consumer, tps = self._consumer()
+        deadline = time.monotonic() + timeout_s
         try:
             ends = consumer.end_offsets(tps)
-            deadline = time.monotonic() + timeout_s
             while any(consumer.position(tp) < ends[tp] for tp in tps):
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(f"the Redis loader did not reach the end of its topics in {timeout_s:.0f}s")
-                self._apply(consumer, consumer.poll(timeout_ms=500))
+                self._apply_or_wait(consumer, tps, consumer.poll(timeout_ms=500),
+                                    lambda: time.monotonic() > deadline)
         finally:
             consumer.close()
         return self.stats
 
     def follow(self, stop) -> LoadStats:
-        """Apply committed records as they come until ``stop()`` is true (unbounded runs)."""
-        consumer, _ = self._consumer()
+        """Apply committed records as they come until ``stop()`` is true (unbounded runs);
+        a Redis outage is waited out (until ``stop()``)."""
+        consumer, tps = self._consumer()
         try:
             while not stop():
                 batches = consumer.poll(timeout_ms=500)
                 if batches:
-                    self._apply(consumer, batches)
+                    self._apply_or_wait(consumer, tps, batches, stop)
         finally:
             consumer.close()
         return self.stats

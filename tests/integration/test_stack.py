@@ -108,3 +108,25 @@ def test_down_stops_only_what_the_stack_started(tmp_path):
         assert foreign.from_url(own.settings.redis_url).ping()
     finally:
         own.cli("stack", "down", "--purge")
+
+
+@pytest.mark.slow
+def test_redis_keeps_its_writes_across_a_kill_and_a_down_up(tmp_path):
+    """The local Redis runs with the append-only file: a write survives kill -9 of Redis
+    (not only the last snapshot), and a plain down/up after that."""
+    own = start_stack(tmp_path / "own")
+    try:
+        r = redis.Redis.from_url(own.settings.redis_url)
+        assert r.config_get("appendonly") == {"appendonly": "yes"}
+        r.set("written", "before the kill")
+        time.sleep(1.5)  # appendfsync everysec
+        os.kill(pids(own)["redis"], signal.SIGKILL)
+        time.sleep(0.5)
+        done = own.cli("stack", "up", timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert redis.Redis.from_url(own.settings.redis_url).get("written") == b"before the kill"
+        assert own.cli("stack", "down").returncode == 0
+        assert own.cli("stack", "up", timeout=180).returncode == 0
+        assert redis.Redis.from_url(own.settings.redis_url).get("written") == b"before the kill"
+    finally:
+        own.cli("stack", "down", "--purge")
