@@ -26,7 +26,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import defaultdict
 from pathlib import Path

@@ -312,6 +312,7 @@ public final class EventDecoder {
     static final class FastavroDecoder extends Decoder {
         private final CharsetDecoder utf8 = StandardCharsets.UTF_8.newDecoder()
                 .onMalformedInput(CodingErrorAction.REPORT).onUnmappableCharacter(CodingErrorAction.REPORT);
+        private final byte[] one = new byte[1]; // a boolean's byte, read per event: no allocation
         private BinaryDecoder d;
 
         void of(BinaryDecoder decoder) {
@@ -320,7 +321,6 @@ public final class EventDecoder {
 
         @Override public void readNull() throws IOException { d.readNull(); }
         @Override public boolean readBoolean() throws IOException {
-            byte[] one = new byte[1];
             d.readFixed(one, 0, 1);
             return one[0] != 0;
         }
