@@ -1,27 +1,29 @@
 """Closed sessions -> models, segments, triggers: the keyed Python step.
 
-Every closed session (one row of ``operators.sessions``) goes through
-``close_session``: the propensity model predicts, the metrics update and the model
-learns the label; the segmenter re-scores the user (and learns per mini-batch);
-a segment that held long enough becomes a ``SegmentChange``; an abandoned cart
-becomes a ``Trigger``. Consent: without personalization consent nothing is
-scored, learned or written to the profile; without marketing consent no trigger.
+Closed sessions (rows of ``operators.sessions``) go through ``close_sessions`` in
+order: the propensity model scores each, the segmenter re-scores the user, a
+segment that held long enough becomes a ``SegmentChange``, an abandoned cart a
+``Trigger``; both models learn per mini-batch of consented sessions (scored before
+they learn: progressive validation). Consent: without personalization consent
+nothing is scored, learned or written to the profile; without marketing consent no
+trigger.
 
 In Flink the models are one global object, so the step runs keyed by a constant
 (one busy subtask, DESIGN.md). Session rows are first appended to a ListState
 buffer and run through the models in batches (``model_batch`` rows, or
-``model_flush_ms`` later, or at end of input), so the pickled models are written
-to state once a batch, not once a session, and a checkpoint always holds models
-and unprocessed buffer together: a restore resumes the same models exactly.
+``model_flush_ms`` later, or at end of input), so the models are written to state
+once a batch, not once a session, and a checkpoint always holds models and
+unprocessed buffer together: a restore resumes the same models exactly.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 
 from operators import models as m
 from operators import triggers
-from operators.sessions import SESSION_COLUMNS
+from operators.sessions import unpack
 from personalize.settings import Settings
 
 # what the step emits: one row per closed session (its profile part, and its trigger
@@ -71,51 +73,95 @@ def session_fields(after: m.UserHistory, consent: bool) -> dict:
     return fields
 
 
-def close_session(models: m.Models, history: m.UserHistory | None, session: dict, settings: Settings,
-                  codecs) -> tuple[m.UserHistory, tuple]:
-    """Run one closed session through the models; the user's new history and its output row (ACTION_COLUMNS)."""
-    before = history or m.UserHistory()
-    after = before.after(session)
-    closed_ms = session["end_ms"] + settings.session_gap_ms
-    user = session["user_id"]
-    change = trigger = None
-    propensity = segment = None
-    lines = triggers.net_cart(session["cart_moves"])  # parsed once for the features and the trigger
-    fields = session_fields(after, bool(session["consent_personalization"]))
-    if session["consent_personalization"]:
-        focus = m.affinity(session["categories"])
-        x = m.propensity_features(session, before, lines=lines, focus=focus)
-        propensity = models.propensity.predict_one(x)
-        models.propensity.learn_one(x, session["n_purchases"] > 0, propensity)
-        profile_x = m.segment_features(session, after, before, focus=focus)
-        candidate = models.segmenter.predict_one(profile_x)
-        models.segmenter.learn_one(profile_x)
-        old = after.segment
-        after, changed = m.debounce(after, candidate, settings.segment_debounce)
-        if changed:
-            if old is not None:
-                models.segment_sizes[old] -= 1
-            models.segment_sizes[after.segment] += 1
-            change = codecs["segment_change"].encode({
-                "user_id": user, "old_segment": old, "new_segment": after.segment,
-                "new_segment_name": models.segmenter.names.get(after.segment),
-                "changed_ms": closed_ms, "model_version": models.segmenter.version,
-            })
-        segment = after.segment
-        fields["propensity"] = f"{propensity:.6f}"
-        fields["propensity_ms"] = closed_ms
-        if segment is not None:
-            fields["segment"] = segment
-            fields["segment_name"] = models.segmenter.names.get(segment, "")
-    elif after.segment is not None:  # consent withdrawn: the user leaves its segment
-        models.segment_sizes[after.segment] -= 1
-        after.segment, after.pending, after.pending_count = None, None, 0
-    due = triggers.abandonment(session, settings.session_gap_ms, propensity, segment, lines=lines)
-    if due is not None:
-        trigger = codecs["trigger"].encode(due)
-    models.sessions += 1
-    models.updated_ms = max(models.updated_ms, closed_ms)
-    return after, (user, profile_key(user), orjson.dumps(fields), trigger, change, None, closed_ms)
+def close_sessions(models: m.Models, histories: dict, sessions: list[dict], settings: Settings,
+                   codecs) -> list[tuple]:
+    """Run closed sessions, in order, through the models; one output row (ACTION_COLUMNS) each.
+
+    ``histories`` maps user id -> UserHistory (None or absent: a new user) and is
+    updated in place. The sessions are cut where the models' mini-batch fills, so each
+    is scored with the models as learned from every consented session before its
+    mini-batch: the result depends on the order of the sessions, not on how they are
+    handed in."""
+    out: list[tuple] = []
+    i = 0
+    while i < len(sessions):
+        room, j = models.room(), i
+        while j < len(sessions) and room:
+            room -= 1 if sessions[j]["consent_personalization"] else 0
+            j += 1
+        out.extend(_close_chunk(models, histories, sessions[i:j], settings, codecs))
+        models.learn_pending()
+        i = j
+    return out
+
+
+def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settings: Settings, codecs) -> list[tuple]:
+    # 1. per session, in order: features from the history before it, then fold it in
+    scored, xp, xs, fields_of = [], [], [], []
+    for session in sessions:
+        user = session["user_id"]
+        history = histories.get(user)
+        if history is None:
+            history = histories[user] = m.UserHistory()
+        consent = bool(session["consent_personalization"])
+        if consent:
+            xp.append(m.propensity_features(session, history))
+            before_end = history.last_end_ms
+        categories = history.fold(session)
+        if consent:
+            xs.append(m.segment_features(session, history, before_end, categories))
+            scored.append(len(fields_of))
+        fields_of.append(session_fields(history, consent))
+    # 2. the whole chunk scored at once, with the models as they are before it
+    propensities = models.propensity.predict_proba_many(np.array(xp)) if xp else ()
+    candidates = models.segmenter.predict_many(np.array(xs)) if xs else ()
+    seg = models.segmenter
+    # 3. per session, in order: segment (debounced), profile fields, trigger
+    rows = []
+    k = 0
+    for n, session in enumerate(sessions):
+        user = session["user_id"]
+        history = histories[user]
+        fields = fields_of[n]
+        closed_ms = session["end_ms"] + settings.session_gap_ms
+        propensity = segment = change = None
+        if session["consent_personalization"]:
+            # six decimals, the same in the profile and the trigger (and whatever the chunk's
+            # shape: a matrix product may differ in the last bit)
+            propensity = round(float(propensities[k]), 6)
+            old = history.segment
+            history, changed = m.debounce(history, candidates[k], settings.segment_debounce)
+            if changed:
+                if old is not None:
+                    models.segment_sizes[old] -= 1
+                    models.segment_moves += 1
+                models.segment_sizes[history.segment] += 1
+                change = codecs["segment_change"].encode({
+                    "user_id": user, "old_segment": old, "new_segment": history.segment,
+                    "new_segment_name": seg.names.get(history.segment),
+                    "changed_ms": closed_ms, "model_version": seg.version,
+                })
+            segment = history.segment
+            fields["propensity"] = f"{propensity:.6f}"
+            fields["propensity_ms"] = closed_ms
+            if segment is not None:
+                fields["segment"] = segment
+                fields["segment_name"] = seg.names.get(segment, "")
+            models.pending_p.append(xp[k])
+            models.pending_s.append(xs[k])
+            models.pending_y.append(session["n_purchases"] > 0)
+            models.pending_score.append(propensity)
+            models.scored += 1
+            k += 1
+        elif history.segment is not None:  # consent withdrawn: the user leaves its segment
+            models.segment_sizes[history.segment] -= 1
+            history.segment, history.pending, history.pending_count = None, None, 0
+        due = triggers.abandonment(session, settings.session_gap_ms, propensity, segment)
+        trigger = codecs["trigger"].encode(due) if due is not None else None
+        models.sessions += 1
+        models.updated_ms = max(models.updated_ms, closed_ms)
+        rows.append((user, profile_key(user), orjson.dumps(fields), trigger, change, None, closed_ms))
+    return rows
 
 
 def snapshot_row(models: m.Models) -> tuple:
@@ -128,21 +174,22 @@ def actions_function(settings: Settings):
     from pyflink.datastream import KeyedProcessFunction
     from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor
 
-    names = [c for c, _ in SESSION_COLUMNS]
-
     class CloseSessions(KeyedProcessFunction):
         def open(self, runtime_context):
             import schemas
 
             self.codecs = {"trigger": schemas.codec("trigger"), "segment_change": schemas.codec("segment_change")}
-            self.models = runtime_context.get_state(ValueStateDescriptor("models", Types.PICKLED_BYTE_ARRAY()))
+            # values are explicit, versioned bytes (models.STATE_FORMAT) inside the pickled type
+            # the job has always declared, so savepoints of earlier versions still restore
+            self.models_state = runtime_context.get_state(ValueStateDescriptor("models", Types.PICKLED_BYTE_ARRAY()))
             self.histories = runtime_context.get_map_state(
                 MapStateDescriptor("histories", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
             self.buffer = runtime_context.get_list_state(ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
             self.buffered = 0  # since the last flush in this process (a restored buffer flushes on its timer)
+            self.models = None  # read from state once per process, written back every flush
 
         def process_element(self, row, ctx):
-            self.buffer.add(tuple(row))
+            self.buffer.add(row[0])  # the packed session (operators.sessions)
             self.buffered += 1
             if self.buffered == 1:
                 ctx.timer_service().register_processing_time_timer(
@@ -160,17 +207,19 @@ def actions_function(settings: Settings):
             if not rows:
                 return
             self.buffer.clear()
-            models = self.models.value() or m.Models.new(settings.segment_count, settings.segment_batch)
-            seen: dict[str, m.UserHistory | None] = {}
-            for values in rows:
-                session = dict(zip(names, values))
+            if self.models is None:
+                self.models = m.Models.from_state(self.models_state.value(), settings.segment_count,
+                                                  settings.segment_batch)
+            sessions = [unpack(packed) for packed in rows]
+            histories = {}
+            for session in sessions:
                 user = session["user_id"]
-                if user not in seen:
-                    seen[user] = self.histories.get(user)
-                seen[user], out = close_session(models, seen[user], session, settings, self.codecs)
+                if user not in histories:
+                    histories[user] = m.UserHistory.from_state(self.histories.get(user))
+            for out in close_sessions(self.models, histories, sessions, settings, self.codecs):
                 yield Row(*out)
-            self.histories.put_all(seen)
-            self.models.update(models)
-            yield Row(*snapshot_row(models))
+            self.histories.put_all({user: h.to_state() for user, h in histories.items()})
+            self.models_state.update(self.models.to_state())
+            yield Row(*snapshot_row(self.models))
 
     return CloseSessions()

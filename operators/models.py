@@ -1,19 +1,26 @@
-"""Online models on closed sessions, with River's verbs.
+"""Online models on closed sessions, learned per mini-batch, with River's verbs.
 
-- ``Propensity``: P(purchase) of a session from the user's profile before it and
-  the session up to its last browsing event (no checkout, no purchase, no revenue
-  in the features: the outcome must not leak). Progressive validation: predict,
-  update ROC AUC and log loss, then learn the label.
-- ``Segmenter``: KMeans over scaled profile vectors (recency, frequency, monetary
-  value, engagement, category affinity), learned per mini-batch. Segment ids are
-  stable: after every batch the new centroids are matched to the previous ones
-  (nearest first), so a drifting centroid keeps its id; each segment is named from
-  its centroid.
-- ``Debounce``: a user's new segment is taken only after it held this many
+- ``Propensity``: P(purchase) of a session from the user's history before it and
+  the session *so far*: its product views and cart moves before its first
+  checkout or purchase, so the outcome leaks into no feature. River's ``LogisticRegression``
+  learns per mini-batch (``learn_many``) on features standardized by a scaler
+  that is frozen once warmed up. Progressive validation: a mini-batch is scored
+  before its labels are learned, and ``Scores`` keeps ROC AUC (exact up to 1,000
+  score bins), log loss and calibration.
+- ``Segmenter``: mini-batch k-means (Sculley 2010) over the profile after the
+  session: each mini-batch is assigned to the nearest centroids, then every
+  centroid moves toward the mean of its points by their share of its (capped)
+  count. Features are standardized by a scaler frozen after warm-up, so centroids
+  keep their meaning; the first centroids come from k-means++ and a few Lloyd
+  iterations on the warm-up profiles. A centroid keeps its index, so segment ids
+  (``s0`` ...) are stable by construction; names are read from what sets each
+  centroid apart and are unique.
+- ``debounce``: a user's new segment is taken only after it held this many
   consecutive session closes.
 
-Everything here is plain Python (picklable, unit-tested); ``operators.actions``
-keeps it in Flink keyed state.
+State is an explicit, versioned format (``Models.to_state``/``from_state``,
+``UserHistory.to_state``/``from_state``: JSON bytes), never a pickled class, so
+code can move without breaking savepoints (README, "Model state").
 """
 
 from __future__ import annotations
@@ -22,13 +29,30 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from river import cluster, compose, linear_model, metrics, optim, preprocessing
+import numpy as np
+import orjson
 
-from operators.sessions import ITEM_SEP
+from operators.sessions import FIELD_SEP, ITEM_SEP
 from operators.triggers import net_cart
 
 HOUR_MS = 3_600_000
+STATE_FORMAT = 2  # format 1: pickled classes (before the models issue); see from_state
+PROPENSITY_FEATURES = (
+    "first_session", "prior_sessions", "prior_purchase_rate", "prior_revenue", "recency_h",
+    "views", "distinct_products", "repeat_views", "carted_views", "distinct_categories", "affinity",
+    "cart_adds", "cart_removes", "cart_lines", "cart_value", "since_cart_add_min", "browse_min",
+    "hour_sin", "hour_cos",
+)
 SEGMENT_FEATURES = ("recency", "frequency", "monetary", "engagement", "cart", "affinity")
+# what a centroid high / low on a feature (against the other centroids) is called
+TRAITS = {
+    "recency": ("lapsed, returning", "recently active"),
+    "frequency": ("frequent visitor", "new visitor"),
+    "monetary": ("big spender", "non-buyer"),
+    "engagement": ("deep browser", "quick visitor"),
+    "cart": ("cart filler", "no-cart browser"),
+    "affinity": ("category loyalist", "category explorer"),
+}
 
 
 @dataclass
@@ -50,193 +74,457 @@ class UserHistory:
     categories: dict | None = None
 
     def after(self, session: dict) -> UserHistory:
-        categories = dict(self.categories or ())
-        for name in (session["categories"] or "").split(ITEM_SEP):
-            if name:
-                categories[name] = categories.get(name, 0) + 1
+        """A new history with ``session`` folded in (this one is left as it was)."""
+        h = UserHistory(**self.__dict__)
+        h.categories = dict(self.categories or ())
+        h.fold(session)
+        return h
+
+    def fold(self, session: dict) -> list[str]:
+        """Fold a closed session into this history, in place; the session's categories."""
+        categories = self.categories if self.categories is not None else {}
+        names = categories_of(session["categories"])
+        for name in names:
+            categories[name] = categories.get(name, 0) + 1
+        self.categories = categories
         revenue = session["revenue_cents"] or 0
-        return UserHistory(
-            sessions=self.sessions + 1,
-            purchase_sessions=self.purchase_sessions + (1 if session["n_purchases"] > 0 else 0),
-            revenue_cents=self.revenue_cents + revenue,
-            last_end_ms=session["end_ms"],
-            segment=self.segment, pending=self.pending, pending_count=self.pending_count,
-            session_ms_total=self.session_ms_total + session["end_ms"] - session["start_ms"],
-            last=(session["start_ms"], session["n_events"], session["n_cart_adds"], session["n_cart_removes"],
-                  session["n_purchases"], revenue),
-            categories=categories,
-        )
+        self.sessions += 1
+        self.purchase_sessions += 1 if session["n_purchases"] > 0 else 0
+        self.revenue_cents += revenue
+        self.last_end_ms = session["end_ms"]
+        self.session_ms_total += session["end_ms"] - session["start_ms"]
+        self.last = (session["start_ms"], session["n_events"], session["n_cart_adds"], session["n_cart_removes"],
+                     session["n_purchases"], revenue)
+        return names
 
     def top_categories(self, n: int = 3) -> list[tuple[str, int]]:
         """The user's most frequent categories, most events first, ties by name."""
         return sorted((self.categories or {}).items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
+    def to_state(self) -> bytes:
+        return orjson.dumps([STATE_FORMAT, self.sessions, self.purchase_sessions, self.revenue_cents,
+                             self.last_end_ms, self.segment, self.pending, self.pending_count,
+                             self.session_ms_total, self.last, self.categories])
 
-def affinity(categories: str | None) -> float:
-    """Share of the session's categorised events in its most frequent category (0 when none)."""
-    names = [c for c in (categories or "").split(ITEM_SEP) if c]
+    @classmethod
+    def from_state(cls, value) -> UserHistory | None:
+        """A history from Flink state: format 2 bytes, or a format-1 pickled UserHistory."""
+        if value is None:
+            return None
+        if isinstance(value, UserHistory):  # format 1 (pickled by the job before the models issue)
+            return value
+        fmt, *fields = orjson.loads(value)
+        if fmt != STATE_FORMAT:
+            raise ValueError(f"user history in state format {fmt}, this code reads {STATE_FORMAT}")
+        h = cls(*fields)
+        h.last = tuple(h.last) if h.last is not None else None
+        return h
+
+
+def affinity(names: list[str]) -> float:
+    """Share of the categorised events in the most frequent category (0 when none)."""
     if not names:
         return 0.0
-    return Counter(names).most_common(1)[0][1] / len(names)
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return max(counts.values()) / len(names)
 
 
-def propensity_features(session: dict, before: UserHistory, *, lines: list | None = None,
-                        focus: float | None = None) -> dict[str, float]:
-    """The session so far and the profile before it; nothing of checkout or purchase.
-    ``lines`` (net cart) and ``focus`` (affinity) when the caller has them already."""
-    lines = net_cart(session["cart_moves"]) if lines is None else lines
-    browse_end = session["browse_end_ms"] if session["browse_end_ms"] is not None else session["start_ms"]
-    recency_h = (session["start_ms"] - before.last_end_ms) / HOUR_MS if before.last_end_ms is not None else 0.0
-    return {
-        "first_session": 1.0 if before.sessions == 0 else 0.0,
-        "prior_sessions": math.log1p(before.sessions),
-        "prior_purchase_rate": before.purchase_sessions / before.sessions if before.sessions else 0.0,
-        "prior_revenue": math.log1p(before.revenue_cents / 100),
-        "recency_h": math.log1p(max(recency_h, 0.0)),
-        "page_views": math.log1p(session["n_page_views"]),
-        "product_views": math.log1p(session["n_product_views"]),
-        "searches": math.log1p(session["n_searches"]),
-        "cart_adds": math.log1p(session["n_cart_adds"]),
-        "cart_removes": math.log1p(session["n_cart_removes"]),
-        "cart_lines": float(len(lines)),
-        "cart_value": math.log1p(sum(q * c for _, q, c in lines) / 100),
-        "browse_min": math.log1p(max(browse_end - session["start_ms"], 0) / 60_000),
-        "affinity": affinity(session["categories"]) if focus is None else focus,
-    }
+def categories_of(categories: str | None) -> list[str]:
+    return [c for c in (categories or "").split(ITEM_SEP) if c]
 
 
-def segment_features(session: dict, after: UserHistory, before: UserHistory, *,
-                     focus: float | None = None) -> dict[str, float]:
-    """The profile after the session: recency, frequency, monetary value, engagement, cart, affinity."""
-    recency_h = (session["start_ms"] - before.last_end_ms) / HOUR_MS if before.last_end_ms is not None else 0.0
-    return {
-        "recency": math.log1p(max(recency_h, 0.0)),
-        "frequency": math.log1p(after.sessions),
-        "monetary": math.log1p(after.revenue_cents / 100),
-        "engagement": math.log1p(session["n_events"]),
-        "cart": math.log1p(session["n_cart_adds"]),
-        "affinity": affinity(session["categories"]) if focus is None else focus,
-    }
+def propensity_features(session: dict, before: UserHistory) -> list[float]:
+    """PROPENSITY_FEATURES of a session: the user's history before the session and the
+    session's product views and cart moves before its first checkout or purchase (the
+    moment the model would score it); "now" is the last of those. Nothing after."""
+    cutoff = session["outcome_ms"]
+    if cutoff is None:
+        cutoff = math.inf
+    start = session["start_ms"]
+    now = start
+    products, categories = [], []
+    if session["viewed"]:
+        for item in session["viewed"].split(ITEM_SEP):
+            product, category, at = item.split(FIELD_SEP)
+            at = int(at)
+            if at < cutoff:
+                products.append(product)
+                if category:
+                    categories.append(category)
+                if at > now:
+                    now = at
+    carted, kept = set(), []
+    adds = removes = 0
+    last_add = None
+    if session["cart_moves"]:
+        for move in session["cart_moves"].split(ITEM_SEP):
+            sign, product, _, _, at = move.split(FIELD_SEP)
+            at = int(at)
+            if at < cutoff:
+                kept.append(move)
+                if at > now:
+                    now = at
+                if sign == "+":
+                    adds += 1
+                    carted.add(product)
+                    if last_add is None or at > last_add:
+                        last_add = at
+                else:
+                    removes += 1
+    lines = net_cart(ITEM_SEP.join(kept)) if kept else ()
+    distinct = len(set(products))
+    recency_h = (start - before.last_end_ms) / HOUR_MS if before.last_end_ms is not None else 0.0
+    hour = 2 * math.pi * ((start // HOUR_MS) % 24) / 24
+    log1p = math.log1p
+    return [
+        1.0 if before.sessions == 0 else 0.0,
+        log1p(before.sessions),
+        before.purchase_sessions / before.sessions if before.sessions else 0.0,
+        log1p(before.revenue_cents / 100),
+        log1p(recency_h if recency_h > 0 else 0.0),
+        log1p(len(products)),
+        log1p(distinct),
+        log1p(len(products) - distinct),
+        log1p(sum(1 for p in products if p in carted)) if carted else 0.0,
+        log1p(len(set(categories))),
+        affinity(categories),
+        log1p(adds),
+        log1p(removes),
+        float(len(lines)),
+        log1p(sum(q * c for _, q, c in lines) / 100),
+        log1p((now - last_add) / 60_000) if last_add is not None else 0.0,
+        log1p((now - start) / 60_000),
+        math.sin(hour),
+        math.cos(hour),
+    ]
+
+
+def segment_features(session: dict, after: UserHistory, before_end_ms: int | None,
+                     categories: list[str]) -> list[float]:
+    """SEGMENT_FEATURES: the profile after the session (recency of this visit, frequency,
+    monetary value, engagement, cart, category affinity of the session's ``categories``)."""
+    recency_h = (session["start_ms"] - before_end_ms) / HOUR_MS if before_end_ms is not None else 0.0
+    return [
+        math.log1p(max(recency_h, 0.0)),
+        math.log1p(after.sessions),
+        math.log1p(after.revenue_cents / 100),
+        math.log1p(session["n_events"]),
+        math.log1p(session["n_cart_adds"]),
+        affinity(categories),
+    ]
+
+
+class FrozenScaler:
+    """Mean and standard deviation of the first ``warmup`` rows it learns, then frozen,
+    so the features a model reads keep their meaning once warmed up."""
+
+    def __init__(self, width: int, warmup: int):
+        self.warmup = warmup
+        self.n = 0
+        self.sum = np.zeros(width)
+        self.sumsq = np.zeros(width)
+
+    def learn_many(self, X: np.ndarray) -> None:
+        take = X[: max(self.warmup - self.n, 0)]
+        if len(take):
+            self.n += len(take)
+            self.sum += take.sum(axis=0)
+            self.sumsq += (take * take).sum(axis=0)
+
+    @property
+    def frozen(self) -> bool:
+        return self.n >= self.warmup
+
+    def transform_many(self, X: np.ndarray) -> np.ndarray:
+        if not self.n:
+            return X.copy()
+        mean = self.sum / self.n
+        std = np.sqrt(np.maximum(self.sumsq / self.n - mean * mean, 0.0))
+        return (X - mean) / np.where(std > 1e-9, std, 1.0)
+
+    def to_state(self) -> dict:
+        return {"warmup": self.warmup, "n": self.n, "sum": self.sum.tolist(), "sumsq": self.sumsq.tolist()}
+
+    @classmethod
+    def from_state(cls, s: dict) -> FrozenScaler:
+        scaler = cls(len(s["sum"]), s["warmup"])
+        scaler.n, scaler.sum, scaler.sumsq = s["n"], np.array(s["sum"]), np.array(s["sumsq"])
+        return scaler
+
+
+class Scores:
+    """Progressive metrics of a probabilistic classifier: ROC AUC from 1,000 score bins
+    (ties within a bin count half: off by at most the pairs sharing a bin), log loss,
+    and calibration by tenths of the score."""
+
+    BINS = 1000
+
+    def __init__(self):
+        self.pos = np.zeros(self.BINS, dtype=np.int64)
+        self.neg = np.zeros(self.BINS, dtype=np.int64)
+        self.score_sum = np.zeros(self.BINS)
+        self.log_loss_sum = 0.0
+
+    def update_many(self, p: np.ndarray, y: np.ndarray) -> None:
+        b = np.minimum((p * self.BINS).astype(np.int64), self.BINS - 1)
+        self.pos += np.bincount(b[y], minlength=self.BINS)
+        self.neg += np.bincount(b[~y], minlength=self.BINS)
+        self.score_sum += np.bincount(b, weights=p, minlength=self.BINS)
+        q = np.clip(p, 1e-15, 1 - 1e-15)
+        self.log_loss_sum += float(-(np.log(q[y]).sum() + np.log(1 - q[~y]).sum()))
+
+    @property
+    def samples(self) -> int:
+        return int(self.pos.sum() + self.neg.sum())
+
+    def roc_auc(self) -> float | None:
+        P, N = self.pos.sum(), self.neg.sum()
+        if not P or not N:
+            return None
+        below = np.concatenate(([0], np.cumsum(self.neg)[:-1]))  # negatives in lower bins
+        return float((self.pos * (below + self.neg / 2)).sum() / (P * N))
+
+    def calibration(self) -> list[dict]:
+        out = []
+        for tenth in range(10):
+            s = slice(tenth * self.BINS // 10, (tenth + 1) * self.BINS // 10)
+            n = int(self.pos[s].sum() + self.neg[s].sum())
+            if n:
+                out.append({"scores": f"{tenth / 10:.1f}-{(tenth + 1) / 10:.1f}", "sessions": n,
+                            "mean_score": round(float(self.score_sum[s].sum() / n), 4),
+                            "purchase_rate": round(float(self.pos[s].sum() / n), 4)})
+        return out
+
+    def metrics(self) -> dict:
+        n = self.samples
+        auc = self.roc_auc()
+        return {
+            "samples": n,
+            "positives": int(self.pos.sum()),
+            "roc_auc": round(auc, 6) if auc is not None else None,
+            "log_loss": round(self.log_loss_sum / n, 6) if n else None,
+            "calibration": self.calibration(),
+        }
+
+    def to_state(self) -> dict:
+        return {"pos": self.pos.tolist(), "neg": self.neg.tolist(), "score_sum": self.score_sum.tolist(),
+                "log_loss_sum": self.log_loss_sum}
+
+    @classmethod
+    def from_state(cls, s: dict) -> Scores:
+        scores = cls()
+        scores.pos, scores.neg = np.array(s["pos"], dtype=np.int64), np.array(s["neg"], dtype=np.int64)
+        scores.score_sum, scores.log_loss_sum = np.array(s["score_sum"]), s["log_loss_sum"]
+        return scores
 
 
 class Propensity:
-    def __init__(self, learning_rate: float = 0.05):
-        self.model = compose.Pipeline(
-            preprocessing.StandardScaler(),
-            linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate)),
-        )
-        self.roc_auc = metrics.ROCAUC()
-        self.log_loss = metrics.LogLoss()
-        self.samples = 0
-        self.positives = 0
+    """River's logistic regression, learned per mini-batch on frozen-scaled features."""
 
-    def predict_one(self, x: dict[str, float]) -> float:
-        return float(self.model.predict_proba_one(x).get(True, 0.5))
+    def __init__(self, learning_rate: float = 0.5, warmup: int = 512):
+        from river import linear_model, optim
 
-    def learn_one(self, x: dict[str, float], y: bool, predicted: float) -> None:
-        """Progressive validation: the metrics see the prediction made before learning."""
-        self.roc_auc.update(y, predicted)
-        self.log_loss.update(y, predicted)
-        self.model.learn_one(x, y)
-        self.samples += 1
-        self.positives += int(y)
+        self.learning_rate = learning_rate
+        self.scaler = FrozenScaler(len(PROPENSITY_FEATURES), warmup)
+        self.model = linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate))
+        self.scores = Scores()
 
-    def metrics(self) -> dict:
-        return {
-            "samples": self.samples,
-            "positives": self.positives,
-            "roc_auc": round(float(self.roc_auc.get()), 6) if self.samples else None,
-            "log_loss": round(float(self.log_loss.get()), 6) if self.samples else None,
-        }
+    def _frame(self, X: np.ndarray):
+        import pandas as pd
+
+        return pd.DataFrame(self.scaler.transform_many(X), columns=PROPENSITY_FEATURES, copy=False)
+
+    def predict_proba_many(self, X: np.ndarray) -> np.ndarray:
+        """P(purchase) of each row (0.5 before anything was learned)."""
+        if not len(X):
+            return np.zeros(0)
+        return self.model.predict_proba_many(self._frame(X))[True].to_numpy()
+
+    def learn_many(self, X: np.ndarray, y: np.ndarray, predicted: np.ndarray) -> None:
+        """Progressive validation: the scores see the predictions made before learning."""
+        import pandas as pd
+
+        self.scores.update_many(predicted, y)
+        self.scaler.learn_many(X)
+        self.model.learn_many(self._frame(X), pd.Series(y))
+
+    def to_state(self) -> dict:
+        return {"learning_rate": self.learning_rate, "scaler": self.scaler.to_state(),
+                "weights": {k: float(v) for k, v in self.model.weights.items()},
+                "intercept": float(self.model.intercept), "iterations": self.model.optimizer.n_iterations,
+                "scores": self.scores.to_state()}
+
+    @classmethod
+    def from_state(cls, s: dict) -> Propensity:
+        from river import utils
+
+        p = cls(s["learning_rate"])
+        p.scaler = FrozenScaler.from_state(s["scaler"])
+        p.model._weights = utils.VectorDict(dict(s["weights"]))
+        p.model.intercept = s["intercept"]
+        p.model.optimizer.n_iterations = s["iterations"]
+        p.scores = Scores.from_state(s["scores"])
+        return p
 
 
-def _distance(a: dict[str, float], b: dict[str, float]) -> float:
-    return sum((a.get(k, 0.0) - b.get(k, 0.0)) ** 2 for k in set(a) | set(b))
+def _sq_distances(X: np.ndarray, C: np.ndarray) -> np.ndarray:
+    return ((X[:, None, :] - C[None, :, :]) ** 2).sum(axis=2)
 
 
-def segment_name(centroid: dict[str, float], others: list[dict[str, float]] | None = None) -> str:
-    """A readable name from a centroid in standard units, read against the other
-    centroids (their mean is the reference), so k segments get distinct traits."""
-    reference = {k: sum(o.get(k, 0.0) for o in others) / len(others) for k in SEGMENT_FEATURES} if others else {}
-    rel = {k: centroid.get(k, 0.0) - reference.get(k, 0.0) for k in SEGMENT_FEATURES}
-    hi = {k: v > 0.3 for k, v in rel.items()}
-    if hi["monetary"] and hi["frequency"]:
-        return "high-value frequent buyer"
-    if hi["monetary"]:
-        return "big spender"
-    if hi["recency"]:
-        return "lapsed, returning"
-    if hi["frequency"]:
-        return "frequent visitor"
-    if hi["cart"]:
-        return "cart filler"
-    if hi["engagement"]:
-        return "browser"
-    if hi["affinity"]:
-        return "category loyalist"
-    return "casual visitor"
+def segment_names(centroids: np.ndarray) -> list[str]:
+    """One unique name per centroid (standard units), from what sets it apart from the
+    mean of the others: its strongest trait no other segment took, then its second
+    strongest when that is clear (over half a standard deviation) and names no other
+    segment."""
+    k = len(centroids)
+    rel = centroids - centroids.mean(axis=0)
+    labels = []  # per centroid: (label, strength), strongest first
+    for i in range(k):
+        order = np.argsort(-np.abs(rel[i]), kind="stable")
+        labels.append([(TRAITS[SEGMENT_FEATURES[j]][0 if rel[i][j] > 0 else 1], abs(rel[i][j])) for j in order])
+    primary: dict[int, str] = {}
+    for i in sorted(range(k), key=lambda i: -labels[i][0][1]):
+        taken = set(primary.values())
+        primary[i] = next((label for label, _ in labels[i] if label not in taken), f"segment {i}")
+    names = []
+    for i in range(k):
+        others = set(primary.values()) - {primary[i]}
+        second = [label for label, strength in labels[i][:3]
+                  if strength > 0.5 and label != primary[i] and label not in others][:1]
+        names.append(", ".join([primary[i], *second]))
+    return names
 
 
 class Segmenter:
-    """KMeans on standardized profile vectors, learned per mini-batch, with stable ids."""
+    """Mini-batch k-means (Sculley 2010) with frozen scaling and stable segment ids."""
 
-    def __init__(self, k: int, batch: int, seed: int = 42):
+    LLOYD_ITERATIONS = 10
+    COUNT_CAP = 10_000   # a centroid's count stops growing here, so it can still follow slow drift
+    SAMPLE = 300         # profiles kept (reservoir) for the sampled silhouette
+
+    def __init__(self, k: int, warmup: int = 512, seed: int = 42):
         self.k = k
-        self.batch_size = batch
-        self.scaler = preprocessing.StandardScaler()
-        self.kmeans = cluster.KMeans(n_clusters=k, halflife=0.3, sigma=1.0, seed=seed)
-        self.pending: list[dict[str, float]] = []
+        self.seed = seed
+        self.scaler = FrozenScaler(len(SEGMENT_FEATURES), warmup)
+        self.warm: list[list[float]] = []         # raw profiles until the first centroids
+        self.centroids: np.ndarray | None = None  # k x features, standard units
+        self.counts = np.zeros(k)
         self.batches = 0
-        self.ids: dict[int, str] = {}           # KMeans cluster index -> stable id
-        self.centroids: dict[str, dict] = {}    # stable id -> centroid (standard units)
+        self.seen = 0
+        self.sample: list[list[float]] = []       # scaled profiles, reservoir
         self.names: dict[str, str] = {}
+        self.silhouette: float | None = None
 
     @property
     def version(self) -> str:
-        return f"kmeans-k{self.k}-b{self.batches}"
+        return f"minibatch-kmeans-k{self.k}-b{self.batches}"
 
-    def learn_one(self, x: dict[str, float]) -> bool:
-        """Queue a profile; learn the queued mini-batch when it is full. True when it learned."""
-        self.pending.append(x)
-        if len(self.pending) < self.batch_size:
-            return False
-        self.learn_many(self.pending)
-        self.pending = []
-        return True
+    @staticmethod
+    def sid(i: int) -> str:
+        return f"s{i}"
 
-    def learn_many(self, xs: list[dict[str, float]]) -> None:
-        for x in xs:
-            self.scaler.learn_one(x)
-        for x in xs:
-            self.kmeans.learn_one(self.scaler.transform_one(x))
-        self.batches += 1
-        self._match({i: {k: float(v) for k, v in c.items()} for i, c in self.kmeans.centers.items()})
+    def predict_many(self, X: np.ndarray) -> list[str | None]:
+        """The stable segment id of each profile, None before the first centroids."""
+        if self.centroids is None or not len(X):
+            return [None] * len(X)
+        nearest = _sq_distances(self.scaler.transform_many(X), self.centroids).argmin(axis=1)
+        return [self.sid(int(i)) for i in nearest]
 
-    def _match(self, centers: dict[int, dict[str, float]]) -> None:
-        """Give each new centroid the id of the nearest previous one, nearest pairs first."""
-        if not self.centroids:
-            self.ids = {i: f"s{n}" for n, i in enumerate(sorted(centers))}
+    def learn_many(self, X: np.ndarray) -> None:
+        """One mini-batch: warm-up until the scaler is frozen (then k-means++ and Lloyd on
+        the warm-up profiles), afterwards Sculley's update."""
+        if not len(X):
+            return
+        self.scaler.learn_many(X)
+        rng = np.random.default_rng([self.seed, self.batches])
+        if self.centroids is None:
+            self.warm.extend(X.tolist())
+            if not self.scaler.frozen or len(self.warm) < self.k:
+                return
+            self._init(self.scaler.transform_many(np.array(self.warm)), rng)
+            self.warm = []
         else:
-            pairs = sorted(
-                (_distance(self.centroids[sid], c), sid, i)
-                for sid in self.centroids for i, c in centers.items()
-            )
-            ids: dict[int, str] = {}
-            taken: set[str] = set()
-            for _, sid, i in pairs:
-                if i not in ids and sid not in taken:
-                    ids[i] = sid
-                    taken.add(sid)
-            self.ids = ids
-        self.centroids = {self.ids[i]: c for i, c in centers.items()}
-        everyone = list(self.centroids.values())
-        self.names = {sid: segment_name(c, everyone) for sid, c in self.centroids.items()}
+            Z = self.scaler.transform_many(X)
+            nearest = _sq_distances(Z, self.centroids).argmin(axis=1)
+            n = np.bincount(nearest, minlength=self.k).astype(float)
+            sums = np.zeros_like(self.centroids)
+            np.add.at(sums, nearest, Z)
+            moved = n > 0
+            counts = np.minimum(self.counts + n, self.COUNT_CAP)
+            # c <- c + (sum - n c) / count: toward the batch mean of its points, by n / count
+            self.centroids[moved] += (sums[moved] - n[moved, None] * self.centroids[moved]) / counts[moved, None]
+            self.counts = counts
+            self._keep_sample(Z, rng)
+        self.batches += 1
+        self.names = {self.sid(i): name for i, name in enumerate(segment_names(self.centroids))}
 
-    def predict_one(self, x: dict[str, float]) -> str | None:
-        """The stable segment id, or None before the first mini-batch was learned."""
-        if not self.batches:
+    def _init(self, Z: np.ndarray, rng) -> None:
+        # k-means++ seeding, then Lloyd iterations over the warm-up profiles
+        centroids = [Z[rng.integers(len(Z))]]
+        for _ in range(1, self.k):
+            d = _sq_distances(Z, np.array(centroids)).min(axis=1)
+            total = d.sum()
+            centroids.append(Z[rng.choice(len(Z), p=d / total)] if total > 0 else Z[rng.integers(len(Z))])
+        C = np.array(centroids, dtype=float)
+        for _ in range(self.LLOYD_ITERATIONS):
+            nearest = _sq_distances(Z, C).argmin(axis=1)
+            for j in range(self.k):
+                if (nearest == j).any():
+                    C[j] = Z[nearest == j].mean(axis=0)
+        nearest = _sq_distances(Z, C).argmin(axis=1)
+        self.centroids = C
+        self.counts = np.bincount(nearest, minlength=self.k).astype(float)
+        self._keep_sample(Z, rng)
+
+    def _keep_sample(self, Z: np.ndarray, rng) -> None:
+        for z in Z:
+            self.seen += 1
+            if len(self.sample) < self.SAMPLE:
+                self.sample.append(z.tolist())
+            else:
+                j = int(rng.integers(self.seen))
+                if j < self.SAMPLE:
+                    self.sample[j] = z.tolist()
+
+    def sampled_silhouette(self) -> float | None:
+        """Mean silhouette of the kept sample of profiles under today's centroids."""
+        if self.centroids is None or len(self.sample) < 3:
             return None
-        return self.ids[self.kmeans.predict_one(self.scaler.transform_one(x))]
+        Z = np.array(self.sample)
+        labels = _sq_distances(Z, self.centroids).argmin(axis=1)
+        if len(set(labels.tolist())) < 2:
+            return None
+        D = np.sqrt(_sq_distances(Z, Z))
+        onehot = np.eye(self.k)[labels]                    # n x k
+        sizes = onehot.sum(axis=0)
+        sums = D @ onehot                                  # distance of each point to each cluster, summed
+        own = sizes[labels]
+        a = np.where(own > 1, sums[np.arange(len(Z)), labels] / np.maximum(own - 1, 1), 0.0)
+        means = np.where(sizes > 0, sums / np.maximum(sizes, 1), np.inf)
+        means[np.arange(len(Z)), labels] = np.inf
+        b = means.min(axis=1)
+        s = np.where((own > 1) & (np.maximum(a, b) > 0), (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
+        return float(s.mean())
+
+    def to_state(self) -> dict:
+        return {"k": self.k, "seed": self.seed, "scaler": self.scaler.to_state(), "warm": self.warm,
+                "centroids": None if self.centroids is None else self.centroids.tolist(),
+                "counts": self.counts.tolist(), "batches": self.batches, "seen": self.seen,
+                "sample": self.sample, "silhouette": self.silhouette}
+
+    @classmethod
+    def from_state(cls, s: dict) -> Segmenter:
+        seg = cls(s["k"], seed=s["seed"])
+        seg.scaler = FrozenScaler.from_state(s["scaler"])
+        seg.warm, seg.batches, seg.seen, seg.sample = s["warm"], s["batches"], s["seen"], s["sample"]
+        seg.centroids = None if s["centroids"] is None else np.array(s["centroids"])
+        seg.counts = np.array(s["counts"])
+        seg.silhouette = s["silhouette"]
+        if seg.centroids is not None:
+            seg.names = {seg.sid(i): name for i, name in enumerate(segment_names(seg.centroids))}
+        return seg
 
 
 def debounce(history: UserHistory, candidate: str | None, holds: int) -> tuple[UserHistory, bool]:
@@ -263,28 +551,92 @@ def debounce(history: UserHistory, candidate: str | None, holds: int) -> tuple[U
 
 @dataclass
 class Models:
-    """The job's models and what they report (one instance, in keyed state)."""
+    """The job's models, what they wait to learn, and what they report (one instance, in keyed state).
+
+    Both models learn per mini-batch of ``batch`` consented sessions; the sessions of
+    a mini-batch are scored with the models as learned before it."""
 
     propensity: Propensity
     segmenter: Segmenter
+    batch: int = 64
+    pending_p: list = field(default_factory=list)   # propensity features of the sessions not learned yet
+    pending_y: list = field(default_factory=list)   # their labels
+    pending_s: list = field(default_factory=list)   # their profiles (segment features)
+    pending_score: list = field(default_factory=list)  # the propensity scored for each
     segment_sizes: Counter = field(default_factory=Counter)
+    segment_moves: int = 0   # users moved from one segment to another
+    scored: int = 0          # sessions scored (consented)
     sessions: int = 0
     updated_ms: int = 0
 
     @classmethod
-    def new(cls, k: int, batch: int) -> Models:
-        return cls(Propensity(), Segmenter(k, batch))
+    def new(cls, k: int, batch: int, warmup: int = 512) -> Models:
+        """New models; both scalers freeze after ``warmup`` sessions."""
+        return cls(Propensity(warmup=warmup), Segmenter(k, warmup=warmup), batch=batch)
+
+    def room(self) -> int:
+        """Consented sessions until the next mini-batch is learned."""
+        return self.batch - len(self.pending_y)
+
+    def learn_pending(self, force: bool = False) -> bool:
+        """Learn the waiting mini-batch when it is full (or ``force``). True when it learned."""
+        if not self.pending_y or (len(self.pending_y) < self.batch and not force):
+            return False
+        self.propensity.learn_many(np.array(self.pending_p), np.array(self.pending_y, dtype=bool),
+                                   np.array(self.pending_score))
+        self.segmenter.learn_many(np.array(self.pending_s))
+        self.pending_p, self.pending_y, self.pending_s, self.pending_score = [], [], [], []
+        if self.segmenter.batches % 10 == 1 or self.segmenter.silhouette is None:
+            self.segmenter.silhouette = self.segmenter.sampled_silhouette()
+        return True
 
     def snapshot(self) -> dict:
         seg = self.segmenter
+        users = sum(v for v in self.segment_sizes.values() if v > 0)
+        centroids = seg.centroids if seg.centroids is not None else []
         return {
-            "propensity": self.propensity.metrics(),
+            "propensity": self.propensity.scores.metrics(),
             "segments": {
-                sid: {"name": seg.names.get(sid), "users": self.segment_sizes.get(sid, 0),
-                      "centroid": {k: round(float(v), 4) for k, v in sorted(seg.centroids.get(sid, {}).items())}}
-                for sid in sorted(seg.centroids)
+                seg.sid(i): {"name": seg.names.get(seg.sid(i)), "users": self.segment_sizes.get(seg.sid(i), 0),
+                             "share": round(self.segment_sizes.get(seg.sid(i), 0) / users, 4) if users else None,
+                             "centroid": {f: round(float(v), 4) for f, v in zip(SEGMENT_FEATURES, c)}}
+                for i, c in enumerate(centroids)
             },
+            "segment_silhouette_sampled": None if seg.silhouette is None else round(seg.silhouette, 4),
+            "segment_moves_per_1000_sessions": round(1000 * self.segment_moves / self.scored, 3) if self.scored else None,
             "model_version": seg.version,
             "sessions_seen": self.sessions,
             "updated_ms": self.updated_ms,
         }
+
+    def to_state(self) -> bytes:
+        return orjson.dumps({
+            "format": STATE_FORMAT, "batch": self.batch,
+            "propensity": self.propensity.to_state(), "segmenter": self.segmenter.to_state(),
+            "pending_p": self.pending_p, "pending_y": self.pending_y, "pending_s": self.pending_s,
+            "pending_score": self.pending_score, "segment_sizes": dict(self.segment_sizes),
+            "segment_moves": self.segment_moves, "scored": self.scored, "sessions": self.sessions,
+            "updated_ms": self.updated_ms,
+        })
+
+    @classmethod
+    def from_state(cls, value, k: int, batch: int) -> Models:
+        """Models from Flink state: format 2 bytes; a format-1 pickled ``Models`` (River's
+        KMeans and pipeline, before the models issue) starts new models and keeps its
+        counts (README, "Model state")."""
+        if value is None:
+            return cls.new(k, batch)
+        if not isinstance(value, bytes):  # format 1
+            fresh = cls.new(k, batch)
+            fresh.sessions = getattr(value, "sessions", 0)
+            fresh.updated_ms = getattr(value, "updated_ms", 0)
+            return fresh
+        s = orjson.loads(value)
+        if s["format"] != STATE_FORMAT:
+            raise ValueError(f"models in state format {s['format']}, this code reads {STATE_FORMAT}")
+        models = cls(Propensity.from_state(s["propensity"]), Segmenter.from_state(s["segmenter"]), batch=s["batch"],
+                     pending_p=s["pending_p"], pending_y=s["pending_y"], pending_s=s["pending_s"],
+                     pending_score=s["pending_score"], segment_sizes=Counter(s["segment_sizes"]),
+                     segment_moves=s["segment_moves"], scored=s["scored"], sessions=s["sessions"],
+                     updated_ms=s["updated_ms"])
+        return models

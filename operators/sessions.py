@@ -1,9 +1,12 @@
 """Closed sessions, one row each, for the models and the cart-abandonment triggers.
 
 A session window per user in the JVM (the same gap rule as the profile's
-``sessions`` part) sums what the models and triggers need and lists the cart moves
-and categories as short strings; only these rows, about one per ten events, reach
-Python (``operators.actions``). Columns are SESSION_COLUMNS.
+``sessions`` part) sums what the models and triggers need and lists the cart moves,
+categories and product views as short strings; only these rows, about one per ten
+events, reach Python (``operators.actions``). A row crosses into Python as ONE
+string column (``PACKED``: the SESSION_COLUMNS joined by ``COLUMN_SEP``): PyFlink
+converts a row field by field, and each crossing of a 19-field row cost more than
+the models themselves (measured, docs/benchmarks.md). ``unpack`` gives the dict.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from personalize.settings import Settings
 # separators inside the listed strings (ASCII unit/record separators: in no id)
 FIELD_SEP = "\x1f"
 ITEM_SEP = "\x1e"
+COLUMN_SEP = "\x1d"
+PACKED = (("session", "STRING"),)
 
 SESSION_COLUMNS = (
     ("user_id", "STRING"),
@@ -28,11 +33,12 @@ SESSION_COLUMNS = (
     ("n_checkouts", "BIGINT"),
     ("n_purchases", "BIGINT"),
     ("revenue_cents", "BIGINT"),
-    # the last event that is neither checkout nor purchase: the session "so far"
-    # for the propensity model ends there, so the outcome leaks into no feature
-    ("browse_end_ms", "BIGINT"),
+    # the first checkout or purchase: the propensity's features read only events before it
+    ("outcome_ms", "BIGINT"),
     ("cart_moves", "STRING"),
     ("categories", "STRING"),
+    # product views: product, category, event time
+    ("viewed", "STRING"),
     ("consent_personalization", "BOOLEAN"),
     ("consent_marketing", "BOOLEAN"),
 )
@@ -44,8 +50,47 @@ def _latest_flag(column: str) -> str:
     return f"MOD({key}, 2) = 1"
 
 
+# a buffered session of a savepoint taken before the models issue: a tuple of these
+LEGACY_COLUMNS = ("user_id", "start_ms", "end_ms", "n_events", "n_page_views", "n_product_views", "n_searches",
+                  "n_cart_adds", "n_cart_removes", "n_checkouts", "n_purchases", "revenue_cents", "browse_end_ms",
+                  "cart_moves", "categories", "consent_personalization", "consent_marketing")
+
+
+def unpack(packed: str | tuple) -> dict:
+    """The SESSION_COLUMNS of a packed session row (``session_closes``), typed. A tuple is
+    a legacy buffered row: it had no product views and no outcome time (the propensity
+    then reads its whole cart)."""
+    if isinstance(packed, tuple):
+        session = dict(zip(LEGACY_COLUMNS, packed))
+        del session["browse_end_ms"]
+        return session | {"outcome_ms": None, "viewed": None}
+    v = packed.split(COLUMN_SEP)
+    return {
+        "user_id": v[0], "start_ms": int(v[1]), "end_ms": int(v[2]), "n_events": int(v[3]),
+        "n_page_views": int(v[4]), "n_product_views": int(v[5]), "n_searches": int(v[6]),
+        "n_cart_adds": int(v[7]), "n_cart_removes": int(v[8]), "n_checkouts": int(v[9]),
+        "n_purchases": int(v[10]), "revenue_cents": int(v[11]), "outcome_ms": int(v[12]) if v[12] else None,
+        "cart_moves": v[13] or None, "categories": v[14] or None, "viewed": v[15] or None,
+        "consent_personalization": v[16] == "1", "consent_marketing": v[17] == "1",
+    }
+
+
 def session_closes(view: str, settings: Settings) -> str:
-    """One row per closed session (SESSION_COLUMNS), emitted when the watermark passes its end + gap."""
+    """One row per closed session, its SESSION_COLUMNS packed in one string (``unpack``),
+    emitted when the watermark passes the session's end + gap."""
+    columns = ", ".join(_as_text(name, sql) for name, sql in SESSION_COLUMNS)
+    return f"SELECT CONCAT_WS(U&'\\{ord(COLUMN_SEP):04X}', {columns}) AS session FROM ({session_rows(view, settings)})"
+
+
+def _as_text(name: str, sql: str) -> str:
+    # CONCAT_WS skips NULLs: every column becomes a non-NULL string ('' for NULL)
+    if sql == "BOOLEAN":
+        return f"CASE WHEN {name} THEN '1' ELSE '0' END"
+    return f"COALESCE(CAST({name} AS STRING), '')"
+
+
+def session_rows(view: str, settings: Settings) -> str:
+    """One typed row per closed session (SESSION_COLUMNS)."""
     gap = interval(settings.session_gap_ms - 1)
     # LISTAGG wants a literal separator: a Unicode-escaped string literal
     sep, item = (f"U&'\\{ord(c):04X}'" for c in (FIELD_SEP, ITEM_SEP))
@@ -53,6 +98,10 @@ def session_closes(view: str, settings: Settings) -> str:
         f"CASE WHEN event_type IN ('add_to_cart', 'remove_from_cart') THEN CONCAT_WS({sep}, "
         "CASE WHEN event_type = 'add_to_cart' THEN '+' ELSE '-' END, product_id, CAST(quantity AS STRING), "
         "COALESCE(CAST(price_cents AS STRING), ''), CAST(event_time_ms AS STRING)) END"
+    )
+    view_item = (
+        f"CASE WHEN event_type = 'product_view' THEN CONCAT_WS({sep}, COALESCE(product_id, ''), "
+        "COALESCE(category, ''), CAST(event_time_ms AS STRING)) END"
     )
     return f"""
         SELECT user_id,
@@ -67,9 +116,10 @@ def session_closes(view: str, settings: Settings) -> str:
                {_count_of('checkout')} AS n_checkouts,
                {_count_of('purchase')} AS n_purchases,
                {REVENUE} AS revenue_cents,
-               MAX(CASE WHEN event_type NOT IN ('checkout', 'purchase') THEN event_time_ms END) AS browse_end_ms,
+               MIN(CASE WHEN event_type IN ('checkout', 'purchase') THEN event_time_ms END) AS outcome_ms,
                LISTAGG({move}, {item}) AS cart_moves,
                LISTAGG(category, {item}) AS categories,
+               LISTAGG({view_item}, {item}) AS viewed,
                {_latest_flag('consent_personalization')} AS consent_personalization,
                {_latest_flag('consent_marketing')} AS consent_marketing
         FROM TABLE(SESSION(TABLE {view} PARTITION BY user_id, DESCRIPTOR(rowtime), {gap}))

@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
         blackhole("recent_bh", (*keyed, *windows.RECENT_COLUMNS))
         statements.add_insert_sql("INSERT INTO recent_bh " + windows.recent("bench_events", settings))
     if "sessions" in parts:
-        blackhole("sessions_bh", sessions.SESSION_COLUMNS)
+        blackhole("sessions_bh", sessions.PACKED)
         statements.add_insert_sql("INSERT INTO sessions_bh " + sessions.session_closes("bench_events", settings))
     if "trending" in parts:
         blackhole("trending_bh", (("category", "STRING"), ("product_id", "STRING"), ("views", "BIGINT"),

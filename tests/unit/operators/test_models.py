@@ -1,86 +1,141 @@
-"""Online models: progressive validation, no outcome in the propensity features,
-stable segment ids across mini-batches, named segments, debounced segment changes."""
+"""Online models: no outcome in the propensity features, progressive validation,
+mini-batch k-means as Sculley's update with stable ids and unique names, debounced
+segment changes, and model state in an explicit format that round-trips."""
 
 import pickle
-import random
+
+import numpy as np
+import orjson
+import pytest
 
 from operators import models as m
 from operators.sessions import FIELD_SEP, ITEM_SEP
 
+HOUR = 3_600_000
+
 
 def session(**over):
-    base = {"user_id": "u1", "start_ms": 0, "end_ms": 600_000, "n_events": 9, "n_page_views": 1,
-            "n_product_views": 5, "n_searches": 1, "n_cart_adds": 1, "n_cart_removes": 0, "n_checkouts": 0,
-            "n_purchases": 0, "revenue_cents": 0, "browse_end_ms": 500_000,
-            "cart_moves": FIELD_SEP.join(("+", "p1", "1", "1000", "100")), "categories": ITEM_SEP.join("aab"),
+    base = {"user_id": "u1", "start_ms": 10 * HOUR, "end_ms": 10 * HOUR + 600_000, "n_events": 9,
+            "n_page_views": 1, "n_product_views": 5, "n_searches": 1, "n_cart_adds": 2, "n_cart_removes": 1,
+            "n_checkouts": 0, "n_purchases": 0, "revenue_cents": 0, "outcome_ms": None,
+            "cart_moves": ITEM_SEP.join(FIELD_SEP.join(m) for m in (
+                ("+", "p1", "1", "1000", str(10 * HOUR + 100_000)),
+                ("+", "p2", "2", "500", str(10 * HOUR + 200_000)),
+                ("-", "p2", "1", "500", str(10 * HOUR + 250_000)))),
+            "categories": ITEM_SEP.join("aab"),
+            "viewed": ITEM_SEP.join(FIELD_SEP.join(v) for v in (
+                ("p1", "a", str(10 * HOUR + 50_000)), ("p1", "a", str(10 * HOUR + 90_000)),
+                ("p2", "b", str(10 * HOUR + 150_000)), ("p3", "", str(10 * HOUR + 300_000)))),
             "consent_personalization": True, "consent_marketing": True}
     base.update(over)
     return base
 
 
-def test_propensity_features_hold_nothing_of_checkout_purchase_or_revenue():
-    before = m.UserHistory(sessions=2, purchase_sessions=1, revenue_cents=5000, last_end_ms=-3_600_000)
-    browsing = m.propensity_features(session(), before)
-    bought = m.propensity_features(session(n_checkouts=1, n_purchases=1, revenue_cents=1000, end_ms=700_000,
-                                           n_events=11), before)
-    assert browsing == bought
+def features(s, before=None):
+    return dict(zip(m.PROPENSITY_FEATURES, m.propensity_features(s, before or m.UserHistory())))
 
 
-def test_progressive_validation_scores_before_learning_and_learns_a_separable_signal():
-    model = m.Propensity()
-    rng = random.Random(1)
-    for _ in range(2000):
-        cart = rng.random() < 0.5
-        y = cart and rng.random() < 0.8
-        x = {"cart": 1.0 if cart else 0.0, "noise": rng.random()}
-        p = model.predict_one(x)
-        model.learn_one(x, y, p)
-    metrics = model.metrics()
-    assert metrics["samples"] == 2000 and metrics["roc_auc"] > 0.8
-    assert 0 < metrics["log_loss"] < 0.69
+def test_each_propensity_feature_reads_the_session_up_to_its_first_checkout_or_purchase():
+    browsing = session()
+    x = features(browsing)
+    # views 4 (p1 twice): distinct 3, one repeat, p1 and p2 were carted: 3 views of carted products
+    assert x["views"] == pytest.approx(np.log1p(4)) and x["distinct_products"] == pytest.approx(np.log1p(3))
+    assert x["repeat_views"] == pytest.approx(np.log1p(1)) and x["carted_views"] == pytest.approx(np.log1p(3))
+    assert x["distinct_categories"] == pytest.approx(np.log1p(2)) and x["affinity"] == pytest.approx(2 / 3)
+    assert x["cart_adds"] == pytest.approx(np.log1p(2)) and x["cart_removes"] == pytest.approx(np.log1p(1))
+    assert x["cart_lines"] == 2.0 and x["cart_value"] == pytest.approx(np.log1p(15.0))
+    # "now" is the last view or cart move: 300 s in; the last add was at 200 s
+    assert x["browse_min"] == pytest.approx(np.log1p(5.0)) and x["since_cart_add_min"] == pytest.approx(np.log1p(100 / 60))
+    assert (x["hour_sin"], x["hour_cos"]) == pytest.approx((np.sin(2 * np.pi * 10 / 24), np.cos(2 * np.pi * 10 / 24)))
+    # the same session that goes on to check out and buy, with more browsing and a cart add
+    # after the checkout, and its counts, end and revenue changed: the features are the same
+    outcome = 10 * HOUR + 400_000
+    bought = session(
+        n_checkouts=1, n_purchases=2, revenue_cents=2000, end_ms=outcome + 900_000, n_events=20, n_cart_adds=3,
+        outcome_ms=outcome,
+        cart_moves=browsing["cart_moves"] + ITEM_SEP + FIELD_SEP.join(("+", "p9", "5", "99", str(outcome + 10))),
+        viewed=browsing["viewed"] + ITEM_SEP + FIELD_SEP.join(("p8", "z", str(outcome + 5))),
+        categories=browsing["categories"] + ITEM_SEP + "z")
+    assert features(bought) == x
+    # an event at the very moment of the outcome is not "before" it
+    at_outcome = session(outcome_ms=10 * HOUR + 300_000)
+    assert features(at_outcome)["views"] == pytest.approx(np.log1p(3))
 
 
-def test_history_after_a_session_counts_sessions_purchases_and_revenue():
-    h = m.UserHistory().after(session(n_purchases=2, revenue_cents=300)).after(session(start_ms=10_000_000,
-                                                                                      end_ms=10_000_500))
-    assert (h.sessions, h.purchase_sessions, h.revenue_cents, h.last_end_ms) == (2, 1, 300, 10_000_500)
+def test_propensity_history_features_read_the_history_before_the_session():
+    before = m.UserHistory(sessions=4, purchase_sessions=1, revenue_cents=5000, last_end_ms=10 * HOUR - 2 * HOUR)
+    x = features(session(), before)
+    assert x["first_session"] == 0.0 and x["prior_sessions"] == pytest.approx(np.log1p(4))
+    assert x["prior_purchase_rate"] == 0.25 and x["prior_revenue"] == pytest.approx(np.log1p(50))
+    assert x["recency_h"] == pytest.approx(np.log1p(2))
+    assert features(session())["first_session"] == 1.0
 
 
-def test_affinity_is_the_share_of_the_top_category():
-    assert m.affinity(ITEM_SEP.join("aab")) == 2 / 3 and m.affinity(None) == 0.0
+def test_scores_auc_equals_the_exact_rank_statistic_on_distinct_bins():
+    rng = np.random.default_rng(3)
+    p = (rng.permutation(1000) + 0.5) / 1000  # one score per bin: the binned AUC is exact
+    y = rng.random(1000) < p
+    scores = m.Scores()
+    scores.update_many(p, y)
+    pos, neg = p[y], p[~y]
+    exact = (pos[:, None] > neg[None, :]).mean()
+    assert scores.roc_auc() == pytest.approx(exact, abs=1e-12)
+    assert scores.metrics()["samples"] == 1000 and scores.metrics()["positives"] == int(y.sum())
+    assert sum(c["sessions"] for c in scores.metrics()["calibration"]) == 1000
+
+
+def test_the_propensity_scores_before_it_learns_and_learns_a_separable_signal():
+    model = m.Propensity(warmup=200)
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        X = rng.random((64, len(m.PROPENSITY_FEATURES)))
+        y = (X[:, 13] > 0.5) & (rng.random(64) < 0.9)
+        p = model.predict_proba_many(X)
+        model.learn_many(X, y, p)
+    metrics = model.scores.metrics()
+    assert metrics["samples"] == 3840 and metrics["roc_auc"] > 0.8 and 0 < metrics["log_loss"] < 0.69
+
+
+def test_a_mini_batch_moves_each_centroid_to_the_count_weighted_mean_of_its_points():
+    seg = m.Segmenter(k=2, warmup=4)
+    seg.scaler.n, seg.scaler.sum, seg.scaler.sumsq = 4, np.zeros(6), np.full(6, 4.0)  # frozen: identity
+    seg.centroids = np.array([[0.0] * 6, [10.0] * 6])
+    seg.counts = np.array([3.0, 1.0])
+    batch = np.array([[1.0] * 6, [2.0] * 6, [9.0] * 6])  # two points to centroid 0, one to centroid 1
+    seg.learn_many(batch)
+    # centroid 0: (3 * 0 + 1 + 2) / (3 + 2) = 0.6; centroid 1: (1 * 10 + 9) / (1 + 1) = 9.5
+    assert seg.centroids[0] == pytest.approx([0.6] * 6) and seg.centroids[1] == pytest.approx([9.5] * 6)
+    assert list(seg.counts) == [5.0, 2.0]
 
 
 def _blobs(rng, centers, n):
-    out = []
-    for _ in range(n):
-        c = rng.choice(centers)
-        out.append({k: c[k] + rng.gauss(0, 0.05) for k in m.SEGMENT_FEATURES})
-    return out
+    return np.array([np.array(rng.choice(centers)) + rng.normal(0, 0.05, 6) for _ in range(n)])
 
 
-def test_segment_ids_stay_with_their_centroids_when_kmeans_reorders_them():
-    seg = m.Segmenter(k=2, batch=50)
-    seg._match({0: {"monetary": 2.0}, 1: {"monetary": -2.0}})
-    first = dict(seg.ids)
-    seg._match({0: {"monetary": -1.9}, 1: {"monetary": 2.1}})  # the same two centroids, swapped and drifted
-    assert seg.ids[1] == first[0] and seg.ids[0] == first[1]
+def test_segment_ids_stay_with_their_centroids_across_batches_and_names_are_unique():
+    rng = np.random.default_rng(3)
+    spender = [0, 3, 5, 1, 1, 0.2]
+    browser = [0, 0, 0, 4, 0, 0.9]
+    idle = [4, 0, 0, 0.5, 0, 0.1]
+    seg = m.Segmenter(k=3, warmup=90)
+    assert seg.predict_many(np.array([spender])) == [None]  # nothing learned yet
+    for _ in range(3):
+        seg.learn_many(_blobs(rng, [spender, browser, idle], 30))
+    ids = seg.predict_many(np.array([spender, browser, idle]))
+    assert len(set(ids)) == 3 and None not in ids
+    names = [seg.names[i] for i in ids]
+    assert len(set(seg.names.values())) == 3
+    assert names[0].startswith("big spender") and names[2].startswith("lapsed")
+    for _ in range(20):
+        seg.learn_many(_blobs(rng, [spender, browser, idle], 64))
+    assert seg.predict_many(np.array([spender, browser, idle])) == ids
+    assert 0.5 < seg.sampled_silhouette() <= 1.0
 
 
-def test_segmenter_learns_per_mini_batch_and_predicts_stable_named_segments():
-    rng = random.Random(3)
-    spender = dict.fromkeys(m.SEGMENT_FEATURES, 0.0) | {"monetary": 5.0, "frequency": 3.0}
-    browser = dict.fromkeys(m.SEGMENT_FEATURES, 0.0) | {"engagement": 4.0}
-    seg = m.Segmenter(k=2, batch=40)
-    assert seg.predict_one(spender) is None  # nothing learned yet
-    learned = [seg.learn_one(x) for x in _blobs(rng, [spender, browser], 400)]
-    assert sum(learned) == 10 and seg.version == "kmeans-k2-b10"
-    a, b = seg.predict_one(spender), seg.predict_one(browser)
-    assert a != b and {a, b} == set(seg.names)
-    assert seg.names[a] == "high-value frequent buyer" and seg.names[b] == "browser"
-    ids = (a, b)
-    for x in _blobs(rng, [spender, browser], 200):
-        seg.learn_one(x)
-    assert (seg.predict_one(spender), seg.predict_one(browser)) == ids
+def test_names_are_unique_even_when_centroids_share_their_strongest_trait():
+    centroids = np.array([[0, 0, 3, 0, 0, 0], [0, 0, 2.5, 0, 0, 0.1], [0, 0, 2.9, 0.2, 0, 0], [0, 0, -3, 0, 0, 0]])
+    names = m.segment_names(centroids)
+    assert len(set(names)) == 4
 
 
 def test_a_new_segment_is_taken_only_after_it_held_and_the_first_at_once():
@@ -98,14 +153,52 @@ def test_a_new_segment_is_taken_only_after_it_held_and_the_first_at_once():
     assert not changed and h.segment == "s2"
 
 
-def test_models_survive_pickling_as_flink_state_does():
-    models = m.Models.new(k=3, batch=8)
-    rng = random.Random(5)
-    for i in range(40):
-        x = {"a": rng.random(), "b": rng.random()}
-        models.propensity.learn_one(x, rng.random() < 0.5, models.propensity.predict_one(x))
-        models.segmenter.learn_one({"frequency": rng.random(), "monetary": rng.random()})
-    copy = pickle.loads(pickle.dumps(models))
-    probe = {"a": 0.3, "b": 0.9}
-    assert copy.propensity.predict_one(probe) == models.propensity.predict_one(probe)
-    assert copy.snapshot() == models.snapshot()
+def _trained(seed=5):
+    models = m.Models.new(k=3, batch=8, warmup=16)
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        Xp, Xs = rng.random((8, len(m.PROPENSITY_FEATURES))), rng.random((8, 6))
+        p = models.propensity.predict_proba_many(Xp)
+        models.pending_p, models.pending_s = Xp.tolist(), Xs.tolist()
+        models.pending_y, models.pending_score = (rng.random(8) < 0.4).tolist(), p.tolist()
+        models.learn_pending()
+    models.pending_p, models.pending_y = [[0.5] * len(m.PROPENSITY_FEATURES)], [True]  # a mini-batch half full
+    models.pending_s, models.pending_score = [[0.1] * 6], [0.3]
+    return models
+
+
+def test_model_state_is_explicit_json_that_restores_the_same_models():
+    models = _trained()
+    state = models.to_state()
+    assert orjson.loads(state)["format"] == m.STATE_FORMAT  # no pickled class inside
+    copy = m.Models.from_state(state, k=3, batch=8)
+    probe = np.random.default_rng(9).random((5, len(m.PROPENSITY_FEATURES)))
+    assert (copy.propensity.predict_proba_many(probe) == models.propensity.predict_proba_many(probe)).all()
+    assert copy.snapshot() == models.snapshot() and copy.to_state() == state
+    assert copy.segmenter.predict_many(probe[:, :6]) == models.segmenter.predict_many(probe[:, :6])
+
+
+def test_user_history_state_round_trips_and_reads_the_pickled_format_of_before():
+    h = m.UserHistory().after(session(n_purchases=2, revenue_cents=300))
+    h.segment, h.pending, h.pending_count = "s1", "s2", 1
+    assert m.UserHistory.from_state(h.to_state()) == h
+    # format 1: Flink state held the pickled dataclass itself
+    assert m.UserHistory.from_state(pickle.loads(pickle.dumps(h))) == h
+
+
+def test_models_of_the_pickled_format_of_before_restart_and_keep_their_counts():
+    class Legacy:  # what a format-1 Models unpickles to: an object, not bytes
+        sessions, updated_ms = 1234, 99
+
+    fresh = m.Models.from_state(Legacy(), k=3, batch=8)
+    assert fresh.sessions == 1234 and fresh.updated_ms == 99 and fresh.segmenter.centroids is None
+
+
+def test_history_after_a_session_counts_sessions_purchases_and_revenue():
+    h = m.UserHistory().after(session(n_purchases=2, revenue_cents=300)).after(session(start_ms=10_000_000,
+                                                                                      end_ms=10_000_500))
+    assert (h.sessions, h.purchase_sessions, h.revenue_cents, h.last_end_ms) == (2, 1, 300, 10_000_500)
+
+
+def test_affinity_is_the_share_of_the_top_category():
+    assert m.affinity(list("aab")) == 2 / 3 and m.affinity([]) == 0.0

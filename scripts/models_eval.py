@@ -1,0 +1,198 @@
+"""The models on a log, outside Flink: what they score, what it costs, and the batch ceiling.
+
+    python scripts/models_eval.py ../shared/data/rees46-2019-10-01.csv
+    python scripts/models_eval.py --synthetic 20000
+
+Sessions are cut here, independently of the job's SQL (per user, a new session
+after ``session_gap_ms`` of inactivity), given the job's session columns and run
+in order of closing through ``operators.actions.close_sessions`` in flushes of
+``model_batch``, as the job does. Reported:
+
+- propensity: exact ROC AUC (Mann-Whitney, ties half) of the progressive scores
+  over every consented session and over the later 30 % by session close; log loss;
+  the model's own binned figures beside them;
+- the batch ceiling: scikit-learn's HistGradientBoostingClassifier on the same
+  leakage-free features (``models.propensity_features``), trained on the earlier 70 %
+  of sessions by close time and scored on the later 30 %; the online/ceiling ratio;
+- segments: share of the users in each at the end, names, the sampled silhouette,
+  segment moves per 1,000 session closes;
+- cost: microseconds per closed session in ``close_sessions`` (models included).
+
+scikit-learn is a dependency of this script only (extra ``eval``), never of the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import schemas  # noqa: E402
+from operators import actions  # noqa: E402
+from operators import models as m  # noqa: E402
+from operators.sessions import FIELD_SEP, ITEM_SEP, SESSION_COLUMNS  # noqa: E402
+from personalize.settings import Settings  # noqa: E402
+
+
+def cents(price) -> int | None:
+    return None if price is None else int(round(price * 100))
+
+
+def sessions_of(events: list[dict], gap_ms: int) -> list[dict]:
+    """Every session of the log with the job's session columns, in order of closing."""
+    by_user: dict[str, list[dict]] = {}
+    for e in sorted(events, key=lambda e: e["event_time"]):
+        by_user.setdefault(e["user_id"], []).append(e)
+    out = []
+    for user, evs in by_user.items():
+        run: list[dict] = []
+        for e in evs:
+            if run and e["event_time"] - run[-1]["event_time"] >= gap_ms:
+                out.append(_session(user, run))
+                run = []
+            run.append(e)
+        out.append(_session(user, run))
+    out.sort(key=lambda s: (s["end_ms"], s["user_id"]))
+    return out
+
+
+def _session(user: str, evs: list[dict]) -> dict:
+    def n(t):
+        return sum(1 for e in evs if e["event_type"] == t)
+
+    latest = max(evs, key=lambda e: e["event_time"])
+    outcome = [e["event_time"] for e in evs if e["event_type"] in ("checkout", "purchase")]
+    moves = [FIELD_SEP.join(("+" if e["event_type"] == "add_to_cart" else "-", e["product_id"] or "",
+                             str(e["quantity"]), "" if e["price"] is None else str(cents(e["price"])),
+                             str(e["event_time"])))
+             for e in evs if e["event_type"] in ("add_to_cart", "remove_from_cart")]
+    views = [FIELD_SEP.join((e["product_id"] or "", e["category"] or "", str(e["event_time"])))
+             for e in evs if e["event_type"] == "product_view"]
+    s = {
+        "user_id": user, "start_ms": evs[0]["event_time"], "end_ms": evs[-1]["event_time"], "n_events": len(evs),
+        "n_page_views": n("page_view"), "n_product_views": n("product_view"), "n_searches": n("search"),
+        "n_cart_adds": n("add_to_cart"), "n_cart_removes": n("remove_from_cart"), "n_checkouts": n("checkout"),
+        "n_purchases": n("purchase"),
+        "revenue_cents": sum((cents(e["price"]) or 0) * e["quantity"] for e in evs if e["event_type"] == "purchase"),
+        "outcome_ms": min(outcome) if outcome else None,
+        "cart_moves": ITEM_SEP.join(moves) or None,
+        "categories": ITEM_SEP.join(e["category"] for e in evs if e["category"]) or None,
+        "viewed": ITEM_SEP.join(views) or None,
+        "consent_personalization": latest["consent_personalization"],
+        "consent_marketing": latest["consent_marketing"],
+    }
+    assert set(s) == {c for c, _ in SESSION_COLUMNS}
+    return s
+
+
+def exact_auc(scores, labels) -> float:
+    """Mann-Whitney U / (P N), ties counted half."""
+    order = np.argsort(scores, kind="mergesort")
+    s, y = np.asarray(scores)[order], np.asarray(labels, dtype=bool)[order]
+    ranks = np.empty(len(s))
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[i:j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    P, N = y.sum(), (~y).sum()
+    return float((ranks[y].sum() - P * (P + 1) / 2) / (P * N))
+
+
+def log_loss(scores, labels) -> float:
+    q = np.clip(np.asarray(scores), 1e-15, 1 - 1e-15)
+    y = np.asarray(labels, dtype=bool)
+    return float(-(np.log(q[y]).sum() + np.log(1 - q[~y]).sum()) / len(q))
+
+
+def evaluate(sessions: list[dict], settings: Settings) -> dict:
+    codecs = {"trigger": schemas.codec("trigger"), "segment_change": schemas.codec("segment_change")}
+    models = m.Models.new(settings.segment_count, settings.segment_batch)
+    histories: dict = {}
+    scores, labels, features = [], [], []
+    # the ceiling's features, from a history of its own (the same function, the same order)
+    own: dict[str, m.UserHistory] = {}
+    for s in sessions:
+        if s["consent_personalization"]:
+            h = own.setdefault(s["user_id"], m.UserHistory())
+            features.append(m.propensity_features(s, h))
+            labels.append(s["n_purchases"] > 0)
+        own.setdefault(s["user_id"], m.UserHistory()).fold(s)
+    started = time.perf_counter()
+    for i in range(0, len(sessions), settings.model_batch):
+        batch = sessions[i:i + settings.model_batch]
+        for s, row in zip(batch, actions.close_sessions(models, histories, batch, settings, codecs)):
+            if s["consent_personalization"]:
+                scores.append(float(orjson.loads(row[2])["propensity"]))
+    cost_us = (time.perf_counter() - started) / len(sessions) * 1e6
+    y = np.array(labels)
+    cut = int(len(y) * 0.7)
+    later_auc = exact_auc(scores[cut:], y[cut:]) if y[cut:].any() and not y[cut:].all() else None
+    ceiling = None
+    try:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+    except ImportError:
+        print("scikit-learn is not installed: pip install -e '.[eval]' for the batch ceiling", file=sys.stderr)
+    else:
+        X = np.array(features)
+        if y[:cut].any() and not y[:cut].all():
+            gb = HistGradientBoostingClassifier(random_state=0).fit(X[:cut], y[:cut])
+            ceiling = exact_auc(gb.predict_proba(X[cut:])[:, 1], y[cut:])
+    snapshot = models.snapshot()
+    users = {u: h.segment for u, h in histories.items()}
+    in_segment = [sid for sid in users.values() if sid]
+    return {
+        "sessions": len(sessions),
+        "consented_sessions": len(y),
+        "purchase_sessions": int(y.sum()),
+        "online_auc_all": round(exact_auc(scores, y), 4),
+        "online_log_loss": round(log_loss(scores, y), 4),
+        "model_reported": {k: snapshot["propensity"][k] for k in ("samples", "roc_auc", "log_loss")},
+        "later_30pct_sessions": len(y) - cut,
+        "online_auc_later_30pct": None if later_auc is None else round(later_auc, 4),
+        "ceiling_auc_later_30pct": None if ceiling is None else round(ceiling, 4),
+        "online_over_ceiling": (round(later_auc / ceiling, 3) if later_auc and ceiling else None),
+        "calibration": snapshot["propensity"]["calibration"],
+        "segments": {sid: {"name": v["name"], "share_of_users": round(in_segment.count(sid) / len(in_segment), 4)
+                           if in_segment else None} for sid, v in snapshot["segments"].items()},
+        "users_with_segment": f"{len(in_segment)} of {len(users)}",
+        "silhouette_sampled": snapshot["segment_silhouette_sampled"],
+        "segment_moves_per_1000_sessions": snapshot["segment_moves_per_1000_sessions"],
+        "cost_us_per_session": round(cost_us, 1),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("log", nargs="?", type=Path, help="an event log personalize replay reads")
+    parser.add_argument("--synthetic", type=int, metavar="USERS", help="synthetic traffic for this many users")
+    parser.add_argument("--sessions-per-user", type=int, default=3)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if args.synthetic:
+        from personalize.produce import TrafficSpec, generate
+
+        events = generate(TrafficSpec(users=args.synthetic, sessions_per_user=args.sessions_per_user))
+        source = f"synthetic, {args.synthetic} users x {args.sessions_per_user} sessions"
+    elif args.log:
+        from personalize.replay import parse
+
+        events = parse(args.log).events
+        source = str(args.log)
+    else:
+        parser.error("give a log file or --synthetic USERS")
+    sessions = sessions_of(events, settings.session_gap_ms)
+    print(orjson.dumps({"source": source, **evaluate(sessions, settings)}, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
