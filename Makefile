@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PERSONALIZE := $(VENV)/bin/personalize
 
-.PHONY: setup venv jars redis-server run test test-unit bench smoke stack-up stack-down clean
+.PHONY: setup venv jars redis-server run test test-unit bench models-eval smoke stack-up stack-down clean
 
 setup: venv jars redis-server ## venv with pinned packages, jars from Maven Central, redis-server
 
@@ -34,6 +34,11 @@ test: setup ## every test: unit, then integration against a stack the tests star
 bench: setup ## benchmark: ~1,000,000 synthetic events for 100,000 users, one table from one run (docs/benchmarks.md)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
 	@$(PY) scripts/bench.py
+
+models-eval: setup ## the models on the REES46 sample and on synthetic traffic against a batch ceiling (README)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[eval]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
+	@$(PY) scripts/models_eval.py ../shared/data/rees46-2019-10-01.csv
+	@$(PY) scripts/models_eval.py --synthetic 20000
 
 smoke: setup ## Kafka -> Flink -> exactly-once Kafka, 1,000 events
 	@$(PERSONALIZE) stack up

@@ -117,6 +117,9 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
     candidates = models.segmenter.predict_many(np.array(xs)) if xs else ()
     seg = models.segmenter
     # 3. per session, in order: segment (debounced), profile fields, trigger
+    if xp:  # progressive validation: each score counted with its label before anything learns it
+        models.propensity.scores.update_many(
+            np.round(propensities, 6), np.array([s["n_purchases"] > 0 for s in sessions if s["consent_personalization"]]))
     rows = []
     k = 0
     for n, session in enumerate(sessions):
@@ -150,7 +153,6 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
             models.pending_p.append(xp[k])
             models.pending_s.append(xs[k])
             models.pending_y.append(session["n_purchases"] > 0)
-            models.pending_score.append(propensity)
             models.scored += 1
             k += 1
         elif history.segment is not None:  # consent withdrawn: the user leaves its segment
@@ -189,7 +191,7 @@ def actions_function(settings: Settings):
             self.models = None  # read from state once per process, written back every flush
 
         def process_element(self, row, ctx):
-            self.buffer.add(row[0])  # the packed session (operators.sessions)
+            self.buffer.add(row)  # the packed session string (operators.sessions, jobs.profile.keyed_by_constant)
             self.buffered += 1
             if self.buffered == 1:
                 ctx.timer_service().register_processing_time_timer(

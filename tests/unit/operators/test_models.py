@@ -90,8 +90,8 @@ def test_the_propensity_scores_before_it_learns_and_learns_a_separable_signal():
     for _ in range(60):
         X = rng.random((64, len(m.PROPENSITY_FEATURES)))
         y = (X[:, 13] > 0.5) & (rng.random(64) < 0.9)
-        p = model.predict_proba_many(X)
-        model.learn_many(X, y, p)
+        model.scores.update_many(model.predict_proba_many(X), y)
+        model.learn_many(X, y)
     metrics = model.scores.metrics()
     assert metrics["samples"] == 3840 and metrics["roc_auc"] > 0.8 and 0 < metrics["log_loss"] < 0.69
 
@@ -158,12 +158,12 @@ def _trained(seed=5):
     rng = np.random.default_rng(seed)
     for _ in range(10):
         Xp, Xs = rng.random((8, len(m.PROPENSITY_FEATURES))), rng.random((8, 6))
-        p = models.propensity.predict_proba_many(Xp)
-        models.pending_p, models.pending_s = Xp.tolist(), Xs.tolist()
-        models.pending_y, models.pending_score = (rng.random(8) < 0.4).tolist(), p.tolist()
+        y = rng.random(8) < 0.4
+        models.propensity.scores.update_many(models.propensity.predict_proba_many(Xp), y)
+        models.pending_p, models.pending_s, models.pending_y = Xp.tolist(), Xs.tolist(), y.tolist()
         models.learn_pending()
     models.pending_p, models.pending_y = [[0.5] * len(m.PROPENSITY_FEATURES)], [True]  # a mini-batch half full
-    models.pending_s, models.pending_score = [[0.1] * 6], [0.3]
+    models.pending_s = [[0.1] * 6]
     return models
 
 

@@ -1,0 +1,15 @@
+"""The bounded run's summary line for the models reads every snapshot the job writes."""
+
+from personalize.run import _metrics
+
+
+def test_a_snapshot_with_one_outcome_only_has_no_auc_and_says_so():
+    # e.g. a short replay where no session bought: the binned AUC is undefined (None)
+    line = _metrics({"propensity": {"samples": 12, "positives": 0, "roc_auc": None, "log_loss": 0.4}})
+    assert line == "12 sessions scored, ROC AUC n/a (one outcome only), log loss 0.400 (progressive)"
+
+
+def test_a_snapshot_with_both_outcomes_prints_its_auc():
+    line = _metrics({"propensity": {"samples": 3, "positives": 1, "roc_auc": 0.75, "log_loss": 0.5}})
+    assert line == "3 sessions scored, ROC AUC 0.750, log loss 0.500 (progressive)"
+    assert _metrics({}) == "no sessions scored"
