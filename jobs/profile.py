@@ -81,6 +81,26 @@ def decoded_events(t_env, source: str):
     )
 
 
+def keyed_by_constant(t_env, packed_sql: str):
+    """The packed session rows (one STRING column) as a KeyedStream on the constant key 0,
+    keyed in the JVM.
+
+    ``DataStream.key_by`` runs its key selector in Python: every row would cross into
+    Python and back once more only to be given the key (PyFlink's ``AddKey``). Here the
+    SQL emits the (key, value) rows that ``AddKey`` would, and the keyed stream is built
+    as ``key_by`` builds it (PyFlink 2.2's own ``KeyByKeySelector`` on field 0); the
+    keyed process function receives the value, the packed session string."""
+    from pyflink.common import Types
+    from pyflink.datastream.data_stream import KeyedStream
+    from pyflink.java_gateway import get_gateway
+
+    rows = t_env.to_append_stream(t_env.sql_query(f"SELECT 0 AS k, session FROM ({packed_sql})"),
+                                  Types.ROW([Types.INT(), Types.STRING()]))
+    j_keyed = rows._j_data_stream.keyBy(get_gateway().jvm.KeyByKeySelector(),
+                                        Types.ROW([Types.INT()]).get_java_type_info())
+    return KeyedStream(j_keyed, Types.STRING(), rows)
+
+
 def checked_sql(decoded: str) -> str:
     """Every record with its reason (NULL for a usable, on-time event)."""
     fields = ", ".join(f"CAST(d.{name} AS {sql}) AS {name}" if sql == "INT" else f"d.{name} AS {name}"
@@ -99,7 +119,6 @@ def checked_sql(decoded: str) -> str:
 
 def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "personalize-profile-job"):
     """Define the whole pipeline; return the statement set that runs it."""
-    from pyflink.common import Types
 
     configure(t_env, settings, bounded=bounded)
     t_env.execute_sql(kafka_sinks.events_source(SOURCE, settings, bounded=bounded, group_id=group_id))
@@ -123,9 +142,8 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
 
     # closed sessions (about one row per nine events) -> session fields, models and
     # triggers in Python, keyed by a constant: the models are one global object
-    closes = t_env.to_data_stream(t_env.sql_query(sessions.session_closes(EVENTS_VIEW, settings)))
     acted = (
-        closes.key_by(lambda row: 0, key_type=Types.INT())
+        keyed_by_constant(t_env, sessions.session_closes(EVENTS_VIEW, settings))
         .process(actions.actions_function(settings), output_type=_row_type(actions.ACTION_COLUMNS))
         .uid("models-triggers")
         .name("session fields, models, segments, cart-abandonment triggers")
