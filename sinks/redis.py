@@ -124,6 +124,9 @@ class LoadStats:
     dead_letters: int = 0
 
 
+DRAIN_BATCH = 200_000  # records a drain applies in one Redis transaction
+
+
 class Materializer:
     """Reads the profile changelog and trending topics from its committed offsets into Redis."""
 
@@ -202,8 +205,19 @@ class Materializer:
             while any(consumer.position(tp) < ends[tp] for tp in tps):
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(f"the Redis loader did not reach the end of its topics in {timeout_s:.0f}s")
-                self._apply_or_wait(consumer, tps, consumer.poll(timeout_ms=500),
-                                    lambda: time.monotonic() > deadline)
+                # polls gathered into one batch of up to DRAIN_BATCH records: a user's parts
+                # (and repeated updates of one part) merge into one HSET (measured: a 355k-record
+                # drain wrote 299k HSETs in polls of 20k)
+                batches: dict = {}
+                count = 0
+                while count < DRAIN_BATCH and any(consumer.position(tp) < ends[tp] for tp in tps):
+                    polled = consumer.poll(timeout_ms=500)
+                    for tp, records in polled.items():
+                        batches.setdefault(tp, []).extend(records)
+                        count += len(records)
+                    if not polled and time.monotonic() > deadline:
+                        break
+                self._apply_or_wait(consumer, tps, batches, lambda: time.monotonic() > deadline)
         finally:
             consumer.close()
         return self.stats
