@@ -97,7 +97,7 @@ def close_sessions(models: m.Models, histories: dict, sessions: list[dict], sett
 
 def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settings: Settings, codecs) -> list[tuple]:
     # 1. per session, in order: features from the history before it, then fold it in
-    scored, xp, xs, fields_of = [], [], [], []
+    xp, xs, labels, fields_of = [], [], [], []
     for session in sessions:
         user = session["user_id"]
         history = histories.get(user)
@@ -110,7 +110,7 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
         categories = history.fold(session)
         if consent:
             xs.append(m.segment_features(session, history, before_end, categories))
-            scored.append(len(fields_of))
+            labels.append(session["n_purchases"] > 0)
         fields_of.append(session_fields(history, consent))
     # 2. the whole chunk scored at once, with the models as they are before it
     propensities = models.propensity.predict_proba_many(np.array(xp)) if xp else ()
@@ -118,8 +118,7 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
     seg = models.segmenter
     # 3. per session, in order: segment (debounced), profile fields, trigger
     if xp:  # progressive validation: each score counted with its label before anything learns it
-        models.propensity.scores.update_many(
-            np.round(propensities, 6), np.array([s["n_purchases"] > 0 for s in sessions if s["consent_personalization"]]))
+        models.propensity.scores.update_many(np.round(propensities, 6), np.array(labels))
     rows = []
     k = 0
     for n, session in enumerate(sessions):
@@ -152,7 +151,7 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
                 fields["segment_name"] = seg.names.get(segment, "")
             models.pending_p.append(xp[k])
             models.pending_s.append(xs[k])
-            models.pending_y.append(session["n_purchases"] > 0)
+            models.pending_y.append(labels[k])
             models.scored += 1
             k += 1
         elif history.segment is not None:  # consent withdrawn: the user leaves its segment

@@ -50,6 +50,16 @@ def _latest_flag(column: str) -> str:
     return f"MOD({key}, 2) = 1"
 
 
+def _read_bigint(text: str) -> int | None:
+    return int(text) if text else None
+
+
+# how each packed column is read back (``_as_text`` wrote it): '' is NULL, booleans are '1'/'0'
+_READERS = tuple(
+    (name, {"BIGINT": _read_bigint, "STRING": lambda t: t or None, "BOOLEAN": lambda t: t == "1"}[sql])
+    for name, sql in SESSION_COLUMNS
+)
+
 # a buffered session of a savepoint taken before the models issue: a tuple of these
 LEGACY_COLUMNS = ("user_id", "start_ms", "end_ms", "n_events", "n_page_views", "n_product_views", "n_searches",
                   "n_cart_adds", "n_cart_removes", "n_checkouts", "n_purchases", "revenue_cents", "browse_end_ms",
@@ -64,15 +74,7 @@ def unpack(packed: str | tuple) -> dict:
         session = dict(zip(LEGACY_COLUMNS, packed))
         del session["browse_end_ms"]
         return session | {"outcome_ms": None, "viewed": None}
-    v = packed.split(COLUMN_SEP)
-    return {
-        "user_id": v[0], "start_ms": int(v[1]), "end_ms": int(v[2]), "n_events": int(v[3]),
-        "n_page_views": int(v[4]), "n_product_views": int(v[5]), "n_searches": int(v[6]),
-        "n_cart_adds": int(v[7]), "n_cart_removes": int(v[8]), "n_checkouts": int(v[9]),
-        "n_purchases": int(v[10]), "revenue_cents": int(v[11]), "outcome_ms": int(v[12]) if v[12] else None,
-        "cart_moves": v[13] or None, "categories": v[14] or None, "viewed": v[15] or None,
-        "consent_personalization": v[16] == "1", "consent_marketing": v[17] == "1",
-    }
+    return {name: read(text) for (name, read), text in zip(_READERS, packed.split(COLUMN_SEP))}
 
 
 def session_closes(view: str, settings: Settings) -> str:
