@@ -154,18 +154,18 @@ def _stop(args: argparse.Namespace, settings: Settings) -> int:
 def _load(args: argparse.Namespace, settings: Settings) -> int:
     import threading
 
-    from sinks.redis import Materializer
+    from sinks.redis import Materializer, drain_parallel
 
-    loader = Materializer(settings)
     if args.follow:
+        loader = Materializer(settings)
         stop = threading.Event()
         try:
             loader.follow(stop.is_set)
         except KeyboardInterrupt:
             pass
+        s = loader.stats
     else:
-        loader.drain()
-    s = loader.stats
+        s = drain_parallel(settings)
     print(f"loaded {s.records} records: {s.profile_writes} profile writes for {len(s.users)} users, "
           f"{s.stream_added} new triggers in the Redis stream")
     return 0

@@ -163,7 +163,7 @@ def run_bounded(settings: Settings) -> RunSummary:
     commit every output, bring Redis up to date, and report."""
     from jobs import profile
     from personalize.flink import environments, free_port
-    from sinks.redis import Materializer
+    from sinks.redis import LoadStats, Materializer, drain_parallel
 
     started = time.monotonic()
     ensure_topics(settings)
@@ -215,7 +215,7 @@ def run_bounded(settings: Settings) -> RunSummary:
     if failures:
         raise failures[0]
     load_started = time.monotonic()
-    stats = loader.drain()
+    stats = LoadStats.merged([loader.stats, drain_parallel(settings)], in_order=True)
     loaded = time.monotonic()
     load_seconds = loaded - load_started
 
@@ -299,7 +299,7 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
 
     from jobs import profile
     from personalize.flink import environments
-    from sinks.redis import Materializer
+    from sinks.redis import LoadStats, Materializer, drain_parallel
 
     started = time.monotonic()
     ensure_topics(settings)
@@ -353,7 +353,7 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
         follower.join(timeout=60)
     if failures:
         raise failures[0]
-    stats = loader.drain()
+    stats = LoadStats.merged([loader.stats, drain_parallel(settings)], in_order=True)
     models = _models(loader)
     return StopReport(job_id, restore, savepoint, stats.profile_writes, len(stats.users),
                       time.monotonic() - started, stats.stream_added, models)

@@ -76,6 +76,9 @@ class Settings:
     # the profile changelog sink keeps the newest row per key for this long / this many keys
     profile_flush_ms: int = 5_000
     profile_flush_rows: int = 200_000
+    # processes a Redis drain (end of a bounded run, `personalize load`) reads with,
+    # each the changelog and trigger partitions with its number modulo this (sinks/redis.py)
+    loader_workers: int = 2
     # flink
     # a standalone cluster (`personalize cluster up`): REST/web UI and JobManager RPC ports;
     # `personalize submit` and `stop` talk to flink_address (default 127.0.0.1:<rest port>)
@@ -108,7 +111,7 @@ class Settings:
         for name in ("partitions", "parallelism", "checkpoint_interval_ms", "bounded_checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
                      "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
-                     "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots"):
+                     "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots", "loader_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.out_of_orderness_ms < 0:

@@ -56,6 +56,25 @@ TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
 MODELS_KEY = "models:snapshot"
 NO_CONSENT_KEY = INTERNAL + "loader:no_consent"
+# the loader processes of a drain apply a user's parts from different partitions at the
+# same time, so a part may be written just after another process withdrew the user's
+# consent (marked it and deleted its profile). Each transaction that writes parts it
+# cannot decide on (no ``totals`` in its batch) ends with this script: the profile of
+# a user marked by then is deleted again, before anyone can read it.
+# KEYS[1]: the no-consent hash, KEYS[2..]: the profiles; ARGV: their user ids. Reply: 1 per profile deleted.
+_DROP_WITHDRAWN = """
+local out = {}
+for k = 2, #KEYS do
+  if redis.call('HEXISTS', KEYS[1], ARGV[k - 1]) == 1 then
+    redis.call('DEL', KEYS[k])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+PROFILES_PER_SCRIPT = 1_000
 # add a stream entry only for a trigger id never seen (KEYS: stream, id set; ARGV: id, field, value, ...)
 _ADD_ONCE = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
@@ -121,21 +140,55 @@ class LoadStats:
     triggers: int = 0
     stream_added: int = 0
     users: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)  # profiles deleted (consent withdrawn) and not written since
     dead_letters: int = 0
 
+    @staticmethod
+    def merged(parts: list[LoadStats], *, in_order: bool = False) -> LoadStats:
+        """The stats of several loaders: shards of one drain (concurrent: a deleted profile
+        stays deleted, as only the loader of its ``totals`` part writes it again), or
+        loaders one after the other (``in_order``: the later one's writes and deletes win)."""
+        total = LoadStats()
+        for part in parts:
+            for name in ("records", "profile_writes", "profiles_deleted", "trending_rows", "triggers",
+                         "stream_added", "dead_letters"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            if in_order:
+                total.users = (total.users - part.deleted) | part.users
+                total.deleted = (total.deleted - part.users) | part.deleted
+            else:
+                total.users |= part.users
+                total.deleted |= part.deleted
+        total.users -= total.deleted
+        return total
 
-DRAIN_BATCH = 200_000  # records a drain applies in one Redis transaction
+
+DRAIN_BATCH = 50_000  # records a drain applies in one Redis transaction
 
 
 class Materializer:
-    """Reads the profile changelog and trending topics from its committed offsets into Redis."""
+    """Reads the profile changelog and trending topics from its committed offsets into Redis.
 
-    def __init__(self, settings: Settings, offsets_key: str = OFFSETS_KEY):
+    ``shard`` (number, count): this loader reads the changelog and trigger partitions
+    whose number modulo ``count`` is ``number``, and shard 0 the trending and model
+    snapshot topics too; ``drain_parallel`` runs one process per shard. Every shard
+    keeps its offsets in the same hash (a field per partition), so a single loader
+    and a sharded drain take over from each other exactly."""
+
+    def __init__(self, settings: Settings, offsets_key: str = OFFSETS_KEY, shard: tuple[int, int] = (0, 1)):
         self.settings = settings
         self.offsets_key = offsets_key
+        self.shard = shard
         self.redis = redis_client(settings)
         self._add_once = self.redis.register_script(_ADD_ONCE)  # EVALSHA, the script sent once
+        self._drop_withdrawn = self.redis.register_script(_DROP_WITHDRAWN)
         self.stats = LoadStats()
+
+    def _owns(self, topic: str, partition: int) -> bool:
+        number, count = self.shard
+        if topic in (self.settings.topic_profile_updates, self.settings.topic_triggers):
+            return partition % count == number
+        return number == 0
 
     def _consumer(self):
         from kafka import KafkaConsumer, TopicPartition
@@ -156,7 +209,8 @@ class Materializer:
         for topic in (self.settings.topic_profile_updates, self.settings.topic_trending,
                       self.settings.topic_triggers, self.settings.topic_model_snapshots):
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
-                tps.append(TopicPartition(topic, p))
+                if self._owns(topic, p):
+                    tps.append(TopicPartition(topic, p))
         consumer.assign(tps)
         self._seek_to_stored(consumer, tps)
         return consumer, tps
@@ -206,8 +260,8 @@ class Materializer:
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(f"the Redis loader did not reach the end of its topics in {timeout_s:.0f}s")
                 # polls gathered into one batch of up to DRAIN_BATCH records: a user's parts
-                # (and repeated updates of one part) merge into one HSET (measured: a 355k-record
-                # drain wrote 299k HSETs in polls of 20k)
+                # (and repeated updates of one part) merge into one write (docs/benchmarks.md:
+                # bigger batches write less but Redis holds a transaction's commands until EXEC)
                 batches: dict = {}
                 count = 0
                 while count < DRAIN_BATCH and any(consumer.position(tp) < ends[tp] for tp in tps):
@@ -283,6 +337,7 @@ class Materializer:
             log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
         self.stats.dead_letters += len(unreadable)
         self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
+        self._dropped_at: list[tuple[int, list[tuple[str, int]]]] = []  # drop scripts: position, (user, parts)
         self._profiles(pipe, latest.items())
         self._trending(pipe, trending)
         self._triggers(pipe, triggers)
@@ -293,6 +348,13 @@ class Materializer:
         # kept as a dead letter; the rest of the batch and its offsets stand
         replies = pipe.execute(raise_on_error=False)
         refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
+        for at, checked in self._dropped_at:
+            flags = replies[at - 1]
+            for (user, parts), dropped in zip(checked, flags if isinstance(flags, list) else ()):
+                if dropped:
+                    self.stats.users.discard(user)
+                    self.stats.deleted.add(user)
+                    self.stats.profile_writes -= parts
         if refused:
             for error in refused:
                 log.warning("Redis refused a loader write", error=str(error))
@@ -318,13 +380,12 @@ class Materializer:
         The ``totals`` part carries the flag of the user's latest event of all (the
         other parts only the latest of their own input), so it decides: false deletes
         the profile and marks the user in ``loader:no_consent`` until a newer event
-        gives consent again; parts of marked users are not written."""
+        gives consent again; parts of marked users are not written (``_DROP_WITHDRAWN``
+        checks the mark in Redis, in the same transaction: a user's parts sit in
+        different partitions, which other loader processes apply at the same time)."""
         updates = list(updates)
         decided = {user: consents(fields) for (user, part), fields in updates
                    if part == "totals" and fields is not None}
-        others = sorted({user for (user, _), _ in updates} - set(decided))
-        stored = dict(zip(others, self.redis.hmget(NO_CONSENT_KEY, others))) if others else {}
-        allowed = {**{u: v is None for u, v in stored.items()}, **decided}
         consenting = [user for user, ok in decided.items() if ok]
         if consenting:
             pipe.hdel(NO_CONSENT_KEY, *consenting)  # one command for the batch
@@ -334,15 +395,24 @@ class Materializer:
                 pipe.delete(PROFILE_PREFIX + user)  # no profile without personalization consent
                 self.stats.profiles_deleted += 1
                 self.stats.users.discard(user)
+                self.stats.deleted.add(user)
         merged: dict[str, dict[str, str]] = {}  # one HSET per user per batch
+        parts: dict[str, int] = {}
         for (user, part), fields in updates:
-            if allowed[user] and fields is not None:
+            if fields is not None and decided.get(user, True):
                 merged.setdefault(user, {}).update(profile_fields(part, fields))
-                self.stats.profile_writes += 1
+                parts[user] = parts.get(user, 0) + 1
         for user, mapping in merged.items():
             if mapping:
                 pipe.hset(PROFILE_PREFIX + user, mapping=mapping)
                 self.stats.users.add(user)
+                self.stats.deleted.discard(user)
+                self.stats.profile_writes += parts[user]
+        undecided = [user for user, mapping in merged.items() if mapping and user not in decided]
+        for start in range(0, len(undecided), PROFILES_PER_SCRIPT):
+            chunk = undecided[start:start + PROFILES_PER_SCRIPT]
+            self._drop_withdrawn(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + u for u in chunk)], args=chunk, client=pipe)
+            self._dropped_at.append((len(pipe), [(user, parts[user]) for user in chunk]))
 
     def _trending(self, pipe, rows: list[dict]) -> None:
         if not rows:
@@ -364,3 +434,59 @@ class Materializer:
                        if r["category"] == category and r["window_end_ms"] == window_end}
             if members:
                 pipe.zadd(key, members)
+
+
+def drain_parallel(settings: Settings, workers: int | None = None, timeout_s: float = 600) -> LoadStats:
+    """Apply everything committed up to now with ``workers`` loader processes
+    (``settings.loader_workers``), one per shard of the partitions: this process runs
+    shard 0, ``python -m sinks.redis`` processes the others (the loader parses and packs
+    in Python, one core per process; measured in docs/benchmarks.md)."""
+    import pickle
+    import subprocess
+    import sys
+
+    count = workers or settings.loader_workers
+    if count <= 1:
+        return Materializer(settings).drain(timeout_s)
+    # a fresh interpreter per shard, not a fork: the caller may hold a JVM gateway and threads
+    procs = []
+    for number in range(1, count):
+        proc = subprocess.Popen([sys.executable, "-m", "sinks.redis"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        proc.stdin.write(pickle.dumps((settings, (number, count), timeout_s)))
+        proc.stdin.close()
+        procs.append(proc)
+    try:
+        parts = [Materializer(settings, shard=(0, count)).drain(timeout_s)]
+    finally:
+        outcomes = [(proc, proc.stdout.read(), proc.wait()) for proc in procs]
+    for proc, out, code in outcomes:
+        result = pickle.loads(out) if out else None
+        if isinstance(result, BaseException):
+            raise result
+        if code != 0 or not isinstance(result, LoadStats):
+            raise ServiceUnavailable(f"a Redis loader process ended with exit code {code}; see its log above")
+        parts.append(result)
+    return LoadStats.merged(parts)
+
+
+def _shard_main() -> int:
+    """One shard of ``drain_parallel``: (settings, shard, timeout) pickled on stdin, the
+    LoadStats (or the error) pickled on stdout."""
+    import pickle
+    import sys
+
+    settings, shard, timeout_s = pickle.loads(sys.stdin.buffer.read())
+    logs.configure(settings.log_format)
+    try:
+        result: object = Materializer(settings, shard=shard).drain(timeout_s)
+    except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        result = exc
+    sys.stdout.buffer.write(pickle.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    from sinks.redis import _shard_main as main  # the module's own classes, not __main__'s copies, get pickled
+
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ category named ``window_end_ms`` once made the loader fail with WRONGTYPE)."""
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import orjson
@@ -13,7 +14,7 @@ import redis
 
 import schemas
 from personalize import kafkaio, topics
-from sinks.redis import DEAD_LETTERS_KEY, Materializer
+from sinks.redis import DEAD_LETTERS_KEY, NO_CONSENT_KEY, Materializer, drain_parallel
 from tests.integration.test_profile_job import job_stack
 
 
@@ -65,3 +66,87 @@ def test_unreadable_records_and_refused_writes_are_dead_letters_and_the_rest_is_
     assert len(refused) == 1 and "WRONGTYPE" in refused[0]
     assert stats.dead_letters == 6
     assert [f["trigger_id"] for _, f in client.xrange("triggers:cart_abandonment")] == ["t-1"]
+
+
+def _dump(client: redis.Redis) -> dict:
+    """Every key of a Redis database with its value (stream entries without their ids)."""
+    out = {}
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == "hash":
+            out[key] = client.hgetall(key)
+        elif kind == "zset":
+            out[key] = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "set":
+            out[key] = client.smembers(key)
+        elif kind == "stream":
+            out[key] = sorted(tuple(sorted(f.items())) for _, f in client.xrange(key))
+        else:
+            out[key] = client.get(key)
+    return out
+
+
+def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
+    """The drain at the end of a bounded run reads with one process per shard of the
+    partitions; a user's parts sit in different partitions, so consent withdrawn by one
+    process must hold against the other's writes. Users 0-299 give consent, 300-349
+    withdraw it (their totals false, their other parts still written by the job), 350-399
+    withdraw and give it again later."""
+    own = job_stack(stack, redis_db=14)
+    s = own.settings
+    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
+                  local_stack=True, partitions=2)
+    codec = schemas.codec("trigger")
+    first, later = [], []
+    for i in range(400):
+        user = f"u{i}"
+        withdrawn = i >= 300
+        first += [(_key(user, "totals"), orjson.dumps({"n_events": i, "consent": not withdrawn}), 1_000),
+                  (_key(user, "recent"), orjson.dumps({"recent_events": i % 7, "consent": True}), 1_000),
+                  (_key(user, "sessions"), orjson.dumps({"n_sessions": 1 + i % 3, "consent": True}), 1_000)]
+        if i >= 350:  # consent given again: a newer totals part, then a newer sessions part
+            later += [(_key(user, "totals"), orjson.dumps({"n_events": i + 1, "consent": True}), 2_000),
+                      (_key(user, "sessions"), orjson.dumps({"n_sessions": 9, "consent": True}), 2_000)]
+    triggers = [(f"u{i}".encode(), codec.encode({
+        "trigger_id": f"t-{i}", "kind": "cart_abandonment", "user_id": f"u{i}", "session_start_ms": i,
+        "session_end_ms": i + 1, "cart": [], "cart_value": Decimal("0.00"), "propensity": None, "segment": None,
+        "emitted_ms": i + 2}), 1_000) for i in range(0, 400, 4)]
+    assert kafkaio.produce(s, s.topic_profile_updates, first) == len(first)
+    assert kafkaio.produce(s, s.topic_triggers, triggers) == len(triggers)
+    assert kafkaio.produce(s, s.topic_profile_updates, later) == len(later)
+
+    one = dataclasses.replace(s, redis_url=s.redis_url.rsplit("/", 1)[0] + "/15")
+    redis.Redis.from_url(one.redis_url).flushdb()
+    single = drain_parallel(one, workers=1, timeout_s=60)
+    sharded = drain_parallel(s, workers=2, timeout_s=60)
+
+    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    profiles = {k.removeprefix("profile:") for k in client.scan_iter("profile:*")}
+    assert profiles == {f"u{i}" for i in range(400) if not 300 <= i < 350}
+    assert client.hgetall("profile:u12") == {"n_events": "12", "recent_events": "5", "n_sessions": "1"}
+    assert client.hgetall("profile:u360")["n_sessions"] == "9"
+    assert _dump(client) == _dump(redis.Redis.from_url(one.redis_url, decode_responses=True))
+    assert len(sharded.users) == len(single.users) == 350
+    assert sharded.records == single.records == len(first) + len(later) + len(triggers)
+    assert sharded.stream_added == single.stream_added == 100
+
+
+def test_a_part_written_after_another_loader_withdrew_consent_leaves_no_profile(stack):
+    """The interleaving the sharded drain must survive, made on purpose: another loader
+    process has just marked the user (its totals said false) and deleted the profile; this
+    loader's batch holds only the user's sessions part."""
+    own = job_stack(stack, redis_db=14)
+    s = own.settings
+    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
+                  local_stack=True, partitions=1)
+    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client.hset(NO_CONSENT_KEY, "u1", 1)
+    assert kafkaio.produce(s, s.topic_profile_updates, [
+        (_key("u1", "sessions"), orjson.dumps({"n_sessions": 2, "consent": True}), 1_000),
+        (_key("u2", "sessions"), orjson.dumps({"n_sessions": 3, "consent": True}), 1_000)]) == 2
+
+    stats = Materializer(s).drain(timeout_s=60)
+
+    assert not client.exists("profile:u1")
+    assert client.hgetall("profile:u2") == {"n_sessions": "3"}
+    assert stats.users == {"u2"} and stats.profile_writes == 1
