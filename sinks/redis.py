@@ -231,7 +231,8 @@ class Materializer:
         Redis that restarted without its newest writes gets them again."""
         delay = 1.0
         while True:
-            counted = replace(self.stats, users=set(self.stats.users))  # a failed batch is counted again
+            # a failed batch is counted again
+            counted = replace(self.stats, users=set(self.stats.users), deleted=set(self.stats.deleted))
             try:
                 if batches is not None:
                     self._apply(consumer, batches)
