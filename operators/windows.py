@@ -37,10 +37,14 @@ def interval(ms: int) -> str:
 
 
 def epoch_ms(column: str) -> str:
-    """A TIMESTAMP(3)/TIMESTAMP_LTZ(3) (UTC session time zone) as epoch milliseconds, BIGINT."""
+    """A TIMESTAMP(3)/TIMESTAMP_LTZ(3) (UTC session time zone) as epoch milliseconds, BIGINT.
+
+    Whole days since 1970 plus the time of day: TIMESTAMPDIFF returns INT, so seconds
+    since 1970 overflow after 2038-01-19 (a 2040 window end came out negative)."""
     ts = f"CAST({column} AS TIMESTAMP(3))"
-    return (f"(CAST(TIMESTAMPDIFF(SECOND, TIMESTAMP '1970-01-01 00:00:00', {ts}) AS BIGINT) * 1000"
-            f" + EXTRACT(MILLISECOND FROM {ts}))")
+    day = f"CAST(CAST({ts} AS DATE) AS TIMESTAMP(3))"
+    return (f"(CAST(TIMESTAMPDIFF(DAY, TIMESTAMP '1970-01-01 00:00:00', {day}) AS BIGINT) * 86400000"
+            f" + CAST(TIMESTAMPDIFF(SECOND, {day}, {ts}) AS BIGINT) * 1000 + EXTRACT(MILLISECOND FROM {ts}))")
 
 
 def _count_of(event_type: str) -> str:
