@@ -39,7 +39,7 @@ import redis as redis_lib
 
 from personalize import logs
 from personalize.errors import ServiceUnavailable
-from personalize.settings import Settings
+from personalize.settings import Settings, project_root
 from operators.triggers import format_cents
 
 log = logs.get(__name__)
@@ -452,16 +452,17 @@ def drain_parallel(settings: Settings, workers: int | None = None, timeout_s: fl
     # a fresh interpreter per shard, not a fork: the caller may hold a JVM gateway and threads
     procs = []
     for number in range(1, count):
+        # run from the project's folder: ``-m sinks.redis`` finds the package there installed or not
         proc = subprocess.Popen([sys.executable, "-m", "sinks.redis"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE)
+                                stdout=subprocess.PIPE, cwd=project_root())
         proc.stdin.write(pickle.dumps((settings, (number, count), timeout_s)))
         proc.stdin.close()
         procs.append(proc)
     try:
         parts = [Materializer(settings, shard=(0, count)).drain(timeout_s)]
     finally:
-        outcomes = [(proc, proc.stdout.read(), proc.wait()) for proc in procs]
-    for proc, out, code in outcomes:
+        outcomes = [(proc.stdout.read(), proc.wait()) for proc in procs]
+    for out, code in outcomes:
         result = pickle.loads(out) if out else None
         if isinstance(result, BaseException):
             raise result
