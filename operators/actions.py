@@ -5,8 +5,8 @@ order: the propensity model scores each, the segmenter re-scores the user, a
 segment that held long enough becomes a ``SegmentChange``, an abandoned cart a
 ``Trigger``; both models learn per mini-batch of consented sessions (scored before
 they learn: progressive validation). Consent: without personalization consent
-nothing is scored, learned or written to the profile; without marketing consent no
-trigger.
+nothing is scored, learned, kept in the user's history or written to the profile;
+without marketing consent no trigger.
 
 In Flink the models are one global object, so the step runs keyed by a constant
 (one busy subtask, DESIGN.md). Session rows are first appended to a ListState
@@ -103,15 +103,15 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
         history = histories.get(user)
         if history is None:
             history = histories[user] = m.UserHistory()
-        consent = bool(session["consent_personalization"])
-        if consent:
+        if session["consent_personalization"]:
             xp.append(m.propensity_features(session, history))
             before_end = history.last_end_ms
-        categories = history.fold(session)
-        if consent:
+            categories = history.fold(session)
             xs.append(m.segment_features(session, history, before_end, categories))
             labels.append(session["n_purchases"] > 0)
-        fields_of.append(session_fields(history, consent))
+            fields_of.append(session_fields(history, True))
+        else:  # a session without consent is not kept in the user's history, and writes nothing
+            fields_of.append(None)
     # 2. the whole chunk scored at once, with the models as they are before it
     propensities = models.propensity.predict_proba_many(np.array(xp)) if xp else ()
     candidates = models.segmenter.predict_many(np.array(xs)) if xs else ()
@@ -161,7 +161,8 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
         trigger = codecs["trigger"].encode(due) if due is not None else None
         models.sessions += 1
         models.updated_ms = max(models.updated_ms, closed_ms)
-        rows.append((user, profile_key(user), orjson.dumps(fields), trigger, change, None, closed_ms))
+        profile = orjson.dumps(fields) if fields is not None else None
+        rows.append((user, profile_key(user), profile, trigger, change, None, closed_ms))
     return rows
 
 

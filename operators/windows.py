@@ -6,8 +6,9 @@ emits typed rows, and nothing re-aggregates a window's results (no retraction
 chain, no string map). Per event, four keyed JVM operators:
 
 - ``totals``   continuous GROUP BY user: counts per event type, revenue (integer
-               cents), first/last seen, events per hour of day (UTC) and the
-               personalization flag of the user's latest event
+               cents), first/last seen, events per hour of day (UTC), of the
+               events with personalization consent, and the flag of the user's
+               latest event
 - ``recent``   sliding (HOP) window per user: events and product views in each
                window; the profile keeps the newest (the upsert sink keeps the
                last row per user, and windows fire in end order)
@@ -47,12 +48,17 @@ def epoch_ms(column: str) -> str:
             f" + CAST(TIMESTAMPDIFF(SECOND, {day}, {ts}) AS BIGINT) * 1000 + EXTRACT(MILLISECOND FROM {ts}))")
 
 
-def _count_of(event_type: str) -> str:
-    return f"COUNT(*) FILTER (WHERE event_type = '{event_type}')"
+def _count_of(event_type: str, where: str = "") -> str:
+    return f"COUNT(*) FILTER (WHERE event_type = '{event_type}'{where})"
 
 
 # a purchase without a price (Taobao logs carry none) adds 0, so the sum is never NULL
 REVENUE = "SUM(CASE WHEN event_type = 'purchase' THEN COALESCE(price_cents, 0) * quantity ELSE 0 END)"
+# the profile counts only events that carry personalization consent: what a user did
+# while consent was withdrawn is never written, not even after consent is given again
+CONSENTED = " AND consent_personalization"
+CONSENTED_REVENUE = ("SUM(CASE WHEN event_type = 'purchase' AND consent_personalization"
+                     " THEN COALESCE(price_cents, 0) * quantity ELSE 0 END)")
 # the consent flag of the user's latest event by event time, as a mergeable MAX
 # (LAST_VALUE cannot merge, so it cannot run in session windows): the event time
 # shifted left one bit with the flag in the low bit; MAX of these keeps the newest
@@ -83,11 +89,12 @@ RECENT_COLUMNS = (
 
 def totals(view: str) -> str:
     """One continuous aggregate per user (mini-batched: one update per user per batch)."""
-    counts = ", ".join(f"{_count_of(t)} AS n_{t}" for t in EVENT_TYPES)
-    hours = ", ".join(f"COUNT(*) FILTER (WHERE hour_of_day = {h}) AS h{h}" for h in range(24))
+    counts = ", ".join(f"{_count_of(t, CONSENTED)} AS n_{t}" for t in EVENT_TYPES)
+    hours = ", ".join(f"COUNT(*) FILTER (WHERE hour_of_day = {h}{CONSENTED}) AS h{h}" for h in range(24))
+    seen = "CASE WHEN consent_personalization THEN event_time_ms END"
     per_user = f"""
-        SELECT user_id, COUNT(*) AS n_events, {counts}, {REVENUE} AS revenue_cents,
-               MIN(event_time_ms) AS first_seen_ms, MAX(event_time_ms) AS last_seen_ms,
+        SELECT user_id, COUNT(*) FILTER (WHERE consent_personalization) AS n_events, {counts},
+               {CONSENTED_REVENUE} AS revenue_cents, MIN({seen}) AS first_seen_ms, MAX({seen}) AS last_seen_ms,
                {hours}, {CONSENT_KEY} AS consent_key
         FROM {view} GROUP BY user_id"""
     by_hour = ", ".join(f"CAST(h{h} AS STRING)" for h in range(24))
@@ -104,8 +111,8 @@ def recent(view: str, settings: Settings) -> str:
     Each event lands in ``recent_window_ms / recent_slide_ms`` windows; that ratio
     is what the window costs (``scripts/bench_windows.py recent``)."""
     return f"""
-        SELECT user_id, 'recent' AS part, COUNT(*) AS recent_events,
-               {_count_of('product_view')} AS recent_product_views,
+        SELECT user_id, 'recent' AS part, COUNT(*) FILTER (WHERE consent_personalization) AS recent_events,
+               {_count_of('product_view', CONSENTED)} AS recent_product_views,
                {epoch_ms('window_end')} AS recent_window_end_ms,
                {_consent(CONSENT_KEY)} AS consent
         FROM TABLE(HOP(TABLE {view}, DESCRIPTOR(rowtime),

@@ -5,7 +5,9 @@ the propensity model learns (progressive ROC AUC)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import uuid
 from collections import Counter, defaultdict
 from decimal import Decimal
@@ -320,3 +322,88 @@ def test_an_unbounded_run_stopped_with_a_savepoint_resumes_the_same_models_and_l
     assert want
     check_triggers(own, want)  # each abandoned session once in Kafka and in Redis, across the restart
     assert set(Counter(t["trigger_id"] for t in kafka_triggers(own)).values()) == {1}
+
+
+def expected_profile_fields(events: list[dict], recent_ms: int, slide_ms: int) -> dict[str, dict[str, str]]:
+    """Every field of every profile the job should write (users whose latest event consents to
+    personalization), computed straight from the events, as the strings Redis holds; the
+    models' ``propensity`` and ``segment`` fields are checked apart."""
+    by_user: dict[str, list[dict]] = defaultdict(list)
+    for e in sorted(events, key=lambda e: e["event_time"]):
+        by_user[e["user_id"]].append(e)
+    sessions: dict[str, list[list[dict]]] = defaultdict(list)
+    for session in sessions_of(events):
+        sessions[session[0]["user_id"]].append(session)
+    out = {}
+    for user, evs in by_user.items():
+        if not evs[-1]["consent_personalization"]:
+            continue
+        cents = lambda e: int(Decimal(str(e["price"])).quantize(Decimal("0.01")) * 100) * e["quantity"]  # noqa: E731
+        fmt = lambda c: f"{c // 100}.{c % 100:02d}"  # noqa: E731
+        p: dict[str, str] = {f"n_{t}": str(sum(e["event_type"] == t for e in evs))
+                             for t in ("page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout",
+                                       "purchase", "search")}
+        revenue = sum(cents(e) for e in evs if e["event_type"] == "purchase")
+        hours = Counter(dt.datetime.fromtimestamp(e["event_time"] / 1000, dt.timezone.utc).hour for e in evs)
+        last = evs[-1]["event_time"]
+        window_start = last - last % slide_ms  # the newest sliding window holding the user's last event
+        recent = [e for e in evs if e["event_time"] >= window_start]
+        p.update(n_events=str(len(evs)), revenue_cents=str(revenue), revenue=fmt(revenue),
+                 first_seen_ms=str(evs[0]["event_time"]), last_seen_ms=str(last), updated_ms=str(last),
+                 events_by_hour=",".join(str(hours[h]) for h in range(24)),
+                 active_hours=",".join(str(h) for h in sorted(hours, key=lambda h: (-hours[h], h))[:3]),
+                 recent_events=str(len(recent)),
+                 recent_product_views=str(sum(e["event_type"] == "product_view" for e in recent)),
+                 recent_window_end_ms=str(window_start + recent_ms))
+        closed = sessions[user]
+        total_ms = sum(s[-1]["event_time"] - s[0]["event_time"] for s in closed)
+        avg_ms = total_ms // len(closed)
+        newest = closed[-1]
+        count = lambda t: str(sum(e["event_type"] == t for e in newest))  # noqa: E731
+        p.update(n_sessions=str(len(closed)), session_ms_total=str(total_ms), avg_session_ms=str(avg_ms),
+                 avg_session_s=f"{avg_ms // 1000}.{avg_ms % 1000:03d}",
+                 last_session_start_ms=str(newest[0]["event_time"]), last_session_events=str(len(newest)),
+                 last_session_cart_adds=count("add_to_cart"), last_session_cart_removes=count("remove_from_cart"),
+                 last_session_purchases=count("purchase"),
+                 last_session_revenue=fmt(sum(cents(e) for e in newest if e["event_type"] == "purchase")),
+                 propensity_ms=str(newest[-1]["event_time"] + GAP_MS))
+        categories = Counter(e["category"] for e in evs if e["category"])
+        for rank, (name, n) in enumerate(sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))[:3], start=1):
+            p[f"top_category_{rank}"], p[f"top_category_{rank}_events"] = name, str(n)
+        out[user] = p
+    return out
+
+
+def expected_trending(events: list[dict], window_ms: int, top_n: int) -> dict[str, dict[str, float]]:
+    """trending:{category}: the newest tumbling window with analytics-consented product views of
+    the category, its top products by views (ties by product id)."""
+    views: dict[str, Counter] = defaultdict(Counter)
+    for e in events:
+        if e["event_type"] == "product_view" and e["consent_analytics"]:
+            views[e["category"] or ""][(e["event_time"] - e["event_time"] % window_ms, e["product_id"])] += 1
+    out = {}
+    for category, counts in views.items():
+        newest = max(start for start, _ in counts)
+        ranked = sorted(((p, n) for (start, p), n in counts.items() if start == newest), key=lambda pn: (-pn[1], pn[0]))
+        out[f"trending:{category or '(none)'}"] = {p: float(n) for p, n in ranked[:top_n]}
+    return out
+
+
+def test_every_profile_field_and_the_trending_keys_equal_an_independent_computation(synthetic):
+    own, events = synthetic
+    s = own.settings
+    assert any(e["event_type"] == "purchase" and e["quantity"] > 1 for e in events)  # revenue is price x quantity
+    want = expected_profile_fields(events, s.recent_window_ms, s.recent_slide_ms)
+    got = profiles(own)
+    assert set(got) == set(want)
+    models_fields = {"propensity", "segment", "segment_name"}
+    mismatches = [(u, f, got[u].get(f), v) for u, p in want.items() for f, v in p.items() if got[u].get(f) != v]
+    assert not mismatches, mismatches[:10]
+    extra = {u: set(got[u]) - set(p) - models_fields for u, p in want.items() if set(got[u]) - set(p) - models_fields}
+    assert not extra, list(extra.items())[:5]
+    for user, p in got.items():
+        assert re.fullmatch(r"0\.\d{6}|1\.000000", p["propensity"]), (user, p["propensity"])
+        assert ("segment" in p) == ("segment_name" in p)
+    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    trending = expected_trending(events, s.trending_window_ms, s.trending_top_n)
+    assert {k: dict(r.zrange(k, 0, -1, withscores=True)) for k in r.scan_iter("trending:*")} == trending

@@ -95,13 +95,22 @@ def test_segment_changes_are_emitted_once_a_segment_is_assigned():
 
 def test_without_personalization_consent_nothing_is_scored_learned_or_profiled():
     models = m.Models.new(k=2, batch=2)
-    (row,) = close(models, {}, session(consent_personalization=False))
-    # marketing consent still allows the trigger, without score or segment; the session
-    # fields go out flagged without consent (the loader writes no profile for the user)
+    # marketing consent still allows the trigger, without score or segment; no profile
+    # part, and the session is not kept in the user's history
+    histories = {}
+    (row,) = close(models, histories, session(consent_personalization=False))
     assert row["trigger"]["propensity"] is None and row["trigger"]["segment"] is None
-    assert row["profile"]["consent"] is False and "propensity" not in row["profile"]
-    assert row["segment_change"] is None
+    assert row["profile"] is None and row["segment_change"] is None
     assert models.propensity.scores.samples == 0 and models.pending_y == [] and models.scored == 0
+    assert histories["u1"].sessions == 0 and histories["u1"].categories is None
+
+
+def test_a_session_without_consent_leaves_the_session_fields_of_the_consented_ones():
+    models, histories = m.Models.new(k=2, batch=2), {}
+    close(models, histories, session(start=0))
+    close(models, histories, session(start=10_000_000, consent_personalization=False))
+    (row,) = close(models, histories, session(start=20_000_000))
+    assert row["profile"]["n_sessions"] == 2 and row["profile"]["last_session_start_ms"] == 20_000_000
 
 
 def test_without_marketing_consent_no_trigger():
@@ -115,4 +124,4 @@ def test_withdrawn_personalization_takes_the_user_out_of_its_segment():
     assert histories["u1"].segment is not None and sum(models.segment_sizes.values()) == 1
     (row,) = close(models, histories, session(start=99_000_000, consent_personalization=False))
     assert histories["u1"].segment is None and sum(models.segment_sizes.values()) == 0
-    assert row["profile"]["consent"] is False and "segment" not in row["profile"]
+    assert row["profile"] is None
