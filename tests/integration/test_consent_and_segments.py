@@ -85,7 +85,8 @@ def test_consent_withdrawn_removes_the_profile_and_given_again_brings_back_only_
         _wait("the session after consent came back closed (its trigger)", trigger_of("back", T0 + 4 * 3_600_000),
               proc)
         want = expected_profile_fields(phase1[:8] + phase3, s.recent_window_ms, s.recent_slide_ms)["back"]
-        _wait("the profile back, of the consented sessions", lambda: r.hget("profile:back", "n_sessions") == "2",
+        closed = str(phase3[-1]["event_time"] + GAP_MS)
+        _wait("the profile back, with the newest session", lambda: r.hget("profile:back", "propensity_ms") == closed,
               proc)
         got = r.hgetall("profile:back")
         assert {f: got.get(f) for f in want} == want  # nothing of the withdrawn session: its purchase, its hour

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
@@ -182,18 +182,19 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons_and_good_on
     for i in range(200):
         ts = t0 + i * 1000
         kind = i % 5
+        key = good[i]["user_id"].encode()  # sent as that user's: counted per user below
         if kind == 0:
-            bad.append((b"x", bytes([i % 256]) * 17, ts, "not single-object encoded"))
+            bad.append((key, bytes([i % 256]) * 17, ts, "not single-object encoded"))
         elif kind == 1:
-            bad.append((b"x", b"\xc3\x01" + b"\x00" * 8 + b"junk", ts, "unknown schema fingerprint"))
+            bad.append((key, b"\xc3\x01" + b"\x00" * 8 + b"junk", ts, "unknown schema fingerprint"))
         elif kind == 2:
-            bad.append((b"x", codec.encode(good[i])[:-9], ts, "invalid Avro datum"))
+            bad.append((key, codec.encode(good[i])[:-9], ts, "invalid Avro datum"))
         elif kind == 3:
             event = dict(good[i], user_id="  ", event_time=ts)
-            bad.append((b"x", codec.encode(event), ts, "user_id is empty"))
+            bad.append((key, codec.encode(event), ts, "user_id is empty"))
         else:
             event = dict(good[i], event_time=ts)
-            bad.append((b"x", codec.encode(event), ts + 7, "differs from event_time"))
+            bad.append((key, codec.encode(event), ts + 7, "differs from event_time"))
     records = [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in good]
     mixed = []
     for i, rec in enumerate(records):
@@ -214,7 +215,13 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons_and_good_on
     expected_fragments = sorted(b[3] for b in bad)
     got = sorted(next(f for f in expected_fragments if f in l["reason"]) for l in reasons)
     assert got == expected_fragments
-    assert sum(int(p["n_events"]) for p in profiles(own).values()) == 300
+    # per user: the events its profile counts plus the dead letters of its records are what was sent
+    source = {(r.partition, r.offset): r for r in kafkaio.read_to_end(s, s.topic_events)}
+    assert all(l["original"] == source[(l["partition"], l["offset"])].value for l in reasons)
+    sent = Counter(key.decode() for key, _, _ in mixed)
+    counted = Counter({user: int(p.get("n_events", 0)) for user, p in profiles(own).items()})
+    lettered = Counter(source[(l["partition"], l["offset"])].key.decode() for l in reasons)
+    assert counted + lettered == sent
 
 
 def test_late_events_are_counted_and_dead_lettered_with_reason_late(stack):
