@@ -96,18 +96,67 @@ def test_killed_kafka_is_reported_down_and_down_purge_starts_the_next_up_empty(t
 
 
 @pytest.mark.slow
-def test_down_stops_only_what_the_stack_started(tmp_path):
+def test_down_stops_only_what_the_stack_started_and_up_finds_the_data_again(tmp_path):
+    """An outside redis-server (the same program, another folder) survives `down`, even when
+    the stack's pid file names it (a stale file whose pid was reused); Kafka's and Redis's
+    data written before `down` are there after `up`."""
+    import shutil
+    import subprocess
+
+    from personalize import kafkaio
+
     own = start_stack(tmp_path / "own")
-    foreign = redis.Redis  # keep the name short below
+    outside_dir = tmp_path / "outside"
+    outside_dir.mkdir()
+    outside_port = free_port()
+    outside = subprocess.Popen([shutil.which("redis-server"), "--port", str(outside_port), "--bind", "127.0.0.1",
+                                "--save", ""], cwd=outside_dir, stdout=subprocess.DEVNULL)
     try:
-        assert own.cli("stack", "down").returncode == 0
-        assert own.cli("stack", "down").stdout.strip() == "stopped: nothing was running"
-        # data survives a plain down: a restart finds what was there
+        s = own.settings
+        redis.Redis.from_url(s.redis_url).set("written", "before down")
+        topics.ensure(s, ["kept"], local_stack=True)
+        assert kafkaio.produce(s, "kept", [(b"k", b"before down", 1)]) == 1
+        deadline = time.monotonic() + 10
+        while not _answers(outside_port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _answers(outside_port)
+
+        stack_pids = pids(own)
+        done = own.cli("stack", "down")
+        assert done.returncode == 0 and done.stdout.strip() == "stopped: kafka, redis", done.stdout + done.stderr
+        assert not any(_running(pid) for pid in stack_pids.values())
+        assert outside.poll() is None and _answers(outside_port)
+
+        # a stale pid file naming a process the stack did not start: not stopped
+        (s.stack_dir / "redis.pid").write_text(f"{outside.pid}\n")
+        done = own.cli("stack", "down")
+        assert done.stdout.strip() == "stopped: nothing was running", done.stdout + done.stderr
+        assert outside.poll() is None and _answers(outside_port)
+
         done = own.cli("stack", "up", timeout=180)
         assert done.returncode == 0, done.stderr
-        assert foreign.from_url(own.settings.redis_url).ping()
+        assert pids(own)["redis"] != outside.pid
+        assert redis.Redis.from_url(s.redis_url).get("written") == b"before down"
+        assert [r.value for r in kafkaio.read_to_end(s, "kept")] == [b"before down"]
     finally:
         own.cli("stack", "down", "--purge")
+        outside.kill()
+        outside.wait()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return redis.Redis(port=port, socket_connect_timeout=0.5).ping()
+    except redis.ConnectionError:
+        return False
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.slow
