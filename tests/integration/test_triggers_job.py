@@ -327,17 +327,20 @@ def test_an_unbounded_run_stopped_with_a_savepoint_resumes_the_same_models_and_l
 def expected_profile_fields(events: list[dict], recent_ms: int, slide_ms: int) -> dict[str, dict[str, str]]:
     """Every field of every profile the job should write (users whose latest event consents to
     personalization), computed straight from the events, as the strings Redis holds; the
-    models' ``propensity`` and ``segment`` fields are checked apart."""
+    models' ``propensity`` and ``segment`` fields are checked apart. Only events with
+    personalization consent count, and only sessions whose latest event consents."""
     by_user: dict[str, list[dict]] = defaultdict(list)
     for e in sorted(events, key=lambda e: e["event_time"]):
         by_user[e["user_id"]].append(e)
     sessions: dict[str, list[list[dict]]] = defaultdict(list)
     for session in sessions_of(events):
-        sessions[session[0]["user_id"]].append(session)
+        if session[-1]["consent_personalization"]:
+            sessions[session[0]["user_id"]].append(session)
     out = {}
     for user, evs in by_user.items():
         if not evs[-1]["consent_personalization"]:
             continue
+        evs = [e for e in evs if e["consent_personalization"]]
         cents = lambda e: int(Decimal(str(e["price"])).quantize(Decimal("0.01")) * 100) * e["quantity"]  # noqa: E731
         fmt = lambda c: f"{c // 100}.{c % 100:02d}"  # noqa: E731
         p: dict[str, str] = {f"n_{t}": str(sum(e["event_type"] == t for e in evs))
@@ -367,7 +370,7 @@ def expected_profile_fields(events: list[dict], recent_ms: int, slide_ms: int) -
                  last_session_purchases=count("purchase"),
                  last_session_revenue=fmt(sum(cents(e) for e in newest if e["event_type"] == "purchase")),
                  propensity_ms=str(newest[-1]["event_time"] + GAP_MS))
-        categories = Counter(e["category"] for e in evs if e["category"])
+        categories = Counter(e["category"] for x in closed for e in x if e["category"])
         for rank, (name, n) in enumerate(sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))[:3], start=1):
             p[f"top_category_{rank}"], p[f"top_category_{rank}_events"] = name, str(n)
         out[user] = p
