@@ -316,3 +316,80 @@ def test_profile_command_prints_json_and_says_so_for_an_unknown_user(rees46):
     assert done.stderr.strip() == (
         f"personalize: no profile for user 'no-such-user' in {own.settings.redis_url}"
     )
+
+
+def test_late_events_in_a_live_run_over_two_partitions_one_idle_and_exactly_at_the_watermark(stack, tmp_path):
+    """The default watermarks (periodic, 5 s out of order) of a live run over two partitions:
+    while one partition is quiet the other moves the watermark on (idleness), so the quiet
+    one's next old event is late; an event exactly at the watermark is late, one a
+    millisecond after it is not. Late events are dead-lettered by event id and counted
+    nowhere else: the windows and the totals agree."""
+    own = job_stack(stack, redis_db=12, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_IDLE_TIMEOUT_MS="2000", PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000")
+    s = own.settings
+    assert (s.watermark_emit, s.out_of_orderness_ms) == ("on-periodic", 5_000)
+    topics.ensure(s, [s.topic_events], partitions=2, local_stack=True)
+    codec = schemas.codec("user_event")
+    t0 = smoke.BASE_MS
+    base = smoke.sample_events(1, users=1)[0]
+
+    def ev(user: str, n: int, t: int) -> dict:
+        return dict(base, event_id=f"{user}-{n}", user_id=user, event_time=t, event_type="page_view",
+                    product_id=None, category=None, price=None, quantity=1, consent_personalization=True)
+
+    producer = kafkaio.producer(s)
+
+    def send(partition: int, events: list[dict]) -> None:
+        for e in events:
+            producer.send(s.topic_events, key=e["user_id"].encode(), value=codec.encode(e), partition=partition,
+                          timestamp_ms=e["event_time"])
+        producer.flush()
+
+    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    sent: dict[str, list[dict]] = {"a": [], "b": []}
+    late: list[dict] = []
+
+    def deliver(partition: int, events: list[dict], are_late: bool = False) -> None:
+        send(partition, events)
+        (late if are_late else sent[events[0]["user_id"]]).extend(events)
+
+    deliver(0, [ev("a", i, t0 + i * 10_000) for i in range(7)])  # partition 0: user a
+    deliver(1, [ev("b", i, t0 + i * 10_000) for i in range(7)])  # partition 1: user b
+    proc = _start(own)
+    try:
+        _wait_for_events(own, proc, 14)
+        # only partition 0 moves on, to 20 minutes; partition 1 falls idle after 2 s
+        newest = t0 + 20 * 60_000
+        deliver(0, [ev("a", 10 + i, t0 + (i + 1) * 60_000) for i in range(19)] + [ev("a", 29, newest)])
+        # the 5-minute sliding windows of user a close only once partition 1 no longer holds the watermark
+        deadline = time.monotonic() + 60
+        while int(r.hget("profile:a", "recent_window_end_ms") or 0) < t0 + 15 * 60_000:
+            assert time.monotonic() < deadline, "the watermark did not pass the idle partition"
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        watermark = newest - s.out_of_orderness_ms
+        deliver(1, [ev("b", 100, t0 + 10 * 60_000)], are_late=True)  # behind the watermark of partition 0
+        deliver(0, [ev("a", 100, watermark)], are_late=True)  # exactly at the watermark
+        deliver(0, [ev("a", 101, watermark + 1)])  # a millisecond after it
+        deliver(0, [ev("a", 102, newest + 60 * 60_000)])  # moves the watermark on: a's sessions close
+        deadline = time.monotonic() + 60
+        while len(letters := list(kafkaio.read_to_end(s, s.topic_dlq))) < len(late) or \
+                r.hget("profile:a", "n_events") != str(len(sent["a"])) or \
+                [r.hget(f"profile:{u}", "n_sessions") for u in "ab"] != ["1", "1"]:
+            assert time.monotonic() < deadline, ("dead letters", len(letters), r.hgetall("profile:a"),
+                                                 r.hgetall("profile:b"))
+            time.sleep(0.5)
+    finally:
+        _interrupt(proc)
+        producer.close()
+    dead = [schemas.codec("dead_letter").decode(x.value) for x in kafkaio.read_to_end(s, s.topic_dlq)]
+    assert sorted(codec.decode(d["original"])["event_id"] for d in dead) == sorted(e["event_id"] for e in late)
+    assert {d["reason"] for d in dead} == {"late"}
+    assert all(t0 + 15 * 60_000 <= d["watermark"] and d["record_timestamp"] <= d["watermark"] for d in dead), dead
+    got = profiles(own)
+    for user, events in sent.items():
+        assert int(got[user]["n_events"]) == len(events), (user, got[user])
+    # the windows took the same events as the totals: a's closed session holds every on-time event but its
+    # newest (which opened the next session), none of the late ones; b's session its first 7 events only
+    assert (got["a"]["n_sessions"], got["a"]["last_session_events"]) == ("1", str(len(sent["a"]) - 1)), got["a"]
+    assert (got["b"]["n_sessions"], got["b"]["last_session_events"]) == ("1", "7"), got["b"]
