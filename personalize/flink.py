@@ -85,9 +85,8 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
         config.set_string("execution.checkpointing.savepoint-dir", (settings.state_dir / "savepoints").as_uri())
         config.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
         config.set_string("execution.checkpointing.num-retained", "3")
-        config.set_string("restart-strategy.type", "fixed-delay")
-        config.set_string("restart-strategy.fixed-delay.attempts", "3")
-        config.set_string("restart-strategy.fixed-delay.delay", "2 s")
+        for key, value in restart_strategy(settings).items():
+            config.set_string(key, value)
     if restore_from:
         config.set_string("execution.state-recovery.path", restore_from)
 
@@ -96,6 +95,20 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     env.enable_checkpointing(checkpoint_interval_ms or settings.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
     t_env = StreamTableEnvironment.create(env, environment_settings=EnvironmentSettings.in_streaming_mode())
     return env, t_env
+
+
+def restart_strategy(settings: Settings) -> dict[str, str]:
+    """Flink's restart strategy of an unbounded run (settings.restart_*): exponential delay
+    from 1 s to the maximum, so a broker outage of minutes is ridden out, not a failed job."""
+    return {
+        "restart-strategy.type": "exponential-delay",
+        "restart-strategy.exponential-delay.initial-backoff": "1 s",
+        "restart-strategy.exponential-delay.backoff-multiplier": "2.0",
+        "restart-strategy.exponential-delay.max-backoff": f"{settings.restart_max_delay_ms} ms",
+        "restart-strategy.exponential-delay.jitter-factor": "0.1",
+        "restart-strategy.exponential-delay.attempts-before-reset-backoff": str(settings.restart_attempts),
+        "restart-strategy.exponential-delay.reset-backoff-threshold": "1 h",
+    }
 
 
 def job_failure(exc: BaseException) -> str:

@@ -91,6 +91,17 @@ class Settings:
     # bounded runs commit at the end; a checkpoint in between only costs time (and
     # must come before the sink's 10 min transaction timeout)
     bounded_checkpoint_interval_ms: int = 300_000
+    # an unbounded run restarts after a failure (a broker or TaskManager gone) from its newest
+    # checkpoint, waiting 1 s doubling to restart_max_delay_ms between tries, at most
+    # restart_attempts tries in a row (30 at up to 30 s: about 13 minutes of outage); the
+    # count starts again after an hour without failure
+    restart_attempts: int = 30
+    restart_max_delay_ms: int = 30_000
+    # Kafka transactions of the exactly-once sinks: the output of a checkpoint the job has
+    # not committed when it goes down is aborted by the broker after this long, so it bounds
+    # how long a job may stay down and still commit it on restart; at most the broker's
+    # transaction.max.timeout.ms (15 min by default and on the local stack)
+    transaction_timeout_ms: int = 600_000
     # checkpoints and savepoints of unbounded runs (default: <stack_dir>/flink)
     state_dir: Path | None = None
     max_parallelism: int = 128
@@ -111,7 +122,8 @@ class Settings:
         for name in ("partitions", "parallelism", "checkpoint_interval_ms", "bounded_checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
                      "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
-                     "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots", "loader_workers"):
+                     "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots", "loader_workers",
+                     "restart_attempts", "restart_max_delay_ms", "transaction_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.out_of_orderness_ms < 0:

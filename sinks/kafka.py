@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from personalize.settings import Settings
 
-# below the broker's transaction.max.timeout.ms (15 min; the sink's default 1 h is refused)
-TRANSACTION_TIMEOUT_MS = 600_000
 
-
-def _exactly_once(topic: str, sink: str = "") -> str:
-    """Exactly-once delivery; ``sink`` tells apart several sinks writing to one topic."""
+def _exactly_once(settings: Settings, topic: str, sink: str = "") -> str:
+    """Exactly-once delivery; ``sink`` tells apart several sinks writing to one topic. The
+    transaction timeout (settings.transaction_timeout_ms) must stay below the broker's
+    transaction.max.timeout.ms (15 min; the sink's default of 1 h is refused)."""
     return f"""
             'sink.delivery-guarantee' = 'exactly-once',
             'sink.transactional-id-prefix' = 'personalize-{topic}{'-' + sink if sink else ''}',
-            'properties.transaction.timeout.ms' = '{TRANSACTION_TIMEOUT_MS}'"""
+            'properties.transaction.timeout.ms' = '{settings.transaction_timeout_ms}'"""
 
 
 def events_source(table: str, settings: Settings, *, bounded: bool, group_id: str, topic: str | None = None) -> str:
@@ -64,7 +63,7 @@ def keyed_bytes_sink(table: str, settings: Settings, topic: str, sink: str = "")
             'key.format' = 'raw',
             'key.fields' = 'user_id',
             'value.format' = 'raw',
-            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(topic, sink)}
+            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(settings, topic, sink)}
         )"""
 
 
@@ -99,7 +98,7 @@ def profile_part_sink(table: str, settings: Settings, part: str, columns, *, bou
             'value.json.encode.ignore-null-fields' = 'true',
             'value.fields-include' = 'EXCEPT_KEY',
             'sink.buffer-flush.max-rows' = '{flush_rows}',
-            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings.topic_profile_updates, part)}
+            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings, settings.topic_profile_updates, part)}
         )"""
 
 
@@ -115,5 +114,5 @@ def trending_sink(table: str, settings: Settings) -> str:
             'connector' = 'kafka',
             'topic' = '{settings.topic_trending}',
             'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
-            'value.format' = 'json',{_exactly_once(settings.topic_trending)}
+            'value.format' = 'json',{_exactly_once(settings, settings.topic_trending)}
         )"""

@@ -62,3 +62,25 @@ def test_bad_values_are_refused_naming_the_variable(env, message):
 def test_ci_switches_logs_to_json_unless_set():
     assert Settings.from_env({"CI": "true"}).log_format == "json"
     assert Settings.from_env({"CI": "true", "PERSONALIZE_LOG_FORMAT": "console"}).log_format == "console"
+
+
+def test_the_default_restart_strategy_rides_out_a_minute_long_outage():
+    from personalize.flink import restart_strategy
+
+    s = Settings.from_env({})
+    conf = restart_strategy(s)
+    assert conf["restart-strategy.type"] == "exponential-delay"
+    assert conf["restart-strategy.exponential-delay.max-backoff"] == "30000 ms"
+    # the waits before each try: 1 s doubling, capped at the maximum, less 10 % jitter at worst
+    waits = [min(2**i, s.restart_max_delay_ms / 1000) * 0.9 for i in range(s.restart_attempts)]
+    assert sum(waits) > 10 * 60  # minutes of outage, not the 6 s of the 3 tries 2 s apart before
+    assert int(conf["restart-strategy.exponential-delay.attempts-before-reset-backoff"]) == s.restart_attempts
+
+
+def test_restart_and_transaction_settings_come_from_the_environment():
+    s = Settings.from_env({"PERSONALIZE_RESTART_ATTEMPTS": "5", "PERSONALIZE_RESTART_MAX_DELAY_MS": "2000",
+                           "PERSONALIZE_TRANSACTION_TIMEOUT_MS": "300000"})
+    assert (s.restart_attempts, s.restart_max_delay_ms, s.transaction_timeout_ms) == (5, 2000, 300000)
+    from sinks.kafka import trending_sink
+
+    assert "'properties.transaction.timeout.ms' = '300000'" in trending_sink("t", s)
