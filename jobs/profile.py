@@ -101,8 +101,10 @@ def keyed_by_constant(t_env, packed_sql: str):
     return KeyedStream(j_keyed, Types.STRING(), rows)
 
 
-def checked_sql(decoded: str) -> str:
-    """Every record with its reason (NULL for a usable, on-time event)."""
+def checked_sql(decoded: str, settings: Settings) -> str:
+    """Every record with its reason (NULL for a usable, on-time event). An event more than
+    ``max_ahead_ms`` ahead of the wall clock when read comes from a clock that runs ahead:
+    a dead letter (the watermark does not follow it either, ``sinks.kafka.events_source``)."""
     fields = ", ".join(f"CAST(d.{name} AS {sql}) AS {name}" if sql == "INT" else f"d.{name} AS {name}"
                        for name, sql in decode.EVENT_COLUMNS)
     return f"""
@@ -112,6 +114,9 @@ def checked_sql(decoded: str) -> str:
                     WHEN TO_TIMESTAMP_LTZ(d.event_time_ms, 3) <> ts
                       THEN CONCAT('record timestamp ', CAST({windows.epoch_ms('ts')} AS STRING),
                                   ' differs from event_time ', CAST(d.event_time_ms AS STRING))
+                    WHEN ts > CURRENT_TIMESTAMP + {windows.interval(settings.max_ahead_ms)}
+                      THEN CONCAT('event_time ', CAST(d.event_time_ms AS STRING), ' is more than ',
+                                  '{settings.max_ahead_ms} ms ahead of the clock (PERSONALIZE_MAX_AHEAD_MS)')
                     WHEN ts <= wm THEN '{decode.LATE}'
                END AS reason
         FROM {decoded}"""
@@ -135,7 +140,7 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(MODEL_SNAPSHOTS, settings, settings.topic_model_snapshots))
 
     t_env.create_temporary_view("events_decoded", decoded_events(t_env, SOURCE))
-    t_env.create_temporary_view(CHECKED_VIEW, t_env.sql_query(checked_sql("events_decoded")))
+    t_env.create_temporary_view(CHECKED_VIEW, t_env.sql_query(checked_sql("events_decoded", settings)))
     columns = ", ".join(name for name, _ in decode.EVENT_COLUMNS)
     t_env.create_temporary_view(EVENTS_VIEW, t_env.sql_query(
         f"SELECT {columns}, hour_of_day, rowtime FROM {CHECKED_VIEW} WHERE reason IS NULL"))

@@ -57,6 +57,9 @@ class Settings:
     # record: lateness then does not depend on timing, at some cost in speed)
     watermark_emit: str = "on-periodic"
     idle_timeout_ms: int = 30_000
+    # an event more than this ahead of the wall clock when read is a dead letter (its
+    # producer's clock runs ahead); the watermark never passes the wall clock either
+    max_ahead_ms: int = 60_000
     session_gap_ms: int = 30 * 60_000
     activity_window_ms: int = 60 * 60_000
     recent_window_ms: int = 30 * 60_000
@@ -123,7 +126,7 @@ class Settings:
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
                      "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
                      "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots", "loader_workers",
-                     "restart_attempts", "restart_max_delay_ms", "transaction_timeout_ms"):
+                     "restart_attempts", "restart_max_delay_ms", "transaction_timeout_ms", "max_ahead_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.out_of_orderness_ms < 0:

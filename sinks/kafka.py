@@ -24,7 +24,11 @@ def _exactly_once(settings: Settings, topic: str, sink: str = "") -> str:
 
 
 def events_source(table: str, settings: Settings, *, bounded: bool, group_id: str, topic: str | None = None) -> str:
-    """The events topic (or ``topic``) as raw bytes with metadata and event-time watermarks."""
+    """The events topic (or ``topic``) as raw bytes with metadata and event-time watermarks.
+
+    The watermark never passes the wall clock (less the out-of-orderness): one producer
+    whose clock runs ahead cannot close others' sessions early or make their on-time
+    events late (``jobs.profile.checked_sql`` dead-letters events too far ahead)."""
     from operators.windows import interval
 
     bounded_opt = "'scan.bounded.mode' = 'latest-offset'," if bounded else ""
@@ -35,7 +39,7 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
             `partition` INT METADATA VIRTUAL,
             `offset` BIGINT METADATA VIRTUAL,
             `ts` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp',
-            WATERMARK FOR `ts` AS `ts` - {interval(settings.out_of_orderness_ms)}
+            WATERMARK FOR `ts` AS LEAST(`ts`, CURRENT_TIMESTAMP) - {interval(settings.out_of_orderness_ms)}
         ) WITH (
             'connector' = 'kafka',
             'topic' = '{topic or settings.topic_events}',

@@ -393,3 +393,50 @@ def test_late_events_in_a_live_run_over_two_partitions_one_idle_and_exactly_at_t
     # newest (which opened the next session), none of the late ones; b's session its first 7 events only
     assert (got["a"]["n_sessions"], got["a"]["last_session_events"]) == ("1", str(len(sent["a"]) - 1)), got["a"]
     assert (got["b"]["n_sessions"], got["b"]["last_session_events"]) == ("1", "7"), got["b"]
+
+
+def test_a_producer_clock_ahead_is_dead_lettered_and_closes_nobody_s_session_early(stack, tmp_path):
+    """Live: an event an hour ahead of the wall clock is a dead letter; one 30 s ahead (within
+    PERSONALIZE_MAX_AHEAD_MS) counts but moves the watermark no further than the clock, so
+    another user's event sent now is not late and its open session with a cart does not close."""
+    own = job_stack(stack, redis_db=12, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_WATERMARK_EMIT="on-event")
+    s = own.settings
+    assert s.max_ahead_ms == 60_000
+    topics.ensure(s, [s.topic_events], partitions=1, local_stack=True)
+    codec = schemas.codec("user_event")
+    base = smoke.sample_events(1, users=1)[0]
+    now = lambda: int(time.time() * 1000)  # noqa: E731
+
+    def ev(user: str, n: int, t: int, kind: str = "page_view", product: str | None = None) -> dict:
+        return dict(base, event_id=f"{user}-{n}", user_id=user, event_time=t, event_type=kind, product_id=product,
+                    category=None, price=2.5 if product else None, quantity=1, consent_personalization=True,
+                    consent_marketing=True)
+
+    def send(*events: dict) -> None:
+        assert kafkaio.produce(s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"])
+                                                   for e in events]) == len(events)
+
+    t = now()
+    send(ev("x", 0, t - 50_000), ev("x", 1, t - 40_000, "add_to_cart", "p1"))  # an open session with a cart
+    proc = _start(own)
+    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    try:
+        _wait_for_events(own, proc, 2)
+        ahead = ev("y", 0, now() + 3_600_000)  # a clock an hour ahead
+        send(ahead, ev("y", 1, now() + 30_000), ev("x", 2, now(), "product_view", "p2"))
+        deadline = time.monotonic() + 60
+        while len(list(kafkaio.read_to_end(s, s.topic_dlq))) < 1 or r.hget("profile:x", "n_events") != "3" or \
+                r.hget("profile:y", "n_events") != "1":
+            assert time.monotonic() < deadline, (r.hgetall("profile:x"), r.hgetall("profile:y"))
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)  # a few more checkpoints: no trigger, no closed session
+    finally:
+        _interrupt(proc)
+    letters = [schemas.codec("dead_letter").decode(x.value) for x in kafkaio.read_to_end(s, s.topic_dlq)]
+    assert [codec.decode(d["original"])["event_id"] for d in letters] == ["y-0"]
+    assert letters[0]["reason"] == (f"event_time {ahead['event_time']} is more than 60000 ms ahead of the clock "
+                                    "(PERSONALIZE_MAX_AHEAD_MS)")
+    assert list(kafkaio.read_to_end(s, s.topic_triggers)) == []
+    assert "n_sessions" not in r.hgetall("profile:x")
