@@ -52,13 +52,16 @@ def _count_of(event_type: str, where: str = "") -> str:
     return f"COUNT(*) FILTER (WHERE event_type = '{event_type}'{where})"
 
 
-# a purchase without a price (Taobao logs carry none) adds 0, so the sum is never NULL
-REVENUE = "SUM(CASE WHEN event_type = 'purchase' THEN COALESCE(price_cents, 0) * quantity ELSE 0 END)"
+def revenue(where: str = "") -> str:
+    """Revenue in cents of the purchases (that meet ``where``); a purchase without a price
+    (Taobao logs carry none) adds 0, so the sum is never NULL."""
+    return f"SUM(CASE WHEN event_type = 'purchase'{where} THEN COALESCE(price_cents, 0) * quantity ELSE 0 END)"
+
+
+REVENUE = revenue()
 # the profile counts only events that carry personalization consent: what a user did
 # while consent was withdrawn is never written, not even after consent is given again
 CONSENTED = " AND consent_personalization"
-CONSENTED_REVENUE = ("SUM(CASE WHEN event_type = 'purchase' AND consent_personalization"
-                     " THEN COALESCE(price_cents, 0) * quantity ELSE 0 END)")
 # the consent flag of the user's latest event by event time, as a mergeable MAX
 # (LAST_VALUE cannot merge, so it cannot run in session windows): the event time
 # shifted left one bit with the flag in the low bit; MAX of these keeps the newest
@@ -94,7 +97,7 @@ def totals(view: str) -> str:
     seen = "CASE WHEN consent_personalization THEN event_time_ms END"
     per_user = f"""
         SELECT user_id, COUNT(*) FILTER (WHERE consent_personalization) AS n_events, {counts},
-               {CONSENTED_REVENUE} AS revenue_cents, MIN({seen}) AS first_seen_ms, MAX({seen}) AS last_seen_ms,
+               {revenue(CONSENTED)} AS revenue_cents, MIN({seen}) AS first_seen_ms, MAX({seen}) AS last_seen_ms,
                {hours}, {CONSENT_KEY} AS consent_key
         FROM {view} GROUP BY user_id"""
     by_hour = ", ".join(f"CAST(h{h} AS STRING)" for h in range(24))

@@ -11,7 +11,7 @@ import redis
 
 import schemas
 from personalize import kafkaio, produce, topics
-from tests.integration.test_profile_job import _interrupt, _start, job_stack, profiles, run_bounded
+from tests.integration.test_profile_job import _interrupt, _start, job_stack, profiles, run_bounded, wait_until
 from tests.integration.test_triggers_job import (
     GAP_MS, _clock, expected_profile_fields, send_events, sessions_of, stream_entries,
 )
@@ -39,17 +39,6 @@ def session(user: str, start: int, first_n: int, *, consent: bool, buy: bool) ->
             for i, (kind, p, price, q) in enumerate(steps)]
 
 
-def _wait(what: str, check, proc, timeout_s: float = 120):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
-
-
 def test_consent_withdrawn_removes_the_profile_and_given_again_brings_back_only_consented_events(stack, tmp_path):
     """Live: a profile from consented events; withdrawn, it disappears and nothing of the
     withdrawn session is written; given again, it comes back from the consented events only."""
@@ -69,24 +58,24 @@ def test_consent_withdrawn_removes_the_profile_and_given_again_brings_back_only_
     proc = _start(own)
     try:
         want = expected_profile_fields(phase1, s.recent_window_ms, s.recent_slide_ms)
-        _wait("both profiles of the consented first sessions", lambda: all(
+        wait_until("both profiles of the consented first sessions", lambda: all(
             r.hgetall(f"profile:{u}").get("n_sessions") == "1" for u in ("back", "gone")), proc)
         for user in ("back", "gone"):
             got = r.hgetall(f"profile:{user}")
             assert {f: got.get(f) for f in want[user]} == want[user]
 
         send_events(own, phase2 + _clock(T0 + 3 * 3_600_000))
-        _wait("the profiles deleted", lambda: not r.exists("profile:back", "profile:gone"), proc)
-        _wait("the withdrawn session of 'gone' closed (its trigger)", trigger_of("gone", T0 + 2 * 3_600_000), proc)
+        wait_until("the profiles deleted", lambda: not r.exists("profile:back", "profile:gone"), proc)
+        wait_until("the withdrawn session of 'gone' closed (its trigger)", trigger_of("gone", T0 + 2 * 3_600_000), proc)
         time.sleep(3)  # a few more checkpoints: still nothing written for either
         assert not r.exists("profile:back", "profile:gone")
 
         send_events(own, phase3 + _clock(T0 + 5 * 3_600_000))
-        _wait("the session after consent came back closed (its trigger)", trigger_of("back", T0 + 4 * 3_600_000),
+        wait_until("the session after consent came back closed (its trigger)", trigger_of("back", T0 + 4 * 3_600_000),
               proc)
         want = expected_profile_fields(phase1[:8] + phase3, s.recent_window_ms, s.recent_slide_ms)["back"]
         closed = str(phase3[-1]["event_time"] + GAP_MS)
-        _wait("the profile back, with the newest session", lambda: r.hget("profile:back", "propensity_ms") == closed,
+        wait_until("the profile back, with the newest session", lambda: r.hget("profile:back", "propensity_ms") == closed,
               proc)
         got = r.hgetall("profile:back")
         assert {f: got.get(f) for f in want} == want  # nothing of the withdrawn session: its purchase, its hour

@@ -10,8 +10,9 @@ from collections import Counter
 
 import pytest
 
+from personalize import topics
 from tests.conftest import start_stack
-from tests.integration.test_profile_job import _interrupt, _start, job_stack, profiles
+from tests.integration.test_profile_job import _interrupt, _start, job_stack, profiles, wait_until
 from tests.integration.test_triggers_job import (
     _clock, _wait_for_samples, check_triggers, consented_sessions, expected_profile_fields, expected_triggers,
     kafka_triggers, send_events, two_phases,
@@ -31,8 +32,6 @@ def test_a_minute_long_broker_outage_mid_stream_loses_and_repeats_nothing(tmp_pa
     try:
         own = job_stack(own_stack, redis_db=0, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
                         PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
-        from personalize import topics
-
         topics.ensure(own.settings, [own.settings.topic_events], local_stack=True)
         first, second, clock1, clock2 = two_phases(150, (41, 42))
         sent = send_events(own, first + _clock(clock1))
@@ -56,11 +55,8 @@ def test_a_minute_long_broker_outage_mid_stream_loses_and_repeats_nothing(tmp_pa
             assert _wait_for_samples(own, proc, want2, timeout_s=300) == want2
             events = first + second
             want = expected_profile_fields(events, own.settings.recent_window_ms, own.settings.recent_slide_ms)
-            deadline = time.monotonic() + 60
-            while {u: p.get("n_events") for u, p in profiles(own).items()} != \
-                    {u: p["n_events"] for u, p in want.items()}:
-                assert time.monotonic() < deadline, "the profiles did not catch up"
-                time.sleep(1)
+            wait_until("the profiles catch up", lambda: {u: p.get("n_events") for u, p in profiles(own).items()}
+                       == {u: p["n_events"] for u, p in want.items()}, proc, 60)
         finally:
             _interrupt(proc)
         assert sent == len(events) + 2 * len(_clock(0))

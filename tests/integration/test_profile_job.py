@@ -250,6 +250,18 @@ def test_late_events_are_counted_and_dead_lettered_with_reason_late(stack):
     assert int(profiles(own)["u0"]["n_events"]) == 60
 
 
+def wait_until(what: str, check, proc, timeout_s: float = 120):
+    """Poll ``check`` while the job process lives; its first truthy result, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
 def _wait_for_events(own: Stack, proc, want: int, timeout_s: float = 240) -> int:
     deadline = time.monotonic() + timeout_s
     total = -1
@@ -362,23 +374,17 @@ def test_late_events_in_a_live_run_over_two_partitions_one_idle_and_exactly_at_t
         newest = t0 + 20 * 60_000
         deliver(0, [ev("a", 10 + i, t0 + (i + 1) * 60_000) for i in range(19)] + [ev("a", 29, newest)])
         # the 5-minute sliding windows of user a close only once partition 1 no longer holds the watermark
-        deadline = time.monotonic() + 60
-        while int(r.hget("profile:a", "recent_window_end_ms") or 0) < t0 + 15 * 60_000:
-            assert time.monotonic() < deadline, "the watermark did not pass the idle partition"
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.5)
+        wait_until("the watermark passes the idle partition",
+                   lambda: int(r.hget("profile:a", "recent_window_end_ms") or 0) >= t0 + 15 * 60_000, proc, 60)
         watermark = newest - s.out_of_orderness_ms
         deliver(1, [ev("b", 100, t0 + 10 * 60_000)], are_late=True)  # behind the watermark of partition 0
         deliver(0, [ev("a", 100, watermark)], are_late=True)  # exactly at the watermark
         deliver(0, [ev("a", 101, watermark + 1)])  # a millisecond after it
         deliver(0, [ev("a", 102, newest + 60 * 60_000)])  # moves the watermark on: a's sessions close
-        deadline = time.monotonic() + 60
-        while len(letters := list(kafkaio.read_to_end(s, s.topic_dlq))) < len(late) or \
-                r.hget("profile:a", "n_events") != str(len(sent["a"])) or \
-                [r.hget(f"profile:{u}", "n_sessions") for u in "ab"] != ["1", "1"]:
-            assert time.monotonic() < deadline, ("dead letters", len(letters), r.hgetall("profile:a"),
-                                                 r.hgetall("profile:b"))
-            time.sleep(0.5)
+        wait_until("every dead letter, a's events and both sessions closed", lambda: (
+            len(list(kafkaio.read_to_end(s, s.topic_dlq))) >= len(late)
+            and r.hget("profile:a", "n_events") == str(len(sent["a"]))
+            and [r.hget(f"profile:{u}", "n_sessions") for u in "ab"] == ["1", "1"]), proc, 60)
     finally:
         _interrupt(proc)
         producer.close()
@@ -425,12 +431,9 @@ def test_a_producer_clock_ahead_is_dead_lettered_and_closes_nobody_s_session_ear
         _wait_for_events(own, proc, 2)
         ahead = ev("y", 0, now() + 3_600_000)  # a clock an hour ahead
         send(ahead, ev("y", 1, now() + 30_000), ev("x", 2, now(), "product_view", "p2"))
-        deadline = time.monotonic() + 60
-        while len(list(kafkaio.read_to_end(s, s.topic_dlq))) < 1 or r.hget("profile:x", "n_events") != "3" or \
-                r.hget("profile:y", "n_events") != "1":
-            assert time.monotonic() < deadline, (r.hgetall("profile:x"), r.hgetall("profile:y"))
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            time.sleep(0.5)
+        wait_until("the dead letter and the counted events of x and y", lambda: (
+            len(list(kafkaio.read_to_end(s, s.topic_dlq))) >= 1 and r.hget("profile:x", "n_events") == "3"
+            and r.hget("profile:y", "n_events") == "1"), proc, 60)
         time.sleep(3)  # a few more checkpoints: no trigger, no closed session
     finally:
         _interrupt(proc)
