@@ -82,6 +82,11 @@ class Settings:
     # processes a Redis drain (end of a bounded run, `personalize load`) reads with,
     # each the changelog and trigger partitions with its number modulo this (sinks/redis.py)
     loader_workers: int = 2
+    # a loader holds a lease on its partitions in Redis, renewed as it works; a second
+    # loader waits for it (a killed loader's lease runs out after this long) and a loader
+    # whose lease another took over writes nothing more (its token is checked in each
+    # transaction)
+    loader_lease_ms: int = 15_000
     # flink
     # a standalone cluster (`personalize cluster up`): REST/web UI and JobManager RPC ports;
     # `personalize submit` and `stop` talk to flink_address (default 127.0.0.1:<rest port>)
@@ -126,7 +131,8 @@ class Settings:
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
                      "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
                      "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots", "loader_workers",
-                     "restart_attempts", "restart_max_delay_ms", "transaction_timeout_ms", "max_ahead_ms"):
+                     "restart_attempts", "restart_max_delay_ms", "transaction_timeout_ms", "max_ahead_ms",
+                     "loader_lease_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.out_of_orderness_ms < 0:

@@ -23,9 +23,17 @@ Keys written:
 
 The loader's own keys live under ``personalize:`` (no category or user id can name
 one of them): its offsets, the users whose consent is withdrawn, the trending window
-ends, and ``personalize:loader:dead_letters``, a STREAM of the records it could not
-read (topic, partition, offset, reason; the newest 10,000), which it skips instead of
-stopping. (The trigger id set keeps its name beside the stream it guards.)
+ends, its leases, and ``personalize:loader:dead_letters``, a STREAM of the records it
+could not read (topic, partition, offset, reason; the newest 10,000), which it skips
+instead of stopping. (The trigger id set keeps its name beside the stream it guards.)
+
+Fencing: a loader holds a lease per partition it reads (``personalize:loader:lease:
+{topic}:{partition}``, "token holder", expiring after ``loader_lease_ms``), renewed in
+every transaction it writes and while it waits for records. A second loader waits for
+a lease until it runs out (a killed loader's does) and fails with the holder's name if
+it is still renewed. Every transaction WATCHes the batch's leases and checks they still
+carry this loader's token, so a loader that paused past its lease (another took over,
+with a new token) writes nothing more: its EXEC fails and it stops (``LoaderFenced``).
 """
 
 from __future__ import annotations
@@ -52,6 +60,39 @@ OFFSETS_KEY = INTERNAL + "loader:offsets"
 DEAD_LETTERS_KEY = INTERNAL + "loader:dead_letters"
 DEAD_LETTERS_KEPT = 10_000
 RETRY_MAX_S = 30.0  # the longest wait between two tries while Redis does not answer
+LEASE_PREFIX = INTERNAL + "loader:lease:"      # + "{topic}:{partition}" -> "{token} {holder}"
+LEASE_TOKENS = INTERNAL + "loader:lease_token"  # INCR: every new lease gets a greater token
+# take or renew the leases of KEYS[2..] for holder ARGV[1] (ARGV[2]: ttl ms, ARGV[3]: the
+# value "token holder" it holds, or ''). Renewed when all still carry that value; taken
+# with a new token (INCR KEYS[1]) when each is free or this holder's; else {0, key, value, pttl}
+_ACQUIRE = """
+local mine, renew = ARGV[3], ARGV[3] ~= ''
+for k = 2, #KEYS do
+  local v = redis.call('GET', KEYS[k])
+  if v and v ~= mine then
+    renew = false
+    if string.sub(v, string.find(v, ' ', 1, true) + 1) ~= ARGV[1] then
+      return {0, KEYS[k], v, redis.call('PTTL', KEYS[k])}
+    end
+  elseif not v then
+    renew = false
+  end
+end
+if not renew then
+  mine = redis.call('INCR', KEYS[1]) .. ' ' .. ARGV[1]
+end
+for k = 2, #KEYS do
+  redis.call('SET', KEYS[k], mine, 'PX', ARGV[2])
+end
+return {1, mine}
+"""
+# give up the leases of KEYS that still carry ARGV[1]
+_RELEASE = """
+for k = 1, #KEYS do
+  if redis.call('GET', KEYS[k]) == ARGV[1] then redis.call('DEL', KEYS[k]) end
+end
+return 0
+"""
 TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
 MODELS_KEY = "models:snapshot"
@@ -83,6 +124,22 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
 end
 return 0
 """
+
+
+class LoaderFenced(ServiceUnavailable):
+    """Another loader holds (or took over) the leases of this loader's partitions."""
+
+
+class _LeaseLost(Exception):
+    """This loader's lease ran out or was taken before its transaction."""
+
+
+def _holder() -> str:
+    import os
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def redis_client(settings: Settings) -> redis_lib.Redis:
@@ -182,6 +239,12 @@ class Materializer:
         self.redis = redis_client(settings)
         self._add_once = self.redis.register_script(_ADD_ONCE)  # EVALSHA, the script sent once
         self._drop_withdrawn = self.redis.register_script(_DROP_WITHDRAWN)
+        self._acquire = self.redis.register_script(_ACQUIRE)
+        self._release = self.redis.register_script(_RELEASE)
+        self.holder = _holder()
+        self.lease = ""  # "token holder" while this loader holds its partitions' leases
+        self._lease_keys: list[str] = []
+        self._renewed = 0.0
         self.stats = LoadStats()
 
     def _owns(self, topic: str, partition: int) -> bool:
@@ -212,8 +275,47 @@ class Materializer:
                 if self._owns(topic, p):
                     tps.append(TopicPartition(topic, p))
         consumer.assign(tps)
+        self._lease_keys = [f"{LEASE_PREFIX}{tp.topic}:{tp.partition}" for tp in tps]
+        self._take_lease(wait_s=2 * self.settings.loader_lease_ms / 1000)
         self._seek_to_stored(consumer, tps)
         return consumer, tps
+
+    def _take_lease(self, wait_s: float = 0.0) -> bool:
+        """Take or renew the leases of this loader's partitions, waiting up to ``wait_s``
+        for another holder's to run out. True when the token is new (the caller re-reads
+        its offsets from Redis: another loader may have written meanwhile)."""
+        ttl = self.settings.loader_lease_ms
+        deadline = time.monotonic() + wait_s
+        said = False
+        while True:
+            reply = self._acquire(keys=[LEASE_TOKENS, *self._lease_keys], args=[self.holder, ttl, self.lease])
+            if reply[0] == 1:
+                taken = reply[1].decode()
+                changed, self.lease, self._renewed = taken != self.lease, taken, time.monotonic()
+                return changed
+            key, value, left_ms = reply[1].decode(), reply[2].decode(), int(reply[3])
+            holder = value.split(" ", 1)[1]
+            if time.monotonic() >= deadline:
+                raise LoaderFenced(
+                    f"another Redis loader ({holder}) holds {key.removeprefix(LEASE_PREFIX)} and renews its "
+                    f"lease: stop it before starting this one (a stopped loader's lease runs out after "
+                    f"PERSONALIZE_LOADER_LEASE_MS, {ttl} ms)")
+            if not said:
+                log.info("waiting for another Redis loader's lease to run out", holder=holder,
+                         partition=key.removeprefix(LEASE_PREFIX), left_ms=left_ms)
+                said = True
+            time.sleep(max(0.05, min(0.5, left_ms / 1000, deadline - time.monotonic())))
+
+    def _lease_due(self) -> bool:
+        return time.monotonic() - self._renewed > self.settings.loader_lease_ms / 3000  # a third of it, in s
+
+    def _give_up_lease(self) -> None:
+        if self.lease and self._lease_keys:
+            try:
+                self._release(keys=self._lease_keys, args=[self.lease])
+            except redis_lib.RedisError:  # Redis gone: the lease runs out on its own
+                pass
+            self.lease = ""
 
     def _seek_to_stored(self, consumer, tps) -> None:
         """Position every partition at the offset Redis holds (its beginning when none)."""
@@ -234,11 +336,19 @@ class Materializer:
             # a failed batch is counted again
             counted = replace(self.stats, users=set(self.stats.users), deleted=set(self.stats.deleted))
             try:
-                if batches is not None:
+                if batches:
                     self._apply(consumer, batches)
-                else:
+                # no batch: renew the lease; a new token (it ran out meanwhile), or a retry,
+                # re-reads the offsets from Redis (LoaderFenced if another loader holds it)
+                elif self._take_lease() or batches is None:
                     self._seek_to_stored(consumer, tps)
                 return
+            except (redis_lib.WatchError, _LeaseLost):
+                # the lease ran out (a pause, a Redis restart) or another loader took it: this
+                # batch was not written; next try takes the lease again if it is free
+                self.stats = counted
+                log.warning("the Redis loader's lease ran out before its transaction; taking it again")
+                batches = None
             except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.BusyLoadingError) as exc:
                 self.stats = counted
                 if give_up():
@@ -274,6 +384,7 @@ class Materializer:
                         break
                 self._apply_or_wait(consumer, tps, batches, lambda: time.monotonic() > deadline)
         finally:
+            self._give_up_lease()
             consumer.close()
         return self.stats
 
@@ -284,9 +395,10 @@ class Materializer:
         try:
             while not stop():
                 batches = consumer.poll(timeout_ms=500)
-                if batches:
+                if batches or self._lease_due():  # an idle loader renews its lease too
                     self._apply_or_wait(consumer, tps, batches, stop)
         finally:
+            self._give_up_lease()
             consumer.close()
         return self.stats
 
@@ -332,7 +444,16 @@ class Materializer:
                         unreadable.append(_dead_letter(rec, exc))
             elif tp.topic == topics.topic_model_snapshots and records:
                 snapshot = records[-1].value  # one partition: the last is the newest
-        pipe = self.redis.pipeline(transaction=True)
+        # the transaction writes only while this loader still holds its leases (WATCHed:
+        # EXEC fails if one ran out or was taken meanwhile) and renews them at its end
+        with self.redis.pipeline(transaction=True) as pipe:  # reset (UNWATCH) however it ends
+            self._write(pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable)
+
+    def _write(self, pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable) -> None:
+        pipe.watch(*self._lease_keys)
+        if any(v is None or v.decode() != self.lease for v in pipe.mget(self._lease_keys)):
+            raise _LeaseLost
+        pipe.multi()
         for letter in unreadable:
             pipe.xadd(DEAD_LETTERS_KEY, letter, maxlen=DEAD_LETTERS_KEPT, approximate=True)
             log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
@@ -345,9 +466,12 @@ class Materializer:
         if snapshot is not None:
             pipe.set(MODELS_KEY, snapshot)
         pipe.hset(self.offsets_key, mapping={f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in batches})
+        for key in self._lease_keys:
+            pipe.pexpire(key, self.settings.loader_lease_ms)
         # a command Redis refuses (say a profile key some other writer made a string) is
         # kept as a dead letter; the rest of the batch and its offsets stand
         replies = pipe.execute(raise_on_error=False)
+        self._renewed = time.monotonic()
         refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
         for at, checked in self._dropped_at:
             flags = replies[at - 1]

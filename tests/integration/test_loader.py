@@ -7,14 +7,16 @@ category named ``window_end_ms`` once made the loader fail with WRONGTYPE)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from decimal import Decimal
 
 import orjson
+import pytest
 import redis
 
 import schemas
 from personalize import kafkaio, topics
-from sinks.redis import DEAD_LETTERS_KEY, NO_CONSENT_KEY, Materializer, drain_parallel
+from sinks.redis import DEAD_LETTERS_KEY, LEASE_TOKENS, NO_CONSENT_KEY, OFFSETS_KEY, Materializer, drain_parallel
 from tests.integration.test_profile_job import job_stack
 
 
@@ -69,9 +71,12 @@ def test_unreadable_records_and_refused_writes_are_dead_letters_and_the_rest_is_
 
 
 def _dump(client: redis.Redis) -> dict:
-    """Every key of a Redis database with its value (stream entries without their ids)."""
+    """Every key of a Redis database with its value (stream entries without their ids), but
+    the loaders' lease token counter (it counts the loaders that ran)."""
     out = {}
     for key in client.scan_iter(count=1000):
+        if key == LEASE_TOKENS:
+            continue
         kind = client.type(key)
         if kind == "hash":
             out[key] = client.hgetall(key)
@@ -150,3 +155,92 @@ def test_a_part_written_after_another_loader_withdrew_consent_leaves_no_profile(
     assert not client.exists("profile:u1")
     assert client.hgetall("profile:u2") == {"n_sessions": "3"}
     assert stats.users == {"u2"} and stats.profile_writes == 1
+
+
+def _profile_record(user: str, n_events: int) -> tuple:
+    return (_key(user, "totals"), orjson.dumps({"n_events": n_events, "consent": True}), 1_000)
+
+
+def test_a_second_loader_waits_for_the_lease_and_fails_naming_the_live_holder(stack):
+    """Two loaders on the same partitions would interleave their offsets: the second one
+    waits for the first's lease, and while the first is alive (renewing) it gives up with
+    a message naming it, having written nothing."""
+    import threading
+
+    from sinks.redis import LoaderFenced
+
+    own = job_stack(stack, redis_db=11, PERSONALIZE_LOADER_LEASE_MS="1000")
+    s = own.settings
+    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
+                  local_stack=True, partitions=1)
+    assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
+    first = Materializer(s)
+    stop, failures = threading.Event(), []
+
+    def follow():
+        try:
+            first.follow(stop.is_set)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            failures.append(exc)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not client.exists("profile:u1") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        offsets = client.hgetall(OFFSETS_KEY)
+        second = Materializer(s)
+        started = time.monotonic()
+        with pytest.raises(LoaderFenced, match=first.holder):
+            second.drain(timeout_s=30)
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 10  # two lease lengths (a stopped holder's lease would have run out)
+        assert client.hgetall(OFFSETS_KEY) == offsets and second.stats.records == 0
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not failures, failures
+    # the first loader gave its lease up on stopping: the next one takes over at once
+    assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u2", 2)]) == 1
+    started = time.monotonic()
+    assert Materializer(s).drain(timeout_s=30).users == {"u2"}
+    assert time.monotonic() - started < 5
+
+
+def test_a_loader_whose_lease_another_took_over_writes_nothing_stale(stack):
+    """A loader pauses (a long GC, a frozen VM) after fetching a batch; its lease runs out
+    and a second loader applies newer records. When the first wakes, its transaction
+    must not write the stale batch or move the offsets back: it finds the token changed,
+    writes nothing, re-reads the offsets Redis holds and goes on from there."""
+    own = job_stack(stack, redis_db=11, PERSONALIZE_LOADER_LEASE_MS="500")
+    s = own.settings
+    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
+                  local_stack=True, partitions=1)
+    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
+    paused = Materializer(s)
+    consumer, tps = paused._consumer()
+    try:
+        batch = {}
+        deadline = time.monotonic() + 30
+        while not batch and time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=500)
+        assert sum(len(r) for r in batch.values()) == 1  # n_events 1, held in memory
+        time.sleep(1.0)  # the pause: the lease runs out
+        assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 2)]) == 1
+        assert Materializer(s).drain(timeout_s=30).users == {"u1"}  # takes the lease, writes n_events 2
+        offsets = client.hgetall(OFFSETS_KEY)
+        assert client.hget("profile:u1", "n_events") == "2"
+
+        paused._apply_or_wait(consumer, tps, batch, lambda: False)  # wakes up with its stale batch
+
+        assert client.hget("profile:u1", "n_events") == "2"
+        assert client.hgetall(OFFSETS_KEY) == offsets
+        # re-read from Redis: past the newer record
+        assert {tp.topic: consumer.position(tp) for tp in tps}[s.topic_profile_updates] == 2
+        assert paused.stats.profile_writes == 0
+    finally:
+        paused._give_up_lease()
+        consumer.close()
