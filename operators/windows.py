@@ -72,6 +72,11 @@ def _consent(key: str) -> str:
     return f"MOD({key}, 2) = 1"
 
 
+def _consent_ms(key: str) -> str:
+    """The event time of the latest event (event times are never negative: Kafka's are not)."""
+    return f"{key} / 2"
+
+
 # the typed columns of each SQL profile part (besides user_id and part): (name, SQL type)
 TOTALS_COLUMNS = (
     ("n_events", "BIGINT"),
@@ -81,12 +86,16 @@ TOTALS_COLUMNS = (
     ("last_seen_ms", "BIGINT"),
     ("events_by_hour", "STRING"),
     ("consent", "BOOLEAN"),
+    # the time of the event the flag is from: the Redis loader orders consent changes
+    # and parts by it (not a profile field)
+    ("consent_ms", "BIGINT"),
 )
 RECENT_COLUMNS = (
     ("recent_events", "BIGINT"),
     ("recent_product_views", "BIGINT"),
     ("recent_window_end_ms", "BIGINT"),
     ("consent", "BOOLEAN"),
+    ("consent_ms", "BIGINT"),
 )
 
 
@@ -104,7 +113,7 @@ def totals(view: str) -> str:
     return f"""
         SELECT user_id, 'totals' AS part, n_events, {', '.join(f'n_{t}' for t in EVENT_TYPES)}, revenue_cents,
                first_seen_ms, last_seen_ms, CONCAT_WS(',', {by_hour}) AS events_by_hour,
-               {_consent('consent_key')} AS consent
+               {_consent('consent_key')} AS consent, {_consent_ms('consent_key')} AS consent_ms
         FROM ({per_user})"""
 
 
@@ -117,7 +126,7 @@ def recent(view: str, settings: Settings) -> str:
         SELECT user_id, 'recent' AS part, COUNT(*) FILTER (WHERE consent_personalization) AS recent_events,
                {_count_of('product_view', CONSENTED)} AS recent_product_views,
                {epoch_ms('window_end')} AS recent_window_end_ms,
-               {_consent(CONSENT_KEY)} AS consent
+               {_consent(CONSENT_KEY)} AS consent, {_consent_ms(CONSENT_KEY)} AS consent_ms
         FROM TABLE(HOP(TABLE {view}, DESCRIPTOR(rowtime),
                        {interval(settings.recent_slide_ms)}, {interval(settings.recent_window_ms)}))
         GROUP BY user_id, window_start, window_end"""

@@ -13,7 +13,9 @@ the values are absolute, even a replay would leave Redis identical.
 Keys written:
 - ``profile:{user_id}`` HASH: the profile fields of DESIGN.md (and window extras);
   deleted when the user's latest event withdrew personalization consent (the user
-  is then listed in ``loader:no_consent`` and nothing is written for it)
+  is then listed in ``personalize:loader:no_consent`` with that event's time, and no
+  part from before it is written; a consented part from after it is, as consent was
+  given again)
 - ``trending:{category}`` ZSET: product -> views in the newest trending window
   (``personalize:trending:window_end_ms``, a HASH category -> window end, beside it)
 - ``triggers:cart_abandonment`` STREAM: one entry per trigger_id, ever. A Lua
@@ -96,17 +98,22 @@ return 0
 TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
 MODELS_KEY = "models:snapshot"
-NO_CONSENT_KEY = INTERNAL + "loader:no_consent"
+NO_CONSENT_KEY = INTERNAL + "loader:no_consent"  # user -> event time consent was withdrawn at
+# a mark of an older loader ("1"): withdrawn at an unknown time, so until consent is given again
+NO_TIME = 2**63 - 1
 # the loader processes of a drain apply a user's parts from different partitions at the
 # same time, so a part may be written just after another process withdrew the user's
 # consent (marked it and deleted its profile). Each transaction that writes parts it
 # cannot decide on (no ``totals`` in its batch) ends with this script: the profile of
-# a user marked by then is deleted again, before anyone can read it.
-# KEYS[1]: the no-consent hash, KEYS[2..]: the profiles; ARGV: their user ids. Reply: 1 per profile deleted.
+# a user marked by then at or after its oldest part's time is deleted again, before
+# anyone can read it. (A part newer than the mark stands: consent was given again.)
+# KEYS[1]: the no-consent hash, KEYS[2..]: the profiles; ARGV: per profile its user id and
+# its oldest part's time. Reply: 1 per profile deleted.
 _DROP_WITHDRAWN = """
 local out = {}
 for k = 2, #KEYS do
-  if redis.call('HEXISTS', KEYS[1], ARGV[k - 1]) == 1 then
+  local mark = redis.call('HGET', KEYS[1], ARGV[2 * k - 3])
+  if mark and tonumber(mark) >= tonumber(ARGV[2 * k - 2]) then
     redis.call('DEL', KEYS[k])
     out[#out + 1] = 1
   else
@@ -166,7 +173,7 @@ def profile_fields(part: str, fields: dict) -> dict[str, str]:
 
     A field the part lacks (a NULL the job left out, an older job's record) leaves
     its derived fields out; it never stops the loader."""
-    out = {k: str(v) for k, v in fields.items() if k != "consent" and v is not None}
+    out = {k: str(v) for k, v in fields.items() if k not in ("consent", "consent_ms") and v is not None}
     if part == "totals":
         if "revenue_cents" in out:
             out["revenue"] = format_cents(int(out["revenue_cents"]))
@@ -186,6 +193,19 @@ def _dead_letter(rec, exc: Exception) -> dict:
 def consents(fields: dict) -> bool:
     """The personalization flag a part carries (True unless it says false)."""
     return fields.get("consent") not in (False, "false")
+
+
+def consent_ms(fields: dict) -> int:
+    """The event time a part's consent flag is from (-1 when an older job's part lacks it)."""
+    value = fields.get("consent_ms")
+    return int(value) if isinstance(value, int) else -1
+
+
+def withdrawn_at(mark: bytes | None) -> int | None:
+    """The event time in a no-consent mark (None: not marked)."""
+    if mark is None:
+        return None
+    return NO_TIME if mark == b"1" else int(mark)
 
 
 @dataclass
@@ -500,43 +520,60 @@ class Materializer:
             self._added_at.append(len(pipe))
 
     def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
-        """Write profile parts, but nothing for a user whose latest event withdrew consent.
+        """Write profile parts, but none from before the user's consent was withdrawn.
 
-        The ``totals`` part carries the flag of the user's latest event of all (the
-        other parts only the latest of their own input), so it decides: false deletes
-        the profile and marks the user in ``loader:no_consent`` until a newer event
-        gives consent again; parts of marked users are not written (``_DROP_WITHDRAWN``
-        checks the mark in Redis, in the same transaction: a user's parts sit in
-        different partitions, which other loader processes apply at the same time)."""
+        The ``totals`` part carries the flag of the user's latest event of all and its
+        time (the other parts only those of the latest of their own input), so it
+        decides: false deletes the profile and marks the user in ``no_consent`` with
+        that time, true clears the mark. A part of a marked user is written only if it
+        gives consent at a later event time (consent given again; its ``totals`` may sit
+        in another partition, applied later or by another process). The marks are read
+        before the transaction, and ``_DROP_WITHDRAWN`` checks them again in it: a
+        user's parts sit in different partitions, which other loader processes apply
+        at the same time."""
         updates = list(updates)
-        decided = {user: consents(fields) for (user, part), fields in updates
-                   if part == "totals" and fields is not None}
-        consenting = [user for user, ok in decided.items() if ok]
+        decided = {user: fields for (user, part), fields in updates if part == "totals" and fields is not None}
+        consenting = [user for user, fields in decided.items() if consents(fields)]
         if consenting:
             pipe.hdel(NO_CONSENT_KEY, *consenting)  # one command for the batch
-        for user, ok in decided.items():
-            if not ok:
-                pipe.hset(NO_CONSENT_KEY, user, 1)
+        marked: dict[str, int] = {}  # user -> event time its consent was withdrawn at
+        for user, fields in decided.items():
+            if not consents(fields):
+                at = consent_ms(fields)
+                marked[user] = NO_TIME if at < 0 else at
+                pipe.hset(NO_CONSENT_KEY, user, marked[user])
                 pipe.delete(PROFILE_PREFIX + user)  # no profile without personalization consent
                 self.stats.profiles_deleted += 1
                 self.stats.users.discard(user)
                 self.stats.deleted.add(user)
+        undecided = sorted({user for (user, _), fields in updates if fields is not None and user not in decided})
+        if undecided:
+            for user, mark in zip(undecided, self.redis.hmget(NO_CONSENT_KEY, undecided)):
+                if mark is not None:
+                    marked[user] = withdrawn_at(mark)
         merged: dict[str, dict[str, str]] = {}  # one HSET per user per batch
         parts: dict[str, int] = {}
+        oldest: dict[str, int] = {}
         for (user, part), fields in updates:
-            if fields is not None and decided.get(user, True):
-                merged.setdefault(user, {}).update(profile_fields(part, fields))
-                parts[user] = parts.get(user, 0) + 1
+            if fields is None:
+                continue
+            at = consent_ms(fields)
+            if user in marked and (not consents(fields) or at <= marked[user]):
+                continue  # from before the withdrawal
+            merged.setdefault(user, {}).update(profile_fields(part, fields))
+            parts[user] = parts.get(user, 0) + 1
+            oldest[user] = min(oldest.get(user, at), at)
         for user, mapping in merged.items():
             if mapping:
                 pipe.hset(PROFILE_PREFIX + user, mapping=mapping)
                 self.stats.users.add(user)
                 self.stats.deleted.discard(user)
                 self.stats.profile_writes += parts[user]
-        undecided = [user for user, mapping in merged.items() if mapping and user not in decided]
-        for start in range(0, len(undecided), PROFILES_PER_SCRIPT):
-            chunk = undecided[start:start + PROFILES_PER_SCRIPT]
-            self._drop_withdrawn(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + u for u in chunk)], args=chunk, client=pipe)
+        checked = [user for user, mapping in merged.items() if mapping and user not in decided]
+        for start in range(0, len(checked), PROFILES_PER_SCRIPT):
+            chunk = checked[start:start + PROFILES_PER_SCRIPT]
+            args = [x for user in chunk for x in (user, oldest[user])]
+            self._drop_withdrawn(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + u for u in chunk)], args=args, client=pipe)
             self._dropped_at.append((len(pipe), [(user, parts[user]) for user in chunk]))
 
     def _trending(self, pipe, rows: list[dict]) -> None:

@@ -106,12 +106,17 @@ def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
     for i in range(400):
         user = f"u{i}"
         withdrawn = i >= 300
-        first += [(_key(user, "totals"), orjson.dumps({"n_events": i, "consent": not withdrawn}), 1_000),
-                  (_key(user, "recent"), orjson.dumps({"recent_events": i % 7, "consent": True}), 1_000),
-                  (_key(user, "sessions"), orjson.dumps({"n_sessions": 1 + i % 3, "consent": True}), 1_000)]
+        first += [(_key(user, "totals"), orjson.dumps({"n_events": i, "consent": not withdrawn,
+                                                       "consent_ms": 1_000}), 1_000),
+                  (_key(user, "recent"), orjson.dumps({"recent_events": i % 7, "consent": True,
+                                                       "consent_ms": 900}), 1_000),
+                  (_key(user, "sessions"), orjson.dumps({"n_sessions": 1 + i % 3, "consent": True,
+                                                         "consent_ms": 800}), 1_000)]
         if i >= 350:  # consent given again: a newer totals part, then a newer sessions part
-            later += [(_key(user, "totals"), orjson.dumps({"n_events": i + 1, "consent": True}), 2_000),
-                      (_key(user, "sessions"), orjson.dumps({"n_sessions": 9, "consent": True}), 2_000)]
+            later += [(_key(user, "totals"), orjson.dumps({"n_events": i + 1, "consent": True,
+                                                           "consent_ms": 2_000}), 2_000),
+                      (_key(user, "sessions"), orjson.dumps({"n_sessions": 9, "consent": True,
+                                                             "consent_ms": 1_900}), 2_000)]
     triggers = [(f"u{i}".encode(), codec.encode({
         "trigger_id": f"t-{i}", "kind": "cart_abandonment", "user_id": f"u{i}", "session_start_ms": i,
         "session_end_ms": i + 1, "cart": [], "cart_value": Decimal("0.00"), "propensity": None, "segment": None,
@@ -136,21 +141,60 @@ def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
     assert sharded.stream_added == single.stream_added == 100
 
 
-def test_a_part_written_after_another_loader_withdrew_consent_leaves_no_profile(stack):
-    """The interleaving the sharded drain must survive, made on purpose: another loader
-    process has just marked the user (its totals said false) and deleted the profile; this
-    loader's batch holds only the user's sessions part."""
+def test_a_part_from_before_a_withdrawal_another_loader_applied_leaves_no_profile_and_a_later_one_stands(stack):
+    """The interleavings the sharded drain must survive, made on purpose: another loader
+    process has just applied a user's totals part (marked the user with the event time
+    consent was withdrawn at, deleted the profile, or cleared the mark later); this
+    loader's batch holds only the user's sessions parts.
+
+    u1: withdrawn at 5,000, its session ended at 4,000: no profile. u3: withdrawn at
+    5,000, then consent given again and a session ending at 6,000 closed: its part is
+    written although the totals that clear the mark are not applied yet (the race a
+    bare mark lost: the session fields stayed missing until the next session). u4: a mark
+    of an older loader (no time): nothing written. u2: never withdrawn."""
     own = job_stack(stack, redis_db=14)
     s = own.settings
     topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
                   local_stack=True, partitions=1)
     client = redis.Redis.from_url(s.redis_url, decode_responses=True)
-    client.hset(NO_CONSENT_KEY, "u1", 1)
+    client.hset(NO_CONSENT_KEY, mapping={"u1": 5_000, "u3": 5_000, "u4": 1})
+    session = lambda n, end: orjson.dumps({"n_sessions": n, "consent": True, "consent_ms": end})  # noqa: E731
     assert kafkaio.produce(s, s.topic_profile_updates, [
-        (_key("u1", "sessions"), orjson.dumps({"n_sessions": 2, "consent": True}), 1_000),
-        (_key("u2", "sessions"), orjson.dumps({"n_sessions": 3, "consent": True}), 1_000)]) == 2
+        (_key("u1", "sessions"), session(2, 4_000), 1_000),
+        (_key("u2", "sessions"), session(3, 4_000), 1_000),
+        (_key("u3", "sessions"), session(4, 6_000), 1_000),
+        (_key("u4", "sessions"), session(5, 6_000), 1_000)]) == 4
 
     stats = Materializer(s).drain(timeout_s=60)
+
+    assert not client.exists("profile:u1") and not client.exists("profile:u4")
+    assert client.hgetall("profile:u2") == {"n_sessions": "3"}
+    assert client.hgetall("profile:u3") == {"n_sessions": "4"}
+    assert stats.users == {"u2", "u3"} and stats.profile_writes == 2
+
+
+def test_a_mark_set_between_the_read_and_the_write_deletes_an_older_part_in_the_same_transaction(stack):
+    """The script in the transaction is what holds against another process: here the
+    mark appears after this loader read the marks (the script sees it, Python did not)."""
+    own = job_stack(stack, redis_db=14)
+    s = own.settings
+    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
+                  local_stack=True, partitions=1)
+    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    assert kafkaio.produce(s, s.topic_profile_updates, [
+        (_key("u1", "sessions"), orjson.dumps({"n_sessions": 2, "consent": True, "consent_ms": 4_000}), 1_000),
+        (_key("u2", "sessions"), orjson.dumps({"n_sessions": 3, "consent": True, "consent_ms": 6_000}), 1_000)]) == 2
+    loader = Materializer(s)
+    read = loader.redis.hmget
+
+    def hmget_then_withdraw(name, keys, *args):
+        marks = read(name, keys, *args)
+        if name == NO_CONSENT_KEY:  # another process withdraws both, at 5,000, right after the read
+            client.hset(NO_CONSENT_KEY, mapping={"u1": 5_000, "u2": 5_000})
+        return marks
+
+    loader.redis.hmget = hmget_then_withdraw
+    stats = loader.drain(timeout_s=60)
 
     assert not client.exists("profile:u1")
     assert client.hgetall("profile:u2") == {"n_sessions": "3"}
