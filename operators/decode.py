@@ -56,6 +56,7 @@ MAX_QUANTITY = 1_000
 # prices at or beyond this size are refused before any rounding (far above MAX_PRICE_CENTS)
 PRICE_LIMIT = 1e13
 INT_RANGE = (-(2**31), 2**31 - 1)
+MAX_EVENT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last SQL TIMESTAMP(3)
 # a dead letter keeps at most this much of the original value (the rest stays at its
 # topic/partition/offset): a ~1 MiB value would not fit the sink's request size
 MAX_ORIGINAL_BYTES = 64 * 1024
@@ -96,6 +97,8 @@ def validate(event: dict, record_ts_ms: int | None = None) -> tuple[tuple | None
             return None, why
     etype = event["event_type"]
     event_ms = epoch_ms(event["event_time"])
+    if not 0 <= event_ms <= MAX_EVENT_MS:  # beyond what a SQL timestamp holds: it would pass every time check
+        return None, f"event_time {event_ms} is outside 1970-01-01..9999-12-31"
     if record_ts_ms is not None and event_ms != record_ts_ms:
         return None, f"record timestamp {record_ts_ms} differs from event_time {event_ms}"
     product = event.get("product_id")

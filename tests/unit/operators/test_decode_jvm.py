@@ -58,6 +58,8 @@ def corpus() -> list[tuple[str, bytes | None]]:
     prices += [rng.uniform(0, 10) ** rng.uniform(-5, 16) * rng.choice((1, -1)) for _ in range(300)]
     for n, price in enumerate(prices):
         add(f"price {n} {price!r}", price=price)
+    for event_time in (0, -1, 1, 253_402_300_799_999, 253_402_300_800_000, 2**62, 2**63 - 1, -(2**63)):
+        add(f"event_time {event_time}", event_time=event_time)
     for quantity in (1, 0, -1, 1_000, 1_001, 2**31 - 1, -(2**31)):
         add(f"quantity {quantity}", quantity=quantity)
     ids = ["", " ", "\u3000", "\x1c", "\xa0x", "ü-ß", "😀", "a\x1eb", "a\x00", "a\u200b", "a\u2028", "a\ue000",
@@ -166,7 +168,8 @@ def test_the_corpus_holds_each_kind_of_outcome(decoded):
     reasons = [python[-1] for _, _, python, _ in decoded]
     valid = sum(r is None for r in reasons)
     assert valid > 500
-    for kind in ("user_id is empty", "contains a control character", "is longer than 256", "without product_id",
+    for kind in ("user_id is empty", "contains a control character", "is outside 1970-01-01..9999-12-31",
+                 "is longer than 256", "without product_id",
                  "price is negative", "price is above", "price is not a finite number", "quantity 0 is below 1",
                  "is above 1000", "not single-object encoded", "unknown schema fingerprint", "trailing bytes",
                  AVRO_DATUM):

@@ -47,6 +47,7 @@ public final class EventDecoder {
     static final int MAX_ID_CHARS = 256;
     static final long MAX_PRICE_CENTS = 100_000_000L; // 1,000,000.00
     static final long MAX_QUANTITY = 1_000L;
+    static final long MAX_EVENT_MS = 253_402_300_799_999L; // 9999-12-31T23:59:59.999Z, the last SQL TIMESTAMP(3)
     /** Prices at or beyond this size are refused before any rounding (far above the maximum). */
     static final double PRICE_LIMIT = 1e13;
     static final String[] ID_FIELDS = {"user_id", "product_id", "category", "session_id", "event_id"};
@@ -167,6 +168,10 @@ public final class EventDecoder {
             if (!isPrintable(text)) {
                 return name + " contains a control character";
             }
+        }
+        long eventMs = ((Number) event.get("event_time")).longValue();
+        if (eventMs < 0 || eventMs > MAX_EVENT_MS) {
+            return "event_time " + eventMs + " is outside 1970-01-01..9999-12-31";
         }
         String type = event.get("event_type").toString();
         Object product = event.get("product_id");
