@@ -1,10 +1,16 @@
-"""Faults with real processes: the Kafka broker stopped for a minute under a live run.
-The job rides it out with the default restart strategy; nothing lost, nothing repeated."""
+"""Faults with real processes, each under a steady stream of known sessions: the Kafka
+broker stopped for a minute, the embedded run killed with SIGKILL and started again,
+Redis stopped and started again. After each, every profile field equals an independent
+computation and every abandoned session has exactly one trigger in Kafka (read_committed)
+and one entry in the Redis stream; each test prints events sent / lost / duplicated."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import threading
 import time
 from collections import Counter
 
@@ -65,5 +71,154 @@ def test_a_minute_long_broker_outage_mid_stream_loses_and_repeats_nothing(tmp_pa
         assert set(got) == set(want) and not wrong, (sorted({f for _, f, _, _ in wrong}), wrong[:10])
         check_triggers(own, expected_triggers(events))  # each once in Kafka (read_committed) and in Redis
         assert set(Counter(t["trigger_id"] for t in kafka_triggers(own)).values()) == {1}
+    finally:
+        own_stack.cli("stack", "down", "--purge")
+
+
+class SteadyStream:
+    """Sends ``events`` (in event-time order) in small batches over about ``seconds``, from
+    a thread, whatever the job is doing; ``sent`` counts what the broker acknowledged."""
+
+    def __init__(self, own, events: list[dict], seconds: float, batches: int = 60):
+        self.own, self.events, self.sent = own, sorted(events, key=lambda e: e["event_time"]), 0
+        self.size = max(1, len(self.events) // batches)
+        self.pause = seconds / batches
+        self.failures: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for start in range(0, len(self.events), self.size):
+                self.sent += send_events(self.own, self.events[start:start + self.size])
+                time.sleep(self.pause)
+        except BaseException as exc:  # noqa: BLE001 - reported by join()
+            self.failures.append(exc)
+
+    def start(self) -> SteadyStream:
+        self.thread.start()
+        return self
+
+    @property
+    def share_sent(self) -> float:
+        return self.sent / len(self.events)
+
+    def join(self) -> int:
+        self.thread.join(timeout=600)
+        assert not self.failures, self.failures
+        return self.sent
+
+
+def traffic(users: int, seed: int) -> list[dict]:
+    """Two sessions per user, then clock events that close every session."""
+    from personalize import produce
+
+    events = produce.generate(produce.TrafficSpec(users=users, sessions_per_user=2, jitter_ms=0, seed=seed))
+    return events + _clock(max(e["event_time"] for e in events) + 3 * 3_600_000)
+
+
+def tally(own, events: list[dict], sent: int, fault: str) -> None:
+    """Lost and duplicated, counted, printed for the note, then held at zero: every profile
+    field against the computation, every trigger id's copies in Kafka and in Redis."""
+    from tests.integration.test_triggers_job import stream_entries
+
+    sessions = [e for e in events if not e["user_id"].startswith("clock-")]
+    want = expected_profile_fields(sessions, own.settings.recent_window_ms, own.settings.recent_slide_ms)
+    got = profiles(own)
+    wrong = {u for u, p in want.items() for f, v in p.items() if got.get(u, {}).get(f) != v} | (set(got) - set(want))
+    triggers = expected_triggers(sessions)
+    in_kafka = Counter(t["trigger_id"] for t in kafka_triggers(own))
+    in_redis = Counter(e["trigger_id"] for e in stream_entries(own))
+    lost = sum(1 for t in triggers if not in_kafka[t] or not in_redis[t])
+    duplicated = sum(n - 1 for n in in_kafka.values() if n > 1) + sum(n - 1 for n in in_redis.values() if n > 1)
+    print(f"{fault}: events sent {sent}, faults injected 1, triggers {len(triggers)}, profiles {len(want)}, "
+          f"lost {lost} triggers and {len(wrong)} profiles, duplicated {duplicated}")
+    assert sent == len(events)
+    assert not wrong, sorted(wrong)[:10]
+    check_triggers(own, triggers)  # each once in Kafka (read_committed) and in Redis, cart lines exact
+    assert lost == 0 and duplicated == 0
+
+
+def _wait_for_all(own, proc, events: list[dict], timeout_s: float = 300) -> None:
+    sessions = [e for e in events if not e["user_id"].startswith("clock-")]
+    want = consented_sessions(sessions)
+    assert _wait_for_samples(own, proc, want, timeout_s=timeout_s) == want
+    counts = {u: p["n_events"] for u, p in expected_profile_fields(
+        sessions, own.settings.recent_window_ms, own.settings.recent_slide_ms).items()}
+    wait_until("the profiles catch up", lambda: {u: p.get("n_events") for u, p in profiles(own).items()} == counts,
+               proc, 120)
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def test_the_embedded_run_killed_mid_stream_resumes_from_its_newest_checkpoint(stack, tmp_path):
+    """``kill -9`` of ``personalize run`` (its JVM goes with it) while sessions stream in;
+    ``personalize run`` again resumes from the newest retained checkpoint: the Kafka
+    transactions the dead job left open are aborted, its committed output stands, and the
+    loader waits for the dead loader's lease, then goes on from the offsets in Redis."""
+    own = job_stack(stack, redis_db=3, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
+    topics.ensure(own.settings, [own.settings.topic_events], local_stack=True)
+    events = traffic(150, 51)
+    proc = _start(own)
+    stream = SteadyStream(own, events, seconds=40).start()
+    try:
+        wait_until("a third of the stream sent and profiles written",
+                   lambda: stream.share_sent > 0.33 and profiles(own), proc, 180)
+        jvms = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{p}") for p in jvms) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in jvms if os.path.exists(f"/proc/{p}")], "the run's JVM outlived it"
+        time.sleep(3)  # the stream goes on while nothing runs
+        proc = _start(own)
+        line = proc.stdout.readline()
+        restored = re.search(r"running from (\S+);", line)
+        assert restored and re.search(r"/checkpoints/[0-9a-f]{32}/chk-\d+$", restored.group(1)), line
+        assert restored.group(1).startswith(str(own.settings.state_dir))
+        stream.join()
+        _wait_for_all(own, proc, events)
+        _interrupt(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    tally(own, events, stream.sent, "embedded run killed with SIGKILL mid-stream")
+
+
+def test_redis_stopped_and_started_again_mid_stream_the_loader_waits_and_resumes(tmp_path):
+    """Redis stops (SIGTERM: it saves its data) while sessions stream in and stays down
+    for 20 s; the job goes on committing to Kafka; the loader waits with backoff, and once
+    ``stack up`` starts Redis again it resumes from the offsets Redis holds."""
+    own_stack = start_stack(tmp_path / "stack")  # its own Redis: the session's stays up for the other tests
+    try:
+        own = job_stack(own_stack, redis_db=0, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                        PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
+        topics.ensure(own.settings, [own.settings.topic_events], local_stack=True)
+        events = traffic(150, 52)
+        proc = _start(own)
+        stream = SteadyStream(own, events, seconds=40).start()
+        try:
+            wait_until("a third of the stream sent and profiles written",
+                       lambda: stream.share_sent > 0.33 and profiles(own), proc, 180)
+            server = _pid(own_stack, "redis")
+            os.kill(server, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(20)
+            assert proc.poll() is None, proc.stderr.read()[-3000:]  # the run (and its loader) waits
+            done = own_stack.cli("stack", "up", timeout=180)
+            assert done.returncode == 0, done.stderr
+            stream.join()
+            _wait_for_all(own, proc, events)
+            _interrupt(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        tally(own, events, stream.sent, "Redis stopped 20 s mid-stream")
     finally:
         own_stack.cli("stack", "down", "--purge")
