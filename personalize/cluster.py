@@ -197,6 +197,9 @@ def up(settings: Settings, timeout_s: float = 120) -> ClusterStatus:
     """Start the cluster (or find it running) and wait until its TaskManager's slots are registered."""
     current = status(settings)
     if current.running:
+        if current.taskmanagers == 0:  # the JobManager lost its TaskManager (it died): start another
+            start_taskmanager(settings)
+            return _wait_for_slots(settings, timeout_s)
         return current
     for name, port in (("PERSONALIZE_FLINK_REST_PORT", settings.flink_rest_port),
                        ("PERSONALIZE_FLINK_RPC_PORT", settings.flink_rpc_port)):
@@ -212,6 +215,10 @@ def up(settings: Settings, timeout_s: float = 120) -> ClusterStatus:
     if done.returncode != 0:
         raise PersonalizeError(f"start-cluster.sh failed ({done.returncode}): {done.stderr.strip()[-300:]}; "
                                f"logs in {cluster_dir(settings) / 'log'}")
+    return _wait_for_slots(settings, timeout_s)
+
+
+def _wait_for_slots(settings: Settings, timeout_s: float) -> ClusterStatus:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = status(settings)
@@ -220,6 +227,22 @@ def up(settings: Settings, timeout_s: float = 120) -> ClusterStatus:
         time.sleep(1)
     raise ServiceUnavailable(f"the Flink cluster did not come up at {settings.flink_address} in {timeout_s:.0f}s; "
                              f"logs in {cluster_dir(settings) / 'log'}")
+
+
+def start_taskmanager(settings: Settings) -> None:
+    """One more TaskManager for the running cluster (after one died: the job restarts on
+    its slots from its newest checkpoint)."""
+    done = subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=_env(settings),
+                          capture_output=True, text=True, cwd=project_root())
+    if done.returncode != 0:
+        raise PersonalizeError(f"taskmanager.sh failed ({done.returncode}): {done.stderr.strip()[-300:]}; "
+                               f"logs in {cluster_dir(settings) / 'log'}")
+
+
+def taskmanager_pids(settings: Settings) -> list[int]:
+    """The TaskManagers the scripts started (their pid file; a dead one's pid may stay listed)."""
+    return [int(p) for f in (cluster_dir(settings) / "run").glob("*taskexecutor*.pid")
+            for p in f.read_text().split()]
 
 
 def down(settings: Settings) -> None:

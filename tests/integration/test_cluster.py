@@ -135,3 +135,61 @@ def test_submit_to_a_wrong_address_or_a_stopped_cluster_is_one_line_naming_it(st
         assert done.returncode == 3, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and f"no Flink cluster answers at http://{address}" in lines[0], done.stderr
+
+
+def _restarts(own: Stack, job_id: str) -> int:
+    """Failures the job recovered from, from its exception history (the JobMaster's own
+    record; the ``numRestarts`` metric went stale for minutes once the dead TaskManager's
+    metric service stopped answering)."""
+    with urllib.request.urlopen(f"http://{own.settings.flink_address}/jobs/{job_id}/exceptions",
+                                timeout=10) as response:
+        return len(json.load(response)["exceptionHistory"]["entries"])
+
+
+def _state(own: Stack, job_id: str) -> str:
+    with urllib.request.urlopen(f"http://{own.settings.flink_address}/jobs/{job_id}", timeout=10) as response:
+        return json.load(response)["state"]
+
+
+def test_a_taskmanager_killed_mid_stream_and_a_new_one_started_the_job_recovers_from_its_checkpoint(cluster, tmp_path):
+    """``kill -9`` of the cluster's only TaskManager while sessions stream in; a new one is
+    started: the job restarts on it from its newest checkpoint (restarts counted by Flink),
+    nothing committed is lost and nothing repeated."""
+    import os
+    import signal
+
+    from personalize import cluster as flink_cluster
+    from tests.integration.test_faults import SteadyStream, tally, traffic
+
+    own = job_stack(cluster, redis_db=7, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    events = traffic(150, 53)
+    job = _submit(own, "--parallelism", "1")
+    stream = SteadyStream(own, events, seconds=40).start()
+    loader = Materializer(s)
+    deadline = time.monotonic() + 180
+    while not (stream.share_sent > 0.33 and profiles(own)) and time.monotonic() < deadline:
+        loader.drain()
+        time.sleep(1)
+    assert profiles(own), "no profile before the fault"
+    assert _restarts(own, job) == 0
+    pids = [p for p in flink_cluster.taskmanager_pids(s) if os.path.exists(f"/proc/{p}")]
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    flink_cluster.start_taskmanager(s)
+    deadline = time.monotonic() + 240
+    while not (_restarts(own, job) >= 1 and _state(own, job) == "RUNNING") and time.monotonic() < deadline:
+        time.sleep(1)
+    restarts = _restarts(own, job)
+    assert restarts >= 1 and _state(own, job) == "RUNNING"
+    print(f"TaskManager killed: the job restarted {restarts} time(s) and runs again")
+    stream.join()
+    sessions = [e for e in events if not e["user_id"].startswith("clock-")]
+    counted = sum(1 for e in sessions if e["user_id"] in profiled(sessions) and e["consent_personalization"])
+    want = (counted, consented_sessions(sessions))
+    assert _wait(own, *want) == want
+    _stop(own)
+    Materializer(s).drain()
+    tally(own, events, stream.sent, "TaskManager killed with SIGKILL mid-stream, a new one started")
