@@ -16,6 +16,10 @@ from decimal import Decimal
 from operators.sessions import FIELD_SEP, ITEM_SEP
 
 KIND = "cart_abandonment"
+# a trigger lists at most this many lines, the most valuable (a session that never closes,
+# a bot's, can cart thousands: their sum would overflow the Trigger's decimal(14,2) and
+# the record Kafka's request size; 100 lines at the price and quantity bounds fit both)
+MAX_CART_LINES = 100
 # a fixed namespace: the same (user, session start) gives the same id in every run
 _NAMESPACE = uuid.UUID("6f1d3c2a-5b7e-4e8f-9a0b-1c2d3e4f5a6b")
 
@@ -64,13 +68,17 @@ def abandonment(session: dict, gap_ms: int, propensity: float | None, segment: s
     """The Trigger record (Avro fields) for a closed session, or None when none is due.
 
     ``session`` has the SESSION_COLUMNS of operators.sessions. No trigger without
-    marketing consent (the session's latest event decides).
+    marketing consent (the session's latest event decides). At most MAX_CART_LINES
+    lines, the most valuable (ties: by product id); ``cart_value`` is their sum.
     """
     if session["n_purchases"] > 0 or not session["consent_marketing"]:
         return None
     lines = net_cart(session["cart_moves"]) if lines is None else lines
     if not lines:
         return None
+    if len(lines) > MAX_CART_LINES:
+        kept = sorted(lines, key=lambda line: (-line[1] * line[2], line[0]))[:MAX_CART_LINES]
+        lines = sorted(kept)
     return {
         "trigger_id": trigger_id(session["user_id"], session["start_ms"]),
         "kind": KIND,

@@ -65,3 +65,18 @@ def test_the_json_form_writes_money_with_two_decimals():
     t = triggers.abandonment(session(), 1, None, None)
     j = triggers.as_json(t)
     assert j["cart_value"] == "44.98" and j["cart"][1]["price"] == "5.00"
+
+
+def test_a_bots_cart_of_thousands_of_maximal_lines_lists_the_most_valuable_and_still_encodes():
+    """A session that never closes can cart thousands of products: 2,000 lines at the price
+    and quantity bounds sum past the Trigger's decimal(14,2) (the encode failed and would
+    have stopped the job) and the record past Kafka's 1 MB request size."""
+    import schemas
+
+    lines = [(f"p{n:05d}", 1_000, 100_000_000 - n) for n in range(2_000)]
+    t = triggers.abandonment(session(), gap_ms=1_800_000, propensity=None, segment=None, lines=lines)
+    assert [line["product_id"] for line in t["cart"]] == [f"p{n:05d}" for n in range(triggers.MAX_CART_LINES)]
+    assert t["cart_value"] == sum(Decimal(1_000) * Decimal(100_000_000 - n).scaleb(-2)
+                                  for n in range(triggers.MAX_CART_LINES))
+    encoded = schemas.codec("trigger").encode(t)
+    assert len(encoded) < 100_000 and schemas.codec("trigger").decode(encoded)["cart_value"] == t["cart_value"]
