@@ -48,9 +48,7 @@ def test_a_minute_long_broker_outage_mid_stream_loses_and_repeats_nothing(tmp_pa
 
             broker = _pid(own_stack, "kafka")
             os.kill(broker, signal.SIGTERM)
-            deadline = time.monotonic() + 60
-            while os.path.exists(f"/proc/{broker}") and time.monotonic() < deadline:
-                time.sleep(0.2)
+            assert _gone([broker], 60)
             time.sleep(OUTAGE_S)
             assert proc.poll() is None, proc.stderr.read()[-3000:]  # still running, the broker still down
             done = own_stack.cli("stack", "up", timeout=180)
@@ -143,6 +141,36 @@ def _wait_for_all(own, proc, events: list[dict], timeout_s: float = 300) -> None
                proc, 120)
 
 
+def _finish(own, events: list[dict], proc, stream: SteadyStream) -> None:
+    """The rest of the stream sent, every event counted and session learned, the run
+    stopped with a savepoint (its last output drained into Redis)."""
+    stream.join()
+    _wait_for_all(own, proc, events)
+    _interrupt(proc)
+
+
+def _gone(pids: list[int], timeout_s: float = 30) -> bool:
+    """Wait until none of ``pids`` runs; whether none does."""
+    deadline = time.monotonic() + timeout_s
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(os.path.exists(f"/proc/{p}") for p in pids)
+
+
+def _streaming_run(stack, tmp_path, redis_db: int, seed: int):
+    """A live ``personalize run`` with a steady stream of sessions going, a third of it sent
+    and counted: the moment a fault comes. (own stack, events, run process, stream)"""
+    own = job_stack(stack, redis_db=redis_db, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
+    topics.ensure(own.settings, [own.settings.topic_events], local_stack=True)
+    events = traffic(150, seed)
+    proc = _start(own)
+    stream = SteadyStream(own, events, seconds=40).start()
+    wait_until("a third of the stream sent and profiles written",
+               lambda: stream.share_sent > 0.33 and profiles(own), proc, 180)
+    return own, events, proc, stream
+
+
 def _children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
@@ -153,31 +181,19 @@ def test_the_embedded_run_killed_mid_stream_resumes_from_its_newest_checkpoint(s
     ``personalize run`` again resumes from the newest retained checkpoint: the Kafka
     transactions the dead job left open are aborted, its committed output stands, and the
     loader waits for the dead loader's lease, then goes on from the offsets in Redis."""
-    own = job_stack(stack, redis_db=3, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
-                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
-    topics.ensure(own.settings, [own.settings.topic_events], local_stack=True)
-    events = traffic(150, 51)
-    proc = _start(own)
-    stream = SteadyStream(own, events, seconds=40).start()
+    own, events, proc, stream = _streaming_run(stack, tmp_path, 3, 51)
     try:
-        wait_until("a third of the stream sent and profiles written",
-                   lambda: stream.share_sent > 0.33 and profiles(own), proc, 180)
         jvms = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 30
-        while any(os.path.exists(f"/proc/{p}") for p in jvms) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in jvms if os.path.exists(f"/proc/{p}")], "the run's JVM outlived it"
+        assert _gone(jvms), "the run's JVM outlived it"
         time.sleep(3)  # the stream goes on while nothing runs
         proc = _start(own)
         line = proc.stdout.readline()
         restored = re.search(r"running from (\S+);", line)
         assert restored and re.search(r"/checkpoints/[0-9a-f]{32}/chk-\d+$", restored.group(1)), line
         assert restored.group(1).startswith(str(own.settings.state_dir))
-        stream.join()
-        _wait_for_all(own, proc, events)
-        _interrupt(proc)
+        _finish(own, events, proc, stream)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -190,27 +206,16 @@ def test_redis_stopped_and_started_again_mid_stream_the_loader_waits_and_resumes
     ``stack up`` starts Redis again it resumes from the offsets Redis holds."""
     own_stack = start_stack(tmp_path / "stack")  # its own Redis: the session's stays up for the other tests
     try:
-        own = job_stack(own_stack, redis_db=0, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
-                        PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
-        topics.ensure(own.settings, [own.settings.topic_events], local_stack=True)
-        events = traffic(150, 52)
-        proc = _start(own)
-        stream = SteadyStream(own, events, seconds=40).start()
+        own, events, proc, stream = _streaming_run(own_stack, tmp_path, 0, 52)
         try:
-            wait_until("a third of the stream sent and profiles written",
-                       lambda: stream.share_sent > 0.33 and profiles(own), proc, 180)
             server = _pid(own_stack, "redis")
             os.kill(server, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
-                time.sleep(0.2)
+            assert _gone([server])
             time.sleep(20)
             assert proc.poll() is None, proc.stderr.read()[-3000:]  # the run (and its loader) waits
             done = own_stack.cli("stack", "up", timeout=180)
             assert done.returncode == 0, done.stderr
-            stream.join()
-            _wait_for_all(own, proc, events)
-            _interrupt(proc)
+            _finish(own, events, proc, stream)
         finally:
             if proc.poll() is None:
                 proc.kill()

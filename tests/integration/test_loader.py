@@ -209,9 +209,8 @@ def test_a_second_loader_waits_for_the_lease_and_fails_naming_the_live_holder(st
     """Two loaders on the same partitions would interleave their offsets: the second one
     waits for the first's lease, and while the first is alive (renewing) it gives up with
     a message naming it, having written nothing."""
-    import threading
-
     from sinks.redis import LoaderFenced
+    from tests.integration.test_loader_redis_restart import following
 
     own = job_stack(stack, redis_db=11, PERSONALIZE_LOADER_LEASE_MS="1000")
     s = own.settings
@@ -219,16 +218,7 @@ def test_a_second_loader_waits_for_the_lease_and_fails_naming_the_live_holder(st
                   local_stack=True, partitions=1)
     assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
     first = Materializer(s)
-    stop, failures = threading.Event(), []
-
-    def follow():
-        try:
-            first.follow(stop.is_set)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            failures.append(exc)
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
+    stop, thread, failures = following(first)
     client = redis.Redis.from_url(s.redis_url, decode_responses=True)
     try:
         deadline = time.monotonic() + 30

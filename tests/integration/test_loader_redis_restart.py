@@ -60,6 +60,21 @@ def batch(s: Settings, users: range, n_events: int) -> None:
     assert kafkaio.produce(s, s.topic_triggers, triggers) == len(triggers)
 
 
+def following(loader: Materializer) -> tuple[threading.Event, threading.Thread, list[BaseException]]:
+    """The loader following its topics in a thread until the event is set; what it raised."""
+    stop, failures = threading.Event(), []
+
+    def follow():
+        try:
+            loader.follow(stop.is_set)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            failures.append(exc)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    return stop, thread, failures
+
+
 def test_the_loader_waits_out_a_redis_restart_and_rewrites_what_redis_lost(stack, tmp_path):
     port = free_port()
     data, older = tmp_path / "redis", tmp_path / "redis-older"
@@ -71,17 +86,8 @@ def test_the_loader_waits_out_a_redis_restart_and_rewrites_what_redis_lost(stack
                   local_stack=True)
     proc = start_redis(port, data)
     client = redis.Redis(port=port, decode_responses=True)
-    stop, failures = threading.Event(), []
     loader = Materializer(s)
-
-    def follow():
-        try:
-            loader.follow(stop.is_set)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            failures.append(exc)
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
+    stop, thread, failures = following(loader)
     try:
         batch(s, range(0, 50), 1)
         until(lambda: client.xlen("triggers:cart_abandonment") == 50, "batch A in Redis")
