@@ -50,10 +50,10 @@ def profile_key(user_id: str) -> str:
     return orjson.dumps({"user_id": user_id, "part": PROFILE_PART}).decode()
 
 
-def session_fields(after: m.UserHistory, consent: bool, end_ms: int) -> dict:
-    """The profile's session fields from the user's history after its newest closed session
-    (``consent_ms``, the session's last event time, orders the part against consent
-    changes in the Redis loader; it is not a profile field)."""
+def session_fields(after: m.UserHistory, end_ms: int) -> dict:
+    """The profile's session fields from the user's history after its newest (consented:
+    only those are written) closed session. ``consent_ms``, the session's last event time,
+    orders the part against consent changes in the Redis loader; it is not a profile field."""
     start, n_events, adds, removes, purchases, revenue = after.last
     avg_ms = after.session_ms_total // after.sessions
     fields = {
@@ -67,7 +67,7 @@ def session_fields(after: m.UserHistory, consent: bool, end_ms: int) -> dict:
         "last_session_cart_removes": removes,
         "last_session_purchases": purchases,
         "last_session_revenue": triggers.format_cents(revenue),
-        "consent": consent,
+        "consent": True,
         "consent_ms": end_ms,
     }
     for rank, (name, count) in enumerate(after.top_categories(TOP_CATEGORIES), start=1):
@@ -112,7 +112,7 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
             categories = history.fold(session)
             xs.append(m.segment_features(session, history, before_end, categories))
             labels.append(session["n_purchases"] > 0)
-            fields_of.append(session_fields(history, True, session["end_ms"]))
+            fields_of.append(session_fields(history, session["end_ms"]))
         else:  # a session without consent is not kept in the user's history, and writes nothing
             fields_of.append(None)
     # 2. the whole chunk scored at once, with the models as they are before it
