@@ -79,7 +79,7 @@ def _profile(args: argparse.Namespace, settings: Settings) -> int:
 
     raw = redis_client(settings).hgetall(PROFILE_PREFIX + args.user_id)
     if not raw:
-        print(f"personalize: no profile for user {args.user_id!r} in {settings.redis_url}", file=sys.stderr)
+        print(f"personalize: no profile for user {args.user_id!r} in {settings.redis_address}", file=sys.stderr)
         return 1
     profile = {k.decode(): v.decode() for k, v in sorted(raw.items())}
     print(orjson.dumps({"user_id": args.user_id, **profile}).decode())
@@ -176,7 +176,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 
     raw = redis_client(settings).get(MODELS_KEY)
     if raw is None:
-        print(f"personalize: no model snapshot in {settings.redis_url} yet: run the job first "
+        print(f"personalize: no model snapshot in {settings.redis_address} yet: run the job first "
               "(`personalize run --bounded`)", file=sys.stderr)
         return 1
     print(raw.decode())
@@ -346,14 +346,16 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    settings = None
     try:
         settings = Settings.from_env()
         if args.log_format:
             settings = dataclasses.replace(settings, log_format=args.log_format)
-        logs.configure(settings.log_format)
+        logs.configure(settings.log_format, secrets=settings.secrets)
         return args.func(args, settings)
     except PersonalizeError as exc:
-        print(f"personalize: error: {exc}", file=sys.stderr)
+        message = settings.redact(str(exc)) if settings else str(exc)
+        print(f"personalize: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("personalize: interrupted", file=sys.stderr)
@@ -363,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from personalize.flink import job_failure
 
-        print(f"personalize: error: Flink refused the job: {job_failure(exc)}", file=sys.stderr)
+        failure = job_failure(exc)
+        print(f"personalize: error: Flink refused the job: {settings.redact(failure) if settings else failure}",
+              file=sys.stderr)
         return 4
 
 

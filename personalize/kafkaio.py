@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, NoBrokersAvailable
 
+from personalize import credentials
 from personalize.errors import ServiceUnavailable
 from personalize.settings import Settings
 
@@ -39,6 +40,7 @@ RECEIVE_MAX_BYTES = 128 * 1024 * 1024
 
 def _consumer(settings: Settings, client_id: str, read_committed: bool, **extra) -> KafkaConsumer:
     """A group-less consumer (offsets are the caller's business), or a one-line error naming Kafka's address."""
+    credentials.check_kafka(settings)
     try:
         return KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
@@ -48,6 +50,7 @@ def _consumer(settings: Settings, client_id: str, read_committed: bool, **extra)
             isolation_level="read_committed" if read_committed else "read_uncommitted",
             # a fetch holding one ~1 MiB record exceeds kafka-python's default frame limit
             receive_message_max_bytes=RECEIVE_MAX_BYTES,
+            **credentials.kafka_python(settings),
             **extra,
         )
     except NoBrokersAvailable as exc:
@@ -65,8 +68,10 @@ def producer(settings: Settings, **overrides) -> KafkaProducer:
         enable_idempotence=True,  # keeps per-user order across retries
         max_in_flight_requests_per_connection=1,  # kafka-python requires 1 with idempotence
         retries=5,
+        **credentials.kafka_python(settings),
     )
     config.update(overrides)
+    credentials.check_kafka(settings)
     try:
         return KafkaProducer(**config)
     except NoBrokersAvailable as exc:

@@ -8,13 +8,25 @@ import sys
 
 import structlog
 
-_configured: str | None = None
+_configured: tuple | None = None
 
 
-def configure(log_format: str = "console", level: int = logging.INFO) -> None:
-    """Configure structlog (idempotent: a second call with the same format does nothing)."""
+def _scrubber(secrets: tuple[str, ...]):
+    """A last processor: the rendered line with every secret replaced by ``***``."""
+
+    def scrub(_logger, _name, line):
+        for secret in secrets:
+            line = line.replace(secret, "***")
+        return line
+
+    return scrub
+
+
+def configure(log_format: str = "console", level: int = logging.INFO, secrets: tuple[str, ...] = ()) -> None:
+    """Configure structlog (idempotent: a second call with the same arguments does nothing).
+    No line carries one of ``secrets`` (the settings' passwords), whatever a caller logs."""
     global _configured
-    if _configured == log_format:
+    if _configured == (log_format, secrets):
         return
     renderer = (
         structlog.processors.JSONRenderer()
@@ -28,6 +40,7 @@ def configure(log_format: str = "console", level: int = logging.INFO) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
+            _scrubber(tuple(secrets)),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
@@ -39,7 +52,7 @@ def configure(log_format: str = "console", level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     logging.getLogger("py4j").setLevel(logging.ERROR)
-    _configured = log_format
+    _configured = (log_format, secrets)
 
 
 def get(name: str | None = None):

@@ -11,10 +11,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from personalize.errors import ConfigError
 
 PREFIX = "PERSONALIZE_"
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def project_root() -> Path:
@@ -36,9 +39,26 @@ class Settings:
     kafka_heap: str = "512m"
     stack_dir: Path = dataclasses.field(default_factory=lambda: project_root() / ".stack")
     lib_dir: Path = dataclasses.field(default_factory=lambda: project_root() / "lib")
-    # where the job finds its services (default: the local stack)
+    # where the job finds its services (default: the local stack). The Redis URL may
+    # carry a user and password (redis://user:password@host:port/db) and rediss:// for TLS
     bootstrap_servers: str = ""
-    redis_url: str = ""
+    redis_url: str = dataclasses.field(default="", repr=False)
+    # credentials, passed to every client (the job's Kafka connector, the CLI, the loader,
+    # redis-py); the local stack requires the same ones when they are set (`stack up`).
+    # Kafka: security.protocol PLAINTEXT, SASL_PLAINTEXT, SASL_SSL or SSL; SASL mechanism
+    # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with its user and password; TLS: a PEM file of
+    # the CA certificates to trust, and for mutual TLS a PEM file holding the client's
+    # certificate chain and its (unencrypted PKCS#8) private key
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = dataclasses.field(default="", repr=False)
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    # Redis AUTH (ACL user, default "default") and TLS trust (PEM), besides the URL's own
+    redis_username: str = ""
+    redis_password: str = dataclasses.field(default="", repr=False)
+    redis_ssl_cafile: Path | None = None
     # topics
     topic_events: str = "events"
     topic_triggers: str = "triggers"
@@ -148,6 +168,22 @@ class Settings:
             raise ConfigError(f"PERSONALIZE_LOG_FORMAT must be 'console' or 'json', got {self.log_format!r}")
         if not self.kafka_heap or not self.kafka_heap[:-1].isdigit() or self.kafka_heap[-1] not in "mMgG":
             raise ConfigError(f"PERSONALIZE_KAFKA_HEAP must look like 512m or 1g, got {self.kafka_heap!r}")
+        if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
+            raise ConfigError(f"PERSONALIZE_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_PROTOCOLS)}, "
+                              f"got {self.kafka_security_protocol!r}")
+        if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+            raise ConfigError(f"PERSONALIZE_KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, "
+                              f"got {self.kafka_sasl_mechanism!r}")
+        if self.kafka_sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ConfigError(f"PERSONALIZE_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                              "PERSONALIZE_KAFKA_SASL_USERNAME and PERSONALIZE_KAFKA_SASL_PASSWORD")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "redis_ssl_cafile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{env_name(name)} names no file: {path}")
+        for name in ("kafka_sasl_username", "kafka_sasl_password"):
+            if '"' in getattr(self, name) or "\\" in getattr(self, name):
+                raise ConfigError(f"{env_name(name)} may not hold a double quote or a backslash (JAAS quoting)")
         # derived defaults: the local stack's addresses
         if not self.bootstrap_servers:
             object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.kafka_port}")
@@ -155,10 +191,37 @@ class Settings:
             object.__setattr__(self, "flink_address", f"127.0.0.1:{self.flink_rest_port}")
         if not self.redis_url:
             object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
+        if self.redis_ssl_cafile is not None and not self.redis_url.startswith("rediss://"):
+            raise ConfigError("PERSONALIZE_REDIS_SSL_CAFILE is for TLS: set PERSONALIZE_REDIS_URL to a rediss:// URL")
         object.__setattr__(self, "stack_dir", Path(self.stack_dir).resolve())
         object.__setattr__(self, "lib_dir", Path(self.lib_dir).resolve())
         state = Path(self.state_dir) if self.state_dir else self.stack_dir / "flink"
         object.__setattr__(self, "state_dir", state.resolve())
+
+    @property
+    def kafka_sasl(self) -> bool:
+        return self.kafka_security_protocol.startswith("SASL_")
+
+    @property
+    def kafka_tls(self) -> bool:
+        return self.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret these settings hold: never printed or logged (``redact``)."""
+        found = [self.kafka_sasl_password, self.redis_password, urlsplit(self.redis_url).password or ""]
+        return tuple(s for s in found if s)
+
+    @property
+    def redis_address(self) -> str:
+        """The Redis URL without its password, for messages."""
+        return redact_url(self.redis_url)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret of these settings replaced by ``***``."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -183,6 +246,16 @@ class Settings:
         return cls(**values)
 
 
+def redact_url(url: str) -> str:
+    """A URL with the password of its user part replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
 def env_name(field_name: str) -> str:
     return PREFIX + field_name.upper()
 
@@ -194,6 +267,8 @@ def _parse(field: dataclasses.Field, key: str, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{key} must be an integer, got {raw!r}") from None
+    if kind == "Path | None" and not raw.strip():
+        return None
     if kind in ("Path", "Path | None"):
         return Path(raw).expanduser()
     return raw.strip()

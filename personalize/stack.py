@@ -27,6 +27,7 @@ from pathlib import Path
 import redis
 
 from personalize import jars, logs, topics
+from personalize.credentials import jaas
 from personalize.errors import MissingArtifact, PortTakenError, StackError
 from personalize.settings import Settings, env_name
 
@@ -161,8 +162,33 @@ def _wait(what: str, ready: Callable[[], bool], proc: subprocess.Popen, logfile:
 # ---------------------------------------------------------------- redis
 
 
+def _redis_local(settings: Settings, **options) -> redis.Redis:
+    """A client of the stack's own redis-server, with the configured password."""
+    return redis.Redis(host="127.0.0.1", port=settings.redis_port, username=settings.redis_username or None,
+                       password=settings.redis_password or None, **options)
+
+
+def _redis_auth(settings: Settings) -> Path:
+    """The server's password settings, in a file only its owner reads (not on its command line)."""
+    path = _dir(settings, REDIS) / "auth.conf"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+
+    def quoted(text: str) -> str:  # a redis.conf string: double quotes, backslash escapes
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    if not settings.redis_password:
+        path.write_text("")
+    elif settings.redis_username and settings.redis_username != "default":
+        path.write_text(f"user default off\nuser {quoted(settings.redis_username)} on "
+                        f"{quoted('>' + settings.redis_password)} ~* &* +@all\n")
+    else:
+        path.write_text(f"requirepass {quoted(settings.redis_password)}\n")
+    return path
+
+
 def _redis_answers(settings: Settings) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    client = _redis_local(settings, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -180,6 +206,7 @@ def _start_redis(settings: Settings) -> int:
     logfile = data / "redis.log"
     cmd = [
         binary,
+        str(_redis_auth(settings)),
         "--bind", "127.0.0.1",
         "--port", str(settings.redis_port),
         "--dir", str(data),
@@ -196,7 +223,7 @@ def _start_redis(settings: Settings) -> int:
     ]
     proc = _spawn(cmd, logfile, data)
     _wait(f"redis-server on port {settings.redis_port}", lambda: _redis_answers(settings), proc, logfile, 20)
-    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_connect_timeout=2, socket_timeout=10)
+    client = _redis_local(settings, socket_connect_timeout=2, socket_timeout=10)
     try:
         client.config_set("appendonly", "yes")  # writes the AOF from the loaded data when it was off
     finally:
@@ -211,15 +238,23 @@ def _kafka_config(settings: Settings) -> Path:
     home = _dir(settings, KAFKA)
     home.mkdir(parents=True, exist_ok=True)
     data = home / "data"
+    # the client listener: PLAINTEXT, or SASL_PLAINTEXT with the configured PLAIN user
+    # (the broker's own connections use it too); the controller's stays plain on loopback
+    protocol = settings.kafka_security_protocol
+    if protocol not in ("PLAINTEXT", "SASL_PLAINTEXT") or (settings.kafka_sasl and settings.kafka_sasl_mechanism != "PLAIN"):
+        raise StackError(
+            f"the local stack's broker serves PLAINTEXT or SASL_PLAINTEXT with PLAIN, not "
+            f"{protocol}{'/' + settings.kafka_sasl_mechanism if settings.kafka_sasl else ''}: point "
+            "PERSONALIZE_BOOTSTRAP_SERVERS at your own broker for TLS or SCRAM")
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@127.0.0.1:{settings.kafka_controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{settings.kafka_port},CONTROLLER://127.0.0.1:{settings.kafka_controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{settings.kafka_port}",
+        "listeners": f"{protocol}://127.0.0.1:{settings.kafka_port},CONTROLLER://127.0.0.1:{settings.kafka_controller_port}",
+        "advertised.listeners": f"{protocol}://127.0.0.1:{settings.kafka_port}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": protocol,
+        "listener.security.protocol.map": f"{protocol}:{protocol},CONTROLLER:PLAINTEXT",
         "log.dirs": str(data),
         "num.partitions": str(settings.partitions),
         # one node: internal topics cannot have more replicas than brokers, or
@@ -238,7 +273,17 @@ def _kafka_config(settings: Settings) -> Path:
         # topics are created on purpose (stack up, tests), never by a typo
         "auto.create.topics.enable": "false",
     }
+    if settings.kafka_sasl:
+        user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
+        props.update({
+            "sasl.enabled.mechanisms": "PLAIN",
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                f'{jaas(settings, shaded=False)[:-1]} user_{user}="{password}";',
+        })
     path = home / "server.properties"
+    path.touch(mode=0o600)  # it may hold the password: its owner only
+    path.chmod(0o600)
     path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
     (home / "log4j2.properties").write_text(
         "status = warn\n"

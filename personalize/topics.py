@@ -8,6 +8,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
 
+from personalize import credentials
 from personalize.errors import ServiceUnavailable
 from personalize.settings import Settings
 
@@ -17,12 +18,14 @@ LOCAL_TOPIC_CONFIG = {"retention.ms": "-1"}
 
 
 def admin(settings: Settings, timeout_ms: int = 10_000) -> KafkaAdminClient:
+    credentials.check_kafka(settings)
     try:
         return KafkaAdminClient(
             bootstrap_servers=settings.bootstrap_servers,
             client_id="personalize-admin",
             request_timeout_ms=timeout_ms,
             api_version_auto_timeout_ms=timeout_ms,
+            **credentials.kafka_python(settings),
         )
     except NoBrokersAvailable:
         raise ServiceUnavailable(

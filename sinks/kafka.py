@@ -10,7 +10,14 @@ transactional id prefix derived from its topic, stable across restarts.
 
 from __future__ import annotations
 
+from personalize import credentials
 from personalize.settings import Settings
+
+
+def _brokers(settings: Settings) -> str:
+    """The connector's broker address and security options (credentials, TLS stores)."""
+    props = {"bootstrap.servers": settings.bootstrap_servers, **credentials.kafka_java(settings)}
+    return ",\n            ".join(f"'properties.{k}' = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in props.items())
 
 
 def _exactly_once(settings: Settings, topic: str, sink: str = "") -> str:
@@ -43,7 +50,7 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
         ) WITH (
             'connector' = 'kafka',
             'topic' = '{topic or settings.topic_events}',
-            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            {_brokers(settings)},
             'properties.group.id' = '{group_id}',
             'properties.isolation.level' = 'read_committed',
             'scan.startup.mode' = 'earliest-offset',
@@ -63,7 +70,7 @@ def keyed_bytes_sink(table: str, settings: Settings, topic: str, sink: str = "")
         ) WITH (
             'connector' = 'kafka',
             'topic' = '{topic}',
-            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            {_brokers(settings)},
             'key.format' = 'raw',
             'key.fields' = 'user_id',
             'value.format' = 'raw',
@@ -96,7 +103,7 @@ def profile_part_sink(table: str, settings: Settings, part: str, columns, *, bou
         ) WITH (
             'connector' = 'upsert-kafka',
             'topic' = '{settings.topic_profile_updates}',
-            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            {_brokers(settings)},
             'key.format' = 'json',
             'value.format' = 'json',
             'value.json.encode.ignore-null-fields' = 'true',
@@ -117,6 +124,6 @@ def trending_sink(table: str, settings: Settings) -> str:
         ) WITH (
             'connector' = 'kafka',
             'topic' = '{settings.topic_trending}',
-            'properties.bootstrap.servers' = '{settings.bootstrap_servers}',
+            {_brokers(settings)},
             'value.format' = 'json',{_exactly_once(settings, settings.topic_trending)}
         )"""

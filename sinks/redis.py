@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 import orjson
 import redis as redis_lib
 
-from personalize import logs
+from personalize import credentials, logs
 from personalize.errors import ServiceUnavailable
 from personalize.settings import Settings, project_root
 from operators.triggers import format_cents
@@ -150,12 +150,24 @@ def _holder() -> str:
 
 
 def redis_client(settings: Settings) -> redis_lib.Redis:
-    client = redis_lib.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    client = credentials.redis_client(settings, socket_connect_timeout=5, socket_timeout=30)
     try:
         client.ping()
+    except redis_lib.AuthenticationError as exc:
+        raise ServiceUnavailable(
+            f"Redis at {settings.redis_address} refused the credentials ({settings.redact(str(exc))}): "
+            "set PERSONALIZE_REDIS_PASSWORD (and PERSONALIZE_REDIS_USERNAME for an ACL user)"
+        ) from None
+    except redis_lib.ResponseError as exc:
+        if "NOAUTH" not in str(exc) and "WRONGPASS" not in str(exc):
+            raise
+        raise ServiceUnavailable(
+            f"Redis at {settings.redis_address} requires a password ({settings.redact(str(exc))}): "
+            "set PERSONALIZE_REDIS_PASSWORD (and PERSONALIZE_REDIS_USERNAME for an ACL user)"
+        ) from None
     except redis_lib.RedisError as exc:
         raise ServiceUnavailable(
-            f"Redis does not answer at {settings.redis_url} ({type(exc).__name__}): "
+            f"Redis does not answer at {settings.redis_address} ({type(exc).__name__}): "
             "start it with `personalize stack up` or set PERSONALIZE_REDIS_URL"
         ) from None
     return client
@@ -276,6 +288,7 @@ class Materializer:
     def _consumer(self):
         from kafka import KafkaConsumer, TopicPartition
 
+        credentials.check_kafka(self.settings)
         consumer = KafkaConsumer(
             bootstrap_servers=self.settings.bootstrap_servers,
             group_id=None,
@@ -287,6 +300,7 @@ class Materializer:
             fetch_max_bytes=64 * 1024 * 1024,
             receive_message_max_bytes=128 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
+            **credentials.kafka_python(self.settings),
         )
         tps = []
         for topic in (self.settings.topic_profile_updates, self.settings.topic_trending,
@@ -373,9 +387,9 @@ class Materializer:
                 self.stats = counted
                 if give_up():
                     raise ServiceUnavailable(
-                        f"Redis at {self.settings.redis_url} did not come back ({type(exc).__name__}): "
+                        f"Redis at {self.settings.redis_address} did not come back ({type(exc).__name__}): "
                         "start it with `personalize stack up`") from None
-                log.warning("Redis unavailable, the loader waits", url=self.settings.redis_url,
+                log.warning("Redis unavailable, the loader waits", url=self.settings.redis_address,
                             error=type(exc).__name__, retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -640,7 +654,7 @@ def _shard_main() -> int:
     import sys
 
     settings, shard, timeout_s = pickle.loads(sys.stdin.buffer.read())
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, secrets=settings.secrets)
     try:
         result: object = Materializer(settings, shard=shard).drain(timeout_s)
     except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it

@@ -11,9 +11,8 @@ import urllib.request
 from collections import Counter
 
 import pytest
-import redis
 
-from personalize import topics
+from personalize import credentials, topics
 from personalize.settings import Settings
 from sinks.redis import Materializer
 from tests.conftest import Stack, free_port
@@ -65,7 +64,7 @@ def _stop(own: Stack) -> str:
 def _wait(own: Stack, events: int, samples: int, timeout_s: float = 300) -> tuple[int, int]:
     """Load Redis from the committed output until every event is counted and every session learned."""
     loader = Materializer(own.settings)
-    r = redis.Redis.from_url(own.settings.redis_url)
+    r = credentials.redis_client(own.settings)
     deadline = time.monotonic() + timeout_s
     seen = (-1, -1)
     while time.monotonic() < deadline:

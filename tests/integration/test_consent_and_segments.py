@@ -7,10 +7,9 @@ import time
 from collections import defaultdict
 
 import pytest
-import redis
 
 import schemas
-from personalize import kafkaio, produce, topics
+from personalize import credentials, kafkaio, produce, topics
 from tests.integration.test_profile_job import _interrupt, _start, job_stack, profiles, run_bounded, wait_until
 from tests.integration.test_triggers_job import (
     GAP_MS, _clock, expected_profile_fields, send_events, sessions_of, stream_entries,
@@ -46,7 +45,7 @@ def test_consent_withdrawn_removes_the_profile_and_given_again_brings_back_only_
                     PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_MODEL_FLUSH_MS="200")
     s = own.settings
     topics.ensure(s, [s.topic_events], local_stack=True)
-    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    r = credentials.redis_client(s, decode_responses=True)
     phase1 = session("back", T0, 0, consent=True, buy=True) + session("gone", T0, 0, consent=True, buy=False)
     phase2 = (session("back", T0 + 2 * 3_600_000, 10, consent=False, buy=True)
               + session("gone", T0 + 2 * 3_600_000, 10, consent=False, buy=False))

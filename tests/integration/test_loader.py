@@ -15,7 +15,7 @@ import pytest
 import redis
 
 import schemas
-from personalize import kafkaio, topics
+from personalize import credentials, kafkaio, topics
 from sinks.redis import DEAD_LETTERS_KEY, LEASE_TOKENS, NO_CONSENT_KEY, OFFSETS_KEY, Materializer, drain_parallel
 from tests.integration.test_profile_job import job_stack
 
@@ -29,7 +29,7 @@ def test_unreadable_records_and_refused_writes_are_dead_letters_and_the_rest_is_
     s = own.settings
     topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
                   local_stack=True, partitions=1)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client = credentials.redis_client(s, decode_responses=True)
     client.set("profile:clash", "not a hash")  # another writer's key of the wrong type
 
     profiles = [
@@ -126,16 +126,16 @@ def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
     assert kafkaio.produce(s, s.topic_profile_updates, later) == len(later)
 
     one = dataclasses.replace(s, redis_url=s.redis_url.rsplit("/", 1)[0] + "/15")
-    redis.Redis.from_url(one.redis_url).flushdb()
+    credentials.redis_client(one).flushdb()
     single = drain_parallel(one, workers=1, timeout_s=60)
     sharded = drain_parallel(s, workers=2, timeout_s=60)
 
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client = credentials.redis_client(s, decode_responses=True)
     profiles = {k.removeprefix("profile:") for k in client.scan_iter("profile:*")}
     assert profiles == {f"u{i}" for i in range(400) if not 300 <= i < 350}
     assert client.hgetall("profile:u12") == {"n_events": "12", "recent_events": "5", "n_sessions": "1"}
     assert client.hgetall("profile:u360")["n_sessions"] == "9"
-    assert _dump(client) == _dump(redis.Redis.from_url(one.redis_url, decode_responses=True))
+    assert _dump(client) == _dump(credentials.redis_client(one, decode_responses=True))
     assert len(sharded.users) == len(single.users) == 350
     assert sharded.records == single.records == len(first) + len(later) + len(triggers)
     assert sharded.stream_added == single.stream_added == 100
@@ -156,7 +156,7 @@ def test_a_part_from_before_a_withdrawal_another_loader_applied_leaves_no_profil
     s = own.settings
     topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
                   local_stack=True, partitions=1)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client = credentials.redis_client(s, decode_responses=True)
     client.hset(NO_CONSENT_KEY, mapping={"u1": 5_000, "u3": 5_000, "u4": 1})
     session = lambda n, end: orjson.dumps({"n_sessions": n, "consent": True, "consent_ms": end})  # noqa: E731
     assert kafkaio.produce(s, s.topic_profile_updates, [
@@ -180,7 +180,7 @@ def test_a_mark_set_between_the_read_and_the_write_deletes_an_older_part_in_the_
     s = own.settings
     topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
                   local_stack=True, partitions=1)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client = credentials.redis_client(s, decode_responses=True)
     assert kafkaio.produce(s, s.topic_profile_updates, [
         (_key("u1", "sessions"), orjson.dumps({"n_sessions": 2, "consent": True, "consent_ms": 4_000}), 1_000),
         (_key("u2", "sessions"), orjson.dumps({"n_sessions": 3, "consent": True, "consent_ms": 6_000}), 1_000)]) == 2
@@ -219,7 +219,7 @@ def test_a_second_loader_waits_for_the_lease_and_fails_naming_the_live_holder(st
     assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
     first = Materializer(s)
     stop, thread, failures = following(first)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client = credentials.redis_client(s, decode_responses=True)
     try:
         deadline = time.monotonic() + 30
         while not client.exists("profile:u1") and time.monotonic() < deadline:
@@ -252,7 +252,7 @@ def test_a_loader_whose_lease_another_took_over_writes_nothing_stale(stack):
     s = own.settings
     topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
                   local_stack=True, partitions=1)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client = credentials.redis_client(s, decode_responses=True)
     assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
     paused = Materializer(s)
     consumer, tps = paused._consumer()

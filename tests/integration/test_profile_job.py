@@ -16,10 +16,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
 import pytest
-import redis
 
 import schemas
-from personalize import kafkaio, produce, smoke, topics
+from personalize import credentials, kafkaio, produce, smoke, topics
 from personalize.settings import Settings
 from tests.conftest import CLI, ROOT, Stack
 
@@ -46,7 +45,7 @@ def job_stack(stack: Stack, redis_db: int, **extra: str) -> Stack:
         **extra,
     )
     own = Stack(Settings.from_env(env), env)
-    redis.Redis.from_url(own.settings.redis_url).flushdb()
+    credentials.redis_client(own.settings).flushdb()
     return own
 
 
@@ -121,7 +120,7 @@ def check_counts(stack: Stack, events: list[dict]) -> None:
 
 
 def profiles(stack: Stack) -> dict[str, dict[str, str]]:
-    r = redis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
+    r = credentials.redis_client(stack.settings, decode_responses=True)
     return {k.split(":", 1)[1]: r.hgetall(k) for k in r.scan_iter("profile:*", count=1000)}
 
 
@@ -357,7 +356,7 @@ def test_late_events_in_a_live_run_over_two_partitions_one_idle_and_exactly_at_t
                           timestamp_ms=e["event_time"])
         producer.flush()
 
-    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    r = credentials.redis_client(s, decode_responses=True)
     sent: dict[str, list[dict]] = {"a": [], "b": []}
     late: list[dict] = []
 
@@ -426,7 +425,7 @@ def test_a_producer_clock_ahead_is_dead_lettered_and_closes_nobody_s_session_ear
     t = now()
     send(ev("x", 0, t - 50_000), ev("x", 1, t - 40_000, "add_to_cart", "p1"))  # an open session with a cart
     proc = _start(own)
-    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    r = credentials.redis_client(s, decode_responses=True)
     try:
         _wait_for_events(own, proc, 2)
         ahead = ev("y", 0, now() + 3_600_000)  # a clock an hour ahead

@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from personalize import topics
+from personalize import credentials, topics
 from tests.conftest import Stack, free_port, stack_env, start_stack
 
 
@@ -69,7 +69,7 @@ def test_job_topics_exist_with_configured_partitions_and_no_time_retention(stack
 def test_killed_kafka_is_reported_down_and_down_purge_starts_the_next_up_empty(tmp_path):
     own = start_stack(tmp_path / "own")
     try:
-        r = redis.Redis.from_url(own.settings.redis_url)
+        r = credentials.redis_client(own.settings)
         r.set("left-behind", "1")
         topics.ensure(own.settings, ["left-behind"], local_stack=True)
 
@@ -88,7 +88,7 @@ def test_killed_kafka_is_reported_down_and_down_purge_starts_the_next_up_empty(t
 
         done = own.cli("stack", "up", timeout=180)
         assert done.returncode == 0, done.stderr
-        assert redis.Redis.from_url(own.settings.redis_url).get("left-behind") is None
+        assert credentials.redis_client(own.settings).get("left-behind") is None
         assert "left-behind" not in topics.list_topics(own.settings)
         assert set(own.settings.topics) <= topics.list_topics(own.settings)
     finally:
@@ -113,7 +113,7 @@ def test_down_stops_only_what_the_stack_started_and_up_finds_the_data_again(tmp_
                                 "--save", ""], cwd=outside_dir, stdout=subprocess.DEVNULL)
     try:
         s = own.settings
-        redis.Redis.from_url(s.redis_url).set("written", "before down")
+        credentials.redis_client(s).set("written", "before down")
         topics.ensure(s, ["kept"], local_stack=True)
         assert kafkaio.produce(s, "kept", [(b"k", b"before down", 1)]) == 1
         deadline = time.monotonic() + 10
@@ -136,7 +136,7 @@ def test_down_stops_only_what_the_stack_started_and_up_finds_the_data_again(tmp_
         done = own.cli("stack", "up", timeout=180)
         assert done.returncode == 0, done.stderr
         assert pids(own)["redis"] != outside.pid
-        assert redis.Redis.from_url(s.redis_url).get("written") == b"before down"
+        assert credentials.redis_client(s).get("written") == b"before down"
         assert [r.value for r in kafkaio.read_to_end(s, "kept")] == [b"before down"]
     finally:
         own.cli("stack", "down", "--purge")
@@ -165,7 +165,7 @@ def test_redis_keeps_its_writes_across_a_kill_and_a_down_up(tmp_path):
     (not only the last snapshot), and a plain down/up after that."""
     own = start_stack(tmp_path / "own")
     try:
-        r = redis.Redis.from_url(own.settings.redis_url)
+        r = credentials.redis_client(own.settings)
         assert r.config_get("appendonly") == {"appendonly": "yes"}
         r.set("written", "before the kill")
         time.sleep(1.5)  # appendfsync everysec
@@ -173,9 +173,9 @@ def test_redis_keeps_its_writes_across_a_kill_and_a_down_up(tmp_path):
         time.sleep(0.5)
         done = own.cli("stack", "up", timeout=180)
         assert done.returncode == 0, done.stderr
-        assert redis.Redis.from_url(own.settings.redis_url).get("written") == b"before the kill"
+        assert credentials.redis_client(own.settings).get("written") == b"before the kill"
         assert own.cli("stack", "down").returncode == 0
         assert own.cli("stack", "up", timeout=180).returncode == 0
-        assert redis.Redis.from_url(own.settings.redis_url).get("written") == b"before the kill"
+        assert credentials.redis_client(own.settings).get("written") == b"before the kill"
     finally:
         own.cli("stack", "down", "--purge")

@@ -13,10 +13,9 @@ from collections import Counter, defaultdict
 from decimal import Decimal
 
 import pytest
-import redis
 
 import schemas
-from personalize import kafkaio, produce, topics
+from personalize import credentials, kafkaio, produce, topics
 from tests.integration.test_profile_job import GAP_MS, job_stack, profiles, run_bounded
 
 pytestmark = pytest.mark.slow
@@ -74,7 +73,7 @@ def kafka_triggers(stack) -> list[dict]:
 
 
 def stream_entries(stack) -> list[dict]:
-    r = redis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
+    r = credentials.redis_client(stack.settings, decode_responses=True)
     return [fields for _, fields in r.xrange("triggers:cart_abandonment")]
 
 
@@ -241,7 +240,7 @@ def test_triggers_follow_prints_a_trigger_that_arrives_after_it_started(syntheti
 
 
 def _snapshot(stack) -> dict | None:
-    raw = redis.Redis.from_url(stack.settings.redis_url).get("models:snapshot")
+    raw = credentials.redis_client(stack.settings).get("models:snapshot")
     return json.loads(raw) if raw else None
 
 
@@ -407,6 +406,6 @@ def test_every_profile_field_and_the_trending_keys_equal_an_independent_computat
     for user, p in got.items():
         assert re.fullmatch(r"0\.\d{6}|1\.000000", p["propensity"]), (user, p["propensity"])
         assert ("segment" in p) == ("segment_name" in p)
-    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    r = credentials.redis_client(s, decode_responses=True)
     trending = expected_trending(events, s.trending_window_ms, s.trending_top_n)
     assert {k: dict(r.zrange(k, 0, -1, withscores=True)) for k in r.scan_iter("trending:*")} == trending
