@@ -153,16 +153,11 @@ def redis_client(settings: Settings) -> redis_lib.Redis:
     client = credentials.redis_client(settings, socket_connect_timeout=5, socket_timeout=30)
     try:
         client.ping()
-    except redis_lib.AuthenticationError as exc:
+    except redis_lib.AuthenticationError as exc:  # NOAUTH and WRONGPASS alike
+        given = settings.redis_password or settings.redis_address != settings.redis_url  # in the URL
+        what = "refused the credentials" if given else "requires a password"
         raise ServiceUnavailable(
-            f"Redis at {settings.redis_address} refused the credentials ({settings.redact(str(exc))}): "
-            "set PERSONALIZE_REDIS_PASSWORD (and PERSONALIZE_REDIS_USERNAME for an ACL user)"
-        ) from None
-    except redis_lib.ResponseError as exc:
-        if "NOAUTH" not in str(exc) and "WRONGPASS" not in str(exc):
-            raise
-        raise ServiceUnavailable(
-            f"Redis at {settings.redis_address} requires a password ({settings.redact(str(exc))}): "
+            f"Redis at {settings.redis_address} {what} ({settings.redact(str(exc))}): "
             "set PERSONALIZE_REDIS_PASSWORD (and PERSONALIZE_REDIS_USERNAME for an ACL user)"
         ) from None
     except redis_lib.RedisError as exc:

@@ -49,9 +49,10 @@ class Stack:
         )
 
 
-def start_stack(stack_dir: Path) -> Stack:
+def start_stack(stack_dir: Path, **extra: str) -> Stack:
+    """A stack of its own on free ports; ``extra`` PERSONALIZE_* variables (credentials) added."""
     kafka, controller, redis_port = free_port(), free_port(), free_port()
-    env = stack_env(kafka, controller, redis_port, stack_dir)
+    env = {**stack_env(kafka, controller, redis_port, stack_dir), **extra}
     settings = Settings.from_env(env)
     stack = Stack(settings, env)
     done = stack.cli("stack", "up", timeout=180)
