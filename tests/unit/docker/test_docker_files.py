@@ -48,6 +48,19 @@ def test_compose_settings_are_settings_the_code_reads_and_its_topics_are_the_con
         assert compose()["services"][role]["environment"] == env
 
 
+def test_compose_publishes_ports_on_loopback_only_and_redis_requires_a_password():
+    services = compose()["services"]
+    published = [(name, port) for name, svc in services.items() for port in svc.get("ports", ())]
+    assert {name for name, _ in published} == {"kafka", "redis", "jobmanager"}
+    for name, port in published:
+        assert port.startswith("127.0.0.1:") and port.count(":") == 2, (name, port)
+    redis = services["redis"]
+    assert 'redis-server --requirepass "$$REDIS_PASSWORD"' in redis["command"][-1]
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")  # no default password
+    assert compose()["x-job-env"]["PERSONALIZE_REDIS_PASSWORD"] == redis["environment"]["REDIS_PASSWORD"]
+    assert "EXTERNAL://127.0.0.1:9094" in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+
+
 def test_the_image_runs_flink_roles_and_otherwise_the_personalize_cli():
     entry = (DOCKER / "entrypoint.sh").read_text()
     assert 'exec personalize "$@"' in entry  # submit, load, stop: the CLI the cluster tests run
