@@ -28,7 +28,6 @@ TRIGGERS = "triggers_sink"
 SEGMENT_CHANGES = "segment_changes_sink"
 MODEL_SNAPSHOTS = "model_snapshots_sink"
 ACTIONS_VIEW = "session_actions"
-DECODE_FUNCTION = "personalize.decode.DecodeEvent"
 
 
 def _row_type(columns):
@@ -61,7 +60,7 @@ def configure(t_env, settings: Settings, *, bounded: bool) -> None:
         config.set("table.exec.source.idle-timeout", f"{settings.idle_timeout_ms} ms")
 
 
-def decoded_events(t_env, source: str):
+def decoded_events(t_env, source: str, settings: Settings):
     """The source's records, each decoded once by the JVM function, behind a barrier.
 
     The planner copies a function call into every consumer of its result (DESIGN.md):
@@ -70,8 +69,12 @@ def decoded_events(t_env, source: str):
     (``wm``) is taken before the barrier, so lateness is what the source saw."""
     from pyflink.table import Schema
 
-    # operators/jvm, built by `make setup` into lib/udf (on pipeline.jars)
-    t_env.create_java_temporary_function("decode_event", DECODE_FUNCTION)
+    from pyflink.java_gateway import get_gateway
+
+    # operators/jvm, built by `make setup` into lib/udf (on pipeline.jars); an instance
+    # holding the pseudonym key, so the key is in no SQL text, plan or operator name
+    decode_fn = get_gateway().jvm.personalize.decode.DecodeEvent(settings.pseudonym_key)
+    t_env._j_tenv.createTemporarySystemFunction("decode_event", decode_fn)
     raw = t_env.sql_query(
         f"SELECT `value`, `topic`, `partition`, `offset`, `ts`, CURRENT_WATERMARK(`ts`) AS wm, "
         f"decode_event(`value`) AS d FROM {source}")
@@ -139,7 +142,7 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(SEGMENT_CHANGES, settings, settings.topic_segment_changes))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(MODEL_SNAPSHOTS, settings, settings.topic_model_snapshots))
 
-    t_env.create_temporary_view("events_decoded", decoded_events(t_env, SOURCE))
+    t_env.create_temporary_view("events_decoded", decoded_events(t_env, SOURCE, settings))
     t_env.create_temporary_view(CHECKED_VIEW, t_env.sql_query(checked_sql("events_decoded", settings)))
     columns = ", ".join(name for name, _ in decode.EVENT_COLUMNS)
     t_env.create_temporary_view(EVENTS_VIEW, t_env.sql_query(

@@ -16,6 +16,8 @@ records only. Nothing here keeps state.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from decimal import ROUND_HALF_EVEN, Decimal
 
@@ -154,9 +156,29 @@ def dead_letter(codec, original: bytes | None, topic: str, partition: int, offse
     })
 
 
-def decode_row(codec, value: bytes | None) -> tuple:
+PSEUDONYM_BYTES = 16  # 128 bits of the HMAC, 32 hex characters (DecodeEvent.PSEUDONYM_BYTES)
+
+
+def pseudonym(user_id: str, key: str) -> str:
+    """The user id as the job keeps it: with a pseudonym key (PERSONALIZE_PSEUDONYM_KEY),
+    the first 16 bytes of its HMAC-SHA256 under the key, in hex; else the id itself.
+    The JVM decode applies the same (DecodeEvent.pseudonym)."""
+    if not key:
+        return user_id
+    digest = hmac.new(key.encode("utf-8"), user_id.encode("utf-8"), hashlib.sha256).digest()
+    return digest[:PSEUDONYM_BYTES].hex()
+
+
+def decode_row(codec, value: bytes | None, pseudonym_key: str = "") -> tuple:
     """One record's bytes as a DECODED_COLUMNS tuple (no exception escapes: a bad
-    record is a reason, never a failed job)."""
+    record is a reason, never a failed job); user ids as ``pseudonym`` makes them."""
+    row = _decode_row(codec, value)
+    if pseudonym_key and row[0] is not None:
+        row = (pseudonym(row[0], pseudonym_key), *row[1:])
+    return row
+
+
+def _decode_row(codec, value: bytes | None) -> tuple:
     try:
         event = codec.decode(value)
     except Exception as exc:  # DecodeError, or anything fastavro raised

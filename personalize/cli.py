@@ -77,12 +77,14 @@ def _profile(args: argparse.Namespace, settings: Settings) -> int:
 
     from sinks.redis import PROFILE_PREFIX, redis_client
 
-    raw = redis_client(settings).hgetall(PROFILE_PREFIX + args.user_id)
+    user = settings.user_key(args.user_id)  # the pseudonym, with PERSONALIZE_PSEUDONYM_KEY
+    raw = redis_client(settings).hgetall(PROFILE_PREFIX + user)
     if not raw:
         print(f"personalize: no profile for user {args.user_id!r} in {settings.redis_address}", file=sys.stderr)
         return 1
     profile = {k.decode(): v.decode() for k, v in sorted(raw.items())}
-    print(orjson.dumps({"user_id": args.user_id, **profile}).decode())
+    named = {"user_id": args.user_id, **({"pseudonym": user} if user != args.user_id else {})}
+    print(orjson.dumps({**named, **profile}).decode())
     return 0
 
 

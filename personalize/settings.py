@@ -59,6 +59,11 @@ class Settings:
     redis_username: str = ""
     redis_password: str = dataclasses.field(default="", repr=False)
     redis_ssl_cafile: Path | None = None
+    # pseudonymised ids: with a key, the decode replaces every user id by its keyed
+    # HMAC-SHA256 (operators/decode.py: pseudonym), so state, topics and Redis hold no raw
+    # id; `personalize profile` (and `forget`) take the raw id and apply the same. At least
+    # 16 characters; changing it makes every user a new one
+    pseudonym_key: str = dataclasses.field(default="", repr=False)
     # topics
     topic_events: str = "events"
     topic_triggers: str = "triggers"
@@ -184,6 +189,9 @@ class Settings:
         for name in ("kafka_sasl_username", "kafka_sasl_password"):
             if '"' in getattr(self, name) or "\\" in getattr(self, name):
                 raise ConfigError(f"{env_name(name)} may not hold a double quote or a backslash (JAAS quoting)")
+        if self.pseudonym_key and len(self.pseudonym_key) < 16:
+            raise ConfigError(f"PERSONALIZE_PSEUDONYM_KEY must be at least 16 characters (a random secret), "
+                              f"got {len(self.pseudonym_key)}")
         # derived defaults: the local stack's addresses
         if not self.bootstrap_servers:
             object.__setattr__(self, "bootstrap_servers", f"127.0.0.1:{self.kafka_port}")
@@ -209,13 +217,20 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret these settings hold: never printed or logged (``redact``)."""
-        found = [self.kafka_sasl_password, self.redis_password, urlsplit(self.redis_url).password or ""]
+        found = [self.kafka_sasl_password, self.redis_password, urlsplit(self.redis_url).password or "",
+                 self.pseudonym_key]
         return tuple(s for s in found if s)
 
     @property
     def redis_address(self) -> str:
         """The Redis URL without its password, for messages."""
         return redact_url(self.redis_url)
+
+    def user_key(self, user_id: str) -> str:
+        """The id the job keeps for this raw user id (its pseudonym when there is a key)."""
+        from operators.decode import pseudonym
+
+        return pseudonym(user_id, self.pseudonym_key)
 
     def redact(self, text: str) -> str:
         """``text`` with every secret of these settings replaced by ``***``."""

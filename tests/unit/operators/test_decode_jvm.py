@@ -9,6 +9,8 @@ The corpus is written to a file; the jar's ``DecodeCorpus`` reads it on its own 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -110,7 +112,7 @@ def corpus() -> list[tuple[str, bytes | None]]:
     return records
 
 
-def java_rows(tmp_path, records) -> dict[str, list]:
+def java_rows(tmp_path, records, pseudonym_key: str = "") -> dict[str, list]:
     java = shutil.which("java")
     assert java, "java is not on PATH (Java 17 runs the job's JVM side)"
     jar = jars.jars(Settings.from_env(), "udf")[0]  # a missing jar: a MissingArtifact error naming `make setup`
@@ -119,7 +121,8 @@ def java_rows(tmp_path, records) -> dict[str, list]:
     with path.open("rb") as stdin:
         # with the Flink it runs on (its slf4j, which Avro logs through)
         classpath = f"{jar}{os.pathsep}{Path(pyflink.__file__).parent / 'lib' / '*'}"
-        done = subprocess.run([java, "-cp", classpath, "personalize.decode.DecodeCorpus"], stdin=stdin,
+        done = subprocess.run([java, "-cp", classpath, "personalize.decode.DecodeCorpus",
+                               *([pseudonym_key] if pseudonym_key else [])], stdin=stdin,
                               capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
@@ -177,3 +180,25 @@ def test_the_corpus_holds_each_kind_of_outcome(decoded):
     by_label = {label: python for label, _, python, _ in decoded}
     assert by_label["price 6 2.675"][4] == 268 and by_label["v1 writer"][6] is True
     assert by_label["boolean byte 2"][-1] is None
+
+
+def test_with_a_pseudonym_key_both_decodes_return_the_same_hmac_of_every_user_id(tmp_path):
+    """The job's user ids (JVM) and the CLI's (Python) are one pseudonym: HMAC-SHA256 under
+    the key, 16 bytes in hex, computed here with hmac itself; refused records that name
+    a user are pseudonymised too (the dead-letter key)."""
+    key = "a-pseudonym-key-of-the-test"
+    records = corpus()[:400]
+    jvm = java_rows(tmp_path, records, key)
+    codec = schemas.codec("user_event")
+    named = 0
+    for label, value in records:
+        plain = decode.decode_row(codec, value)
+        python = list(decode.decode_row(codec, value, key))
+        assert same(python, jvm[label]) or negative_index(jvm[label]), label
+        if plain[0] is not None:
+            want = hmac.new(key.encode(), plain[0].encode(), hashlib.sha256).hexdigest()[:32]
+            assert python[0] == jvm[label][0] == want, label
+            named += 1
+        else:
+            assert python[0] is None and jvm[label][0] is None
+    assert named > 300

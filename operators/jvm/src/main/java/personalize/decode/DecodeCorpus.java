@@ -10,10 +10,11 @@ import java.util.HexFormat;
  * Decodes a corpus for the test that holds this decoder and the Python one to the same
  * results: reads lines {@code <label>\t<hex of the record value>} (hex "-" for a null
  * value) from stdin and prints one JSON array per line: the label and the eleven values.
+ * An argument, if given, is the pseudonym key (user ids come out as their pseudonyms).
  */
 public final class DecodeCorpus {
     public static void main(String[] args) throws Exception {
-        EventDecoder decoder = new EventDecoder();
+        DecodeEvent decoder = new DecodeEvent(args.length > 0 ? args[0] : "");
         BufferedReader lines = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
         PrintStream out = new PrintStream(System.out, false, StandardCharsets.UTF_8);
         for (String line; (line = lines.readLine()) != null; ) {
@@ -25,7 +26,7 @@ public final class DecodeCorpus {
             byte[] value = hex.equals("-") ? null : HexFormat.of().parseHex(hex);
             StringBuilder json = new StringBuilder("[");
             string(json, line.substring(0, tab));
-            for (Object field : decoder.decode(value)) {
+            for (Object field : decoder.fields(value)) {
                 json.append(", ");
                 if (field instanceof String text) {
                     string(json, text);
