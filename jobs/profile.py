@@ -56,6 +56,9 @@ def configure(t_env, settings: Settings, *, bounded: bool) -> None:
     config.set("table.exec.uid.generation", "ALWAYS")
     config.set("table.exec.mini-batch.allow-latency", "2 s")
     config.set("table.exec.mini-batch.size", "50000")
+    # per-user state of the non-window operators (the totals aggregate) expires after this
+    # long without an update for the user; windows clean up as they close. 0 ms: never
+    config.set("table.exec.state.ttl", f"{settings.state_ttl_ms} ms")
     if not bounded:
         config.set("table.exec.source.idle-timeout", f"{settings.idle_timeout_ms} ms")
 

@@ -177,7 +177,8 @@ def actions_function(settings: Settings):
     """The Flink KeyedProcessFunction (built here so importing this module starts no JVM)."""
     from pyflink.common import Row, Types
     from pyflink.datastream import KeyedProcessFunction
-    from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor
+    from pyflink.common.time import Time
+    from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
     class CloseSessions(KeyedProcessFunction):
         def open(self, runtime_context):
@@ -187,8 +188,18 @@ def actions_function(settings: Settings):
             # values are explicit, versioned bytes (models.STATE_FORMAT) inside the pickled type
             # the job has always declared, so savepoints of earlier versions still restore
             self.models_state = runtime_context.get_state(ValueStateDescriptor("models", Types.PICKLED_BYTE_ARRAY()))
-            self.histories = runtime_context.get_map_state(
-                MapStateDescriptor("histories", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+            histories = MapStateDescriptor("histories", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+            if settings.state_ttl_ms:
+                # each user's entry expires settings.state_ttl_ms after its last write, like the
+                # SQL aggregate's state and the Redis profile (never read back once expired)
+                histories.enable_time_to_live(
+                    StateTtlConfig.new_builder(Time.milliseconds(settings.state_ttl_ms))
+                    .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
+                    .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
+                    .cleanup_incrementally(10, False)  # a few entries checked per access (heap)
+                    .cleanup_full_snapshot()
+                    .build())
+            self.histories = runtime_context.get_map_state(histories)
             self.buffer = runtime_context.get_list_state(ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
             self.buffered = 0  # since the last flush in this process (a restored buffer flushes on its timer)
             self.models = None  # read from state once per process, written back every flush

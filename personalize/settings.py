@@ -112,6 +112,12 @@ class Settings:
     # whose lease another took over writes nothing more (its token is checked in each
     # transaction)
     loader_lease_ms: int = 15_000
+    # per-user state expires after this long without a write for the user (processing
+    # time): the profile aggregate's state in Flink (table.exec.state.ttl), the user's
+    # history in the models step, and profile:{user} in Redis (PEXPIRE), so a user
+    # inactive this long is forgotten everywhere at once and comes back as a new one.
+    # Windows' state goes when they close. 0 keeps per-user state for ever
+    state_ttl_ms: int = 30 * 24 * 3_600_000
     # flink
     # a standalone cluster (`personalize cluster up`): REST/web UI and JobManager RPC ports;
     # `personalize submit` and `stop` talk to flink_address (default 127.0.0.1:<rest port>)
@@ -160,6 +166,8 @@ class Settings:
                      "loader_lease_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
+        if self.state_ttl_ms < 0:
+            raise ConfigError(f"PERSONALIZE_STATE_TTL_MS must be 0 (no expiry) or more, got {self.state_ttl_ms}")
         if self.out_of_orderness_ms < 0:
             raise ConfigError(f"PERSONALIZE_OUT_OF_ORDERNESS_MS must be 0 or more, got {self.out_of_orderness_ms}")
         if self.recent_window_ms % self.recent_slide_ms:

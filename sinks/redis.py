@@ -11,7 +11,8 @@ the values are absolute, even a replay would leave Redis identical.
 (Offsets live in Redis, not in a Kafka consumer group, for that atomicity.)
 
 Keys written:
-- ``profile:{user_id}`` HASH: the profile fields of DESIGN.md (and window extras);
+- ``profile:{user_id}`` HASH: the profile fields of DESIGN.md (and window extras),
+  expiring ``state_ttl_ms`` after its last write, as the user's state in the job does;
   deleted when the user's latest event withdrew personalization consent (the user
   is then listed in ``personalize:loader:no_consent`` with that event's time, and no
   part from before it is written; a consented part from after it is, as consent was
@@ -575,6 +576,8 @@ class Materializer:
         for user, mapping in merged.items():
             if mapping:
                 pipe.hset(PROFILE_PREFIX + user, mapping=mapping)
+                if self.settings.state_ttl_ms:  # gone with the user's state in the job (state_ttl_ms)
+                    pipe.pexpire(PROFILE_PREFIX + user, self.settings.state_ttl_ms)
                 self.stats.users.add(user)
                 self.stats.deleted.discard(user)
                 self.stats.profile_writes += parts[user]
