@@ -28,6 +28,7 @@ TRIGGERS = "triggers_sink"
 SEGMENT_CHANGES = "segment_changes_sink"
 MODEL_SNAPSHOTS = "model_snapshots_sink"
 ACTIONS_VIEW = "session_actions"
+DECODE_FUNCTION = "personalize.decode.DecodeEvent"
 
 
 def _row_type(columns):
@@ -74,10 +75,16 @@ def decoded_events(t_env, source: str, settings: Settings):
 
     from pyflink.java_gateway import get_gateway
 
-    # operators/jvm, built by `make setup` into lib/udf (on pipeline.jars); an instance
-    # holding the pseudonym key, so the key is in no SQL text, plan or operator name
-    decode_fn = get_gateway().jvm.personalize.decode.DecodeEvent(settings.pseudonym_key)
-    t_env._j_tenv.createTemporarySystemFunction("decode_event", decode_fn)
+    # operators/jvm, built by `make setup` into lib/udf (on pipeline.jars, or `flink run
+    # --jarfile`: the user class loader, as create_java_temporary_function finds it); an
+    # instance holding the pseudonym key, so the key is in no SQL text, plan or operator name
+    gateway = get_gateway()
+    function = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(DECODE_FUNCTION)
+    types = gateway.new_array(gateway.jvm.Class, 1)
+    types[0] = gateway.jvm.Class.forName("java.lang.String")
+    args = gateway.new_array(gateway.jvm.Object, 1)
+    args[0] = settings.pseudonym_key
+    t_env._j_tenv.createTemporarySystemFunction("decode_event", function.getConstructor(types).newInstance(args))
     raw = t_env.sql_query(
         f"SELECT `value`, `topic`, `partition`, `offset`, `ts`, CURRENT_WATERMARK(`ts`) AS wm, "
         f"decode_event(`value`) AS d FROM {source}")
