@@ -49,14 +49,15 @@ def check_kafka(settings: Settings) -> None:
     one connection to the first bootstrap server, before any client, tells. A broker
     that does not answer at all is left to the client's own error."""
     if settings.kafka_sasl:
-        _check_login(settings.bootstrap_servers, settings.kafka_security_protocol, settings.kafka_sasl_mechanism,
-                     settings.kafka_sasl_username, settings.kafka_sasl_password,
-                     tuple(sorted((k, str(v)) for k, v in kafka_python(settings).items())))
+        _check_login(settings.bootstrap_servers, tuple(sorted(kafka_python(settings).items())))
 
 
 @functools.cache
-def _check_login(servers: str, protocol: str, mechanism: str, user: str, password: str, config: tuple) -> None:
+def _check_login(servers: str, items: tuple) -> None:
+    """Once per process for the same servers and client settings (hashable ``items``)."""
     from kafka.conn import BrokerConnection
+
+    config = dict(items)
 
     host, _, port = servers.split(",")[0].strip().rpartition(":")
     refusals: list[str] = []
@@ -72,7 +73,7 @@ def _check_login(servers: str, protocol: str, mechanism: str, user: str, passwor
     conn_log.setLevel(logging.ERROR)  # heard here only, not printed
     conn_log.propagate = False
     conn_log.addHandler(heard)
-    conn = BrokerConnection(host.strip("[]"), int(port), socket.AF_UNSPEC, **dict(config))
+    conn = BrokerConnection(host.strip("[]"), int(port), socket.AF_UNSPEC, **config)
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not refusals and not conn.connected():
@@ -85,7 +86,8 @@ def _check_login(servers: str, protocol: str, mechanism: str, user: str, passwor
         conn_log.propagate = propagate
     if refusals:
         raise ServiceUnavailable(
-            f"Kafka at {servers} refused the {mechanism} login of user {user!r} ({protocol}): check "
+            f"Kafka at {servers} refused the {config['sasl_mechanism']} login of user "
+            f"{config['sasl_plain_username']!r} ({config['security_protocol']}): check "
             "PERSONALIZE_KAFKA_SASL_USERNAME and PERSONALIZE_KAFKA_SASL_PASSWORD")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack, start_stack
+from tests.integration.test_profile_job import run_summary
 from tests.integration.test_taobao_job import TAOBAO, check_taobao_profiles, taobao_events
 from tests.integration.test_triggers_job import check_triggers, expected_triggers
 
@@ -55,18 +56,9 @@ def secured(tmp_path_factory):
         own.cli("stack", "down", "--purge")
 
 
-def _summary(stdout: str) -> dict[str, int]:
-    summary = {}
-    for line in stdout.splitlines():
-        name, _, rest = line.partition("  ")
-        if name in ("events read", "dead letters", "late events", "profiles written"):
-            summary[name] = int(rest.split()[0])
-    return summary
-
-
 def test_the_whole_job_runs_against_sasl_plain_kafka_and_a_redis_acl_user(secured):
     own, run, outputs = secured
-    check_taobao_profiles(own, _summary(run.stdout))
+    check_taobao_profiles(own, run_summary(run.stdout))
     check_triggers(own, expected_triggers(taobao_events()))
     status = outputs.cli(own, "stack", "status")
     assert status.returncode == 0 and status.stdout.count(" running ") == 2, status.stdout

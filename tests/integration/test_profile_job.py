@@ -49,11 +49,16 @@ def job_stack(stack: Stack, redis_db: int, **extra: str) -> Stack:
     return own
 
 
-def run_bounded(stack: Stack) -> dict[str, str]:
+def run_bounded(stack: Stack) -> dict[str, int]:
     done = stack.cli("run", "--bounded", timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    return run_summary(done.stdout)
+
+
+def run_summary(stdout: str) -> dict[str, int]:
+    """The counts of a bounded run's summary (`personalize run --bounded`)."""
     summary = {}
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         m = re.match(r"(events read|dead letters|late events|profiles written)\s+(\d+)", line)
         if m:
             summary[m.group(1)] = int(m.group(2))
