@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from operators import actions, decode, sessions, windows
+from personalize import credentials
 from personalize.settings import Settings
 from sinks import kafka as kafka_sinks
 
@@ -28,7 +29,12 @@ TRIGGERS = "triggers_sink"
 SEGMENT_CHANGES = "segment_changes_sink"
 MODEL_SNAPSHOTS = "model_snapshots_sink"
 ACTIONS_VIEW = "session_actions"
+ERASURES_SOURCE = "erasures_source"
+ERASURES_VIEW = "erasures_applied"
 DECODE_FUNCTION = "personalize.decode.DecodeEvent"
+ERASED_SINCE_FUNCTION = "personalize.decode.ErasureFunction$Superseded"
+ERASURE_APPLIED_FUNCTION = "personalize.decode.ErasureFunction$Applied"
+DECODE_ERASURE_FUNCTION = "personalize.decode.ErasureFunction$Decode"
 
 
 def _row_type(columns):
@@ -64,27 +70,52 @@ def configure(t_env, settings: Settings, *, bounded: bool) -> None:
         config.set("table.exec.source.idle-timeout", f"{settings.idle_timeout_ms} ms")
 
 
+def _java_function(t_env, name: str, class_name: str, *args) -> None:
+    """Register an instance of a class of operators/jvm, built with ``args`` (strings, or
+    dicts for a java.util.Map), as the SQL function ``name``.
+
+    The jar (built by `make setup` into lib/udf) is on pipeline.jars, or given to `flink
+    run --jarfile`: the user class loader, where create_java_temporary_function finds it.
+    An instance carries its arguments inside the job (the pseudonym key, Kafka credentials),
+    so they appear in no SQL text, plan or operator name."""
+    from pyflink.java_gateway import get_gateway
+
+    gateway = get_gateway()
+    cls = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(class_name)
+    types = gateway.new_array(gateway.jvm.Class, len(args))
+    values = gateway.new_array(gateway.jvm.Object, len(args))
+    for i, arg in enumerate(args):
+        if isinstance(arg, dict):
+            java_map = gateway.jvm.java.util.HashMap()
+            for k, v in arg.items():
+                java_map.put(k, v)
+            types[i], values[i] = gateway.jvm.Class.forName("java.util.Map"), java_map
+        else:
+            types[i], values[i] = gateway.jvm.Class.forName("java.lang.String"), arg
+    t_env._j_tenv.createTemporarySystemFunction(name, cls.getConstructor(types).newInstance(values))
+
+
+def erasure_functions(t_env, settings: Settings) -> None:
+    """``decode_event`` honouring the erasures topic, and the erasure path's functions
+    (operators/jvm: ErasureFunction), each reading the topic with the job's credentials."""
+    kafka = {"bootstrap.servers": settings.bootstrap_servers, **credentials.kafka_java(settings)}
+    _java_function(t_env, "decode_event", DECODE_FUNCTION, settings.pseudonym_key, settings.topic_erasures, kafka)
+    _java_function(t_env, windows.ERASED_SINCE, ERASED_SINCE_FUNCTION, settings.topic_erasures, kafka)
+    _java_function(t_env, "erasure_applied", ERASURE_APPLIED_FUNCTION, settings.topic_erasures, kafka)
+    _java_function(t_env, "decode_erasure", DECODE_ERASURE_FUNCTION)
+
+
 def decoded_events(t_env, source: str, settings: Settings):
     """The source's records, each decoded once by the JVM function, behind a barrier.
 
     The planner copies a function call into every consumer of its result (DESIGN.md):
     ``to_data_stream`` -> ``from_data_stream`` right after the decode makes it run
-    once per record whatever reads it. The watermark the record met at the source
-    (``wm``) is taken before the barrier, so lateness is what the source saw."""
+    once per record whatever reads it (and so reads the erasures it knows once). The
+    watermark the record met at the source (``wm``) is taken before the barrier, so
+    lateness is what the source saw."""
     from pyflink.table import Schema
 
-    from pyflink.java_gateway import get_gateway
-
-    # operators/jvm, built by `make setup` into lib/udf (on pipeline.jars, or `flink run
-    # --jarfile`: the user class loader, as create_java_temporary_function finds it); an
-    # instance holding the pseudonym key, so the key is in no SQL text, plan or operator name
-    gateway = get_gateway()
-    function = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(DECODE_FUNCTION)
-    types = gateway.new_array(gateway.jvm.Class, 1)
-    types[0] = gateway.jvm.Class.forName("java.lang.String")
-    args = gateway.new_array(gateway.jvm.Object, 1)
-    args[0] = settings.pseudonym_key
-    t_env._j_tenv.createTemporarySystemFunction("decode_event", function.getConstructor(types).newInstance(args))
+    erasure_functions(t_env, settings)
     raw = t_env.sql_query(
         f"SELECT `value`, `topic`, `partition`, `offset`, `ts`, CURRENT_WATERMARK(`ts`) AS wm, "
         f"decode_event(`value`) AS d FROM {source}")
@@ -121,7 +152,7 @@ def checked_sql(decoded: str, settings: Settings) -> str:
     fields = ", ".join(f"CAST(d.{name} AS {sql}) AS {name}" if sql == "INT" else f"d.{name} AS {name}"
                        for name, sql in decode.EVENT_COLUMNS)
     return f"""
-        SELECT {fields}, MOD(d.event_time_ms / 3600000, 24) AS hour_of_day, ts AS rowtime,
+        SELECT {fields}, d.epoch AS epoch, MOD(d.event_time_ms / 3600000, 24) AS hour_of_day, ts AS rowtime,
                `value`, `topic`, `partition`, `offset`, wm,
                CASE WHEN d.reason IS NOT NULL THEN d.reason
                     WHEN TO_TIMESTAMP_LTZ(d.event_time_ms, 3) <> ts
@@ -156,12 +187,22 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     t_env.create_temporary_view(CHECKED_VIEW, t_env.sql_query(checked_sql("events_decoded", settings)))
     columns = ", ".join(name for name, _ in decode.EVENT_COLUMNS)
     t_env.create_temporary_view(EVENTS_VIEW, t_env.sql_query(
-        f"SELECT {columns}, hour_of_day, rowtime FROM {CHECKED_VIEW} WHERE reason IS NULL"))
+        f"SELECT {columns}, epoch, hour_of_day, rowtime FROM {CHECKED_VIEW} WHERE reason IS NULL"))
 
-    # closed sessions (about one row per nine events) -> session fields, models and
-    # triggers in Python, keyed by a constant: the models are one global object
+    # erasure requests, each let through once this TaskManager's erasure filters know it
+    t_env.execute_sql(kafka_sinks.events_source(ERASURES_SOURCE, settings, bounded=bounded,
+                                                group_id=f"{group_id}-erasures", topic=settings.topic_erasures))
+    t_env.create_temporary_view(ERASURES_VIEW, t_env.sql_query(f"""
+        SELECT e.user_id AS user_id, e.requested_ms AS requested_ms
+        FROM (SELECT decode_erasure(`value`) AS e FROM {ERASURES_SOURCE})
+        WHERE e.user_id IS NOT NULL AND erasure_applied(e.user_id, e.requested_ms)"""))
+
+    # closed sessions (about one row per nine events) and erasures -> session fields,
+    # models and triggers in Python, keyed by a constant: the models are one global object
+    packed = (f"{sessions.session_closes(EVENTS_VIEW, settings)} UNION ALL "
+              f"{actions.erasure_rows(ERASURES_VIEW)}")
     acted = (
-        keyed_by_constant(t_env, sessions.session_closes(EVENTS_VIEW, settings))
+        keyed_by_constant(t_env, packed)
         .process(actions.actions_function(settings), output_type=_row_type(actions.ACTION_COLUMNS))
         .uid("models-triggers")
         .name("session fields, models, segments, cart-abandonment triggers")
@@ -183,15 +224,20 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
                dead_letter(`value`, `topic`, `partition`, `offset`, {windows.epoch_ms('rowtime')}, reason,
                            CASE WHEN reason = '{decode.LATE}' THEN {windows.epoch_ms('wm')} END),
                rowtime
-        FROM {CHECKED_VIEW} WHERE reason IS NOT NULL""")
+        FROM {CHECKED_VIEW} WHERE reason IS NOT NULL AND reason <> '{decode.ERASED}'""")
     statements.add_insert_sql(f"INSERT INTO {PROFILE_TOTALS} {windows.totals(EVENTS_VIEW)}")
     statements.add_insert_sql(f"INSERT INTO {PROFILE_RECENT} {windows.recent(EVENTS_VIEW, settings)}")
     statements.add_insert_sql(f"INSERT INTO {TRENDING} {windows.trending(EVENTS_VIEW, settings)}")
-    for sink, key, column in ((PROFILE_SESSIONS, "profile_key", "profile"), (TRIGGERS, "user_id", "trigger"),
-                              (SEGMENT_CHANGES, "user_id", "segment_change"), (MODEL_SNAPSHOTS, "user_id", "snapshot")):
+    # a forgotten user's tombstones (NULL values): one per profile part, and one on the
+    # triggers and segment changes (the row of the sessions part carries it)
+    for sink, key, column, tombstones in (
+            (PROFILE_SESSIONS, "profile_key", "profile", "tombstone IS NOT NULL"),
+            (TRIGGERS, "user_id", "trigger", f"tombstone = '{actions.PROFILE_PART}'"),
+            (SEGMENT_CHANGES, "user_id", "segment_change", f"tombstone = '{actions.PROFILE_PART}'"),
+            (MODEL_SNAPSHOTS, "user_id", "snapshot", "FALSE")):
         statements.add_insert_sql(
             f"INSERT INTO {sink} SELECT `{key}`, `{column}`, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM {ACTIONS_VIEW} "
-            f"WHERE `{column}` IS NOT NULL")
+            f"WHERE `{column}` IS NOT NULL OR {tombstones}")
     return statements
 
 

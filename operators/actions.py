@@ -23,7 +23,7 @@ import orjson
 
 from operators import models as m
 from operators import triggers
-from operators.sessions import unpack
+from operators.sessions import COLUMN_SEP, unpack
 from personalize.settings import Settings
 
 # what the step emits: one row per closed session (its profile part, and its trigger
@@ -38,22 +38,60 @@ ACTION_COLUMNS = (
     ("segment_change", "BYTES"),    # Avro SegmentChange
     ("snapshot", "BYTES"),          # JSON model snapshot (snapshot rows only)
     ("ts_ms", "BIGINT"),            # event time: the record timestamp on Kafka
+    # an erasure's tombstone row: the profile part whose key (profile_key) it deletes;
+    # the row of the sessions part also deletes the user's key on triggers and segment changes
+    ("tombstone", "STRING"),
 )
 SNAPSHOT_KEY = "models"
 END_OF_INPUT = 2**63 - 1
 PROFILE_PART = "sessions"
+PROFILE_PARTS = ("totals", "recent", PROFILE_PART)
 TOP_CATEGORIES = 3
+# an erasure request among the packed session rows: the mark, then user_id and requested_ms
+# joined by the column separator (``erasure_rows``)
+ERASURE_MARK = "\x1c"
 
 
-def profile_key(user_id: str) -> str:
-    """The changelog key of this step's profile part (the SQL parts' keys have the same shape)."""
-    return orjson.dumps({"user_id": user_id, "part": PROFILE_PART}).decode()
+def profile_key(user_id: str, part: str = PROFILE_PART) -> str:
+    """The changelog key of a profile part: this step's, or the SQL parts' (the same bytes
+    as Flink's JSON key format writes: a tombstone must replace them under compaction)."""
+    return orjson.dumps({"user_id": user_id, "part": part}).decode()
 
 
-def session_fields(after: m.UserHistory, end_ms: int) -> dict:
+def erasure_rows(view: str) -> str:
+    """The erasure requests of ``view`` (user_id, requested_ms) as packed rows for this step."""
+    mark, sep = (f"U&'\\{ord(c):04X}'" for c in (ERASURE_MARK, COLUMN_SEP))
+    return f"SELECT CONCAT({mark}, user_id, {sep}, CAST(requested_ms AS STRING)) AS session FROM {view}"
+
+
+def split_erasures(rows: list[str]) -> tuple[list[dict], dict[str, int]]:
+    """The sessions of a batch of packed rows, and its erasures (user -> newest requested_ms).
+
+    A session of a user erased in the batch is dropped when it began before the erasure
+    (its epoch is older): it holds data the user asked to be forgotten (a later session
+    carries the erasure's time as its epoch, whatever its place in the batch)."""
+    erased: dict[str, int] = {}
+    packed = []
+    for row in rows:
+        if isinstance(row, str) and row.startswith(ERASURE_MARK):
+            user, requested = row[1:].split(COLUMN_SEP)
+            erased[user] = max(erased.get(user, 0), int(requested))
+        else:
+            packed.append(row)
+    sessions = [s for s in map(unpack, packed) if s["epoch"] >= erased.get(s["user_id"], 0)]
+    return sessions, erased
+
+
+def tombstones(user: str, requested_ms: int) -> list[tuple]:
+    """The ACTION_COLUMNS rows that delete a forgotten user's keys on the keyed outputs."""
+    return [(user, profile_key(user, part), None, None, None, None, requested_ms, part) for part in PROFILE_PARTS]
+
+
+def session_fields(after: m.UserHistory, end_ms: int, epoch: int = 0) -> dict:
     """The profile's session fields from the user's history after its newest (consented:
     only those are written) closed session. ``consent_ms``, the session's last event time,
-    orders the part against consent changes in the Redis loader; it is not a profile field."""
+    orders the part against consent changes in the Redis loader, ``epoch`` (the user's
+    erasure the session began after) against erasures; neither is a profile field."""
     start, n_events, adds, removes, purchases, revenue = after.last
     avg_ms = after.session_ms_total // after.sessions
     fields = {
@@ -69,6 +107,7 @@ def session_fields(after: m.UserHistory, end_ms: int) -> dict:
         "last_session_revenue": triggers.format_cents(revenue),
         "consent": True,
         "consent_ms": end_ms,
+        "epoch": epoch,
     }
     for rank, (name, count) in enumerate(after.top_categories(TOP_CATEGORIES), start=1):
         fields[f"top_category_{rank}"] = name
@@ -112,7 +151,7 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
             categories = history.fold(session)
             xs.append(m.segment_features(session, history, before_end, categories))
             labels.append(session["n_purchases"] > 0)
-            fields_of.append(session_fields(history, session["end_ms"]))
+            fields_of.append(session_fields(history, session["end_ms"], session.get("epoch", 0)))
         else:  # a session without consent is not kept in the user's history, and writes nothing
             fields_of.append(None)
     # 2. the whole chunk scored at once, with the models as they are before it
@@ -165,12 +204,12 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
         models.sessions += 1
         models.updated_ms = max(models.updated_ms, closed_ms)
         profile = orjson.dumps(fields) if fields is not None else None
-        rows.append((user, profile_key(user), profile, trigger, change, None, closed_ms))
+        rows.append((user, profile_key(user), profile, trigger, change, None, closed_ms, None))
     return rows
 
 
 def snapshot_row(models: m.Models) -> tuple:
-    return (SNAPSHOT_KEY, None, None, None, None, orjson.dumps(models.snapshot()), models.updated_ms)
+    return (SNAPSHOT_KEY, None, None, None, None, orjson.dumps(models.snapshot()), models.updated_ms, None)
 
 
 def actions_function(settings: Settings):
@@ -211,7 +250,9 @@ def actions_function(settings: Settings):
             self.models = None  # read from state once per process, written back every flush
 
         def process_element(self, row, ctx):
-            self.buffer.add(row)  # the packed session string (operators.sessions, jobs.profile.keyed_by_constant)
+            # the packed session string (operators.sessions, jobs.profile.keyed_by_constant), or
+            # an erasure (erasure_rows): both in order through the buffer
+            self.buffer.add(row)
             self.buffered += 1
             if self.buffered == 1:
                 ctx.timer_service().register_processing_time_timer(
@@ -232,15 +273,25 @@ def actions_function(settings: Settings):
             if self.models is None:
                 self.models = m.Models.from_state(self.models_state.value(), settings.segment_count,
                                                   settings.segment_batch)
-            sessions = [unpack(packed) for packed in rows]
+            sessions, erased = split_erasures(rows)
             histories = {}
+            # forgotten users: their history and segment membership go, their keys get
+            # tombstones (before any output of a session after the erasure)
+            for user, requested_ms in erased.items():
+                old = m.UserHistory.from_state(self.histories.get(user))
+                if old is not None and old.segment is not None:
+                    self.models.segment_sizes[old.segment] -= 1
+                self.histories.remove(user)
+                for out in tombstones(user, requested_ms):
+                    yield Row(*out)
             for session in sessions:
                 user = session["user_id"]
                 if user not in histories:
-                    histories[user] = m.UserHistory.from_state(self.histories.get(user))
+                    histories[user] = None if user in erased else m.UserHistory.from_state(self.histories.get(user))
             for out in close_sessions(self.models, histories, sessions, settings, self.codecs):
                 yield Row(*out)
-            self.histories.put_all({user: h.to_state() for user, h in histories.items()})
+            if histories:
+                self.histories.put_all({user: h.to_state() for user, h in histories.items()})
             self.models_state.update(self.models.to_state())
             yield Row(*snapshot_row(self.models))
 

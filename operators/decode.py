@@ -22,6 +22,9 @@ import math
 from decimal import ROUND_HALF_EVEN, Decimal
 
 LATE = "late"
+# an event of a user forgotten after it (`personalize forget`): dropped by the job, not a
+# dead letter (DecodeEvent.ERASED)
+ERASED = "erased"
 CART_TYPES = ("add_to_cart", "remove_from_cart")
 NEEDS_PRODUCT = ("product_view", "add_to_cart", "remove_from_cart", "purchase")
 

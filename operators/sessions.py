@@ -11,7 +11,7 @@ the models themselves (measured, docs/benchmarks.md). ``unpack`` gives the dict.
 
 from __future__ import annotations
 
-from operators.windows import REVENUE, _count_of, interval
+from operators.windows import REVENUE, _count_of, interval, not_erased
 from personalize.settings import Settings
 
 # separators inside the listed strings (ASCII unit/record separators: in no id)
@@ -41,6 +41,8 @@ SESSION_COLUMNS = (
     ("viewed", "STRING"),
     ("consent_personalization", "BOOLEAN"),
     ("consent_marketing", "BOOLEAN"),
+    # the user's erasure the session began after (0: none; operators.windows, "Erasure")
+    ("epoch", "BIGINT"),
 )
 
 
@@ -73,15 +75,20 @@ def unpack(packed: str | tuple) -> dict:
     if isinstance(packed, tuple):
         session = dict(zip(LEGACY_COLUMNS, packed))
         del session["browse_end_ms"]
-        return session | {"outcome_ms": None, "viewed": None}
-    return {name: read(text) for (name, read), text in zip(_READERS, packed.split(COLUMN_SEP))}
+        return session | {"outcome_ms": None, "viewed": None, "epoch": 0}
+    session = {name: read(text) for (name, read), text in zip(_READERS, packed.split(COLUMN_SEP))}
+    if session.get("epoch") is None:  # buffered before erasures existed
+        session["epoch"] = 0
+    return session
 
 
-def session_closes(view: str, settings: Settings) -> str:
+def session_closes(view: str, settings: Settings, erasure_filter: bool = True) -> str:
     """One row per closed session, its SESSION_COLUMNS packed in one string (``unpack``),
-    emitted when the watermark passes the session's end + gap."""
+    emitted when the watermark passes the session's end + gap (none of state an erasure
+    of the user superseded since)."""
     columns = ", ".join(_as_text(name, sql) for name, sql in SESSION_COLUMNS)
-    return f"SELECT CONCAT_WS(U&'\\{ord(COLUMN_SEP):04X}', {columns}) AS session FROM ({session_rows(view, settings)})"
+    return (f"SELECT CONCAT_WS(U&'\\{ord(COLUMN_SEP):04X}', {columns}) AS session "
+            f"FROM ({session_rows(view, settings)}) {not_erased(erasure_filter)}")
 
 
 def _as_text(name: str, sql: str) -> str:
@@ -123,6 +130,7 @@ def session_rows(view: str, settings: Settings) -> str:
                LISTAGG(category, {item}) AS categories,
                LISTAGG({view_item}, {item}) AS viewed,
                {_latest_flag('consent_personalization')} AS consent_personalization,
-               {_latest_flag('consent_marketing')} AS consent_marketing
-        FROM TABLE(SESSION(TABLE {view} PARTITION BY user_id, DESCRIPTOR(rowtime), {gap}))
-        GROUP BY user_id, window_start, window_end"""
+               {_latest_flag('consent_marketing')} AS consent_marketing,
+               epoch
+        FROM TABLE(SESSION(TABLE {view} PARTITION BY (user_id, epoch), DESCRIPTOR(rowtime), {gap}))
+        GROUP BY user_id, epoch, window_start, window_end"""

@@ -19,11 +19,21 @@ chain, no string map). Per event, four keyed JVM operators:
 
 Each profile part is an upsert keyed by (user_id, part) on the profile changelog
 topic, which the Redis loader merges into ``profile:{user_id}``.
+
+Erasure (``personalize forget``): every per-user query groups by (user_id, epoch), the
+time of the user's newest erasure the decode knew when it read the event (0: none), so a
+forgotten user's next event starts from nothing; a row of state older than the user's
+newest erasure is not written (``erased_since``, a JVM function over the erasures the
+TaskManager knows) and that state is never read again: it expires (state TTL).
 """
 
 from __future__ import annotations
 
 from personalize.settings import Settings
+
+# the SQL function that tells a row of state begun before the user's newest erasure
+# (ErasureFunction.Superseded, registered by jobs/profile.py)
+ERASED_SINCE = "erased_since"
 
 EVENT_TYPES = ("page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout", "purchase", "search")
 
@@ -89,6 +99,9 @@ TOTALS_COLUMNS = (
     # the time of the event the flag is from: the Redis loader orders consent changes
     # and parts by it (not a profile field)
     ("consent_ms", "BIGINT"),
+    # the user's erasure this state began after (0: none); the loader drops a part of
+    # before the user's newest erasure (not a profile field)
+    ("epoch", "BIGINT"),
 )
 RECENT_COLUMNS = (
     ("recent_events", "BIGINT"),
@@ -96,40 +109,47 @@ RECENT_COLUMNS = (
     ("recent_window_end_ms", "BIGINT"),
     ("consent", "BOOLEAN"),
     ("consent_ms", "BIGINT"),
+    ("epoch", "BIGINT"),
 )
 
 
-def totals(view: str) -> str:
-    """One continuous aggregate per user (mini-batched: one update per user per batch)."""
+def not_erased(erasure_filter: bool) -> str:
+    """The WHERE clause that keeps rows of state no erasure has superseded since."""
+    return f"WHERE NOT {ERASED_SINCE}(user_id, epoch)" if erasure_filter else ""
+
+
+def totals(view: str, erasure_filter: bool = True) -> str:
+    """One continuous aggregate per user and epoch (mini-batched: one update per user per batch)."""
     counts = ", ".join(f"{_count_of(t, CONSENTED)} AS n_{t}" for t in EVENT_TYPES)
     hours = ", ".join(f"COUNT(*) FILTER (WHERE hour_of_day = {h}{CONSENTED}) AS h{h}" for h in range(24))
     seen = "CASE WHEN consent_personalization THEN event_time_ms END"
     per_user = f"""
-        SELECT user_id, COUNT(*) FILTER (WHERE consent_personalization) AS n_events, {counts},
+        SELECT user_id, epoch, COUNT(*) FILTER (WHERE consent_personalization) AS n_events, {counts},
                {revenue(CONSENTED)} AS revenue_cents, MIN({seen}) AS first_seen_ms, MAX({seen}) AS last_seen_ms,
                {hours}, {CONSENT_KEY} AS consent_key
-        FROM {view} GROUP BY user_id"""
+        FROM {view} GROUP BY user_id, epoch"""
     by_hour = ", ".join(f"CAST(h{h} AS STRING)" for h in range(24))
     return f"""
         SELECT user_id, 'totals' AS part, n_events, {', '.join(f'n_{t}' for t in EVENT_TYPES)}, revenue_cents,
                first_seen_ms, last_seen_ms, CONCAT_WS(',', {by_hour}) AS events_by_hour,
-               {_consent('consent_key')} AS consent, {_consent_ms('consent_key')} AS consent_ms
-        FROM ({per_user})"""
+               {_consent('consent_key')} AS consent, {_consent_ms('consent_key')} AS consent_ms, epoch
+        FROM ({per_user}) {not_erased(erasure_filter)}"""
 
 
-def recent(view: str, settings: Settings) -> str:
+def recent(view: str, settings: Settings, erasure_filter: bool = True) -> str:
     """Sliding windows per user, straight to the changelog: the newest window wins per user.
 
     Each event lands in ``recent_window_ms / recent_slide_ms`` windows; that ratio
     is what the window costs (``scripts/bench_windows.py recent``)."""
-    return f"""
+    per_window = f"""
         SELECT user_id, 'recent' AS part, COUNT(*) FILTER (WHERE consent_personalization) AS recent_events,
                {_count_of('product_view', CONSENTED)} AS recent_product_views,
                {epoch_ms('window_end')} AS recent_window_end_ms,
-               {_consent(CONSENT_KEY)} AS consent, {_consent_ms(CONSENT_KEY)} AS consent_ms
+               {_consent(CONSENT_KEY)} AS consent, {_consent_ms(CONSENT_KEY)} AS consent_ms, epoch
         FROM TABLE(HOP(TABLE {view}, DESCRIPTOR(rowtime),
                        {interval(settings.recent_slide_ms)}, {interval(settings.recent_window_ms)}))
-        GROUP BY user_id, window_start, window_end"""
+        GROUP BY user_id, epoch, window_start, window_end"""
+    return f"SELECT * FROM ({per_window}) {not_erased(erasure_filter)}"
 
 
 def trending(view: str, settings: Settings) -> str:

@@ -88,6 +88,21 @@ def _profile(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _forget(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from personalize import forget
+    from sinks.redis import user_digest
+
+    user, requested_ms = forget.request(settings, args.user_id)
+    said = {"erasure": user_digest(user), "requested_ms": requested_ms, "topic": settings.topic_erasures}
+    if args.wait:
+        forget.wait_applied(settings, user, requested_ms, args.wait)
+        said["redis"] = "nothing of the user left"
+    print(orjson.dumps(said).decode())
+    return 0
+
+
 def _triggers(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
 
@@ -103,6 +118,8 @@ def _triggers(args: argparse.Namespace, settings: Settings) -> int:
         for rec in records:
             if args.limit is not None and shown >= args.limit:
                 break
+            if rec.value is None:  # a forgotten user's tombstone
+                continue
             try:
                 trigger = codec.decode(rec.value)
             except schemas.DecodeError as exc:
@@ -289,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="a user's live profile from Redis, as one JSON object")
     p.add_argument("user_id")
     p.set_defaults(func=_profile)
+
+    p = sub.add_parser("forget", help="forget a user: profile, triggers and the job's state (an erasure request)")
+    p.add_argument("user_id", help="the raw id (its pseudonym is applied under PERSONALIZE_PSEUDONYM_KEY)")
+    p.add_argument("--wait", type=_non_negative, default=0, metavar="SECONDS",
+                   help="then wait up to SECONDS until Redis holds nothing of the user (default: do not wait)")
+    p.set_defaults(func=_forget)
 
     p = sub.add_parser("cluster", help="a local standalone Flink cluster (web UI on PERSONALIZE_FLINK_REST_PORT)")
     p.add_argument("action", choices=("up", "down", "status"))

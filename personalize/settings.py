@@ -75,6 +75,9 @@ class Settings:
     topic_trending: str = "trending-products"
     # internal: the models' snapshot (metrics, segments), read into Redis for `personalize models`
     topic_model_snapshots: str = "model-snapshots"
+    # erasure requests (`personalize forget`, Avro Erasure keyed by user, compacted): read by
+    # the job's decode (the user's earlier events are dropped) and by the Redis loader
+    topic_erasures: str = "erasures"
     partitions: int = 2
     # event time and windows (DESIGN.md, Semantics)
     out_of_orderness_ms: int = 5_000

@@ -191,6 +191,7 @@ def main(argv: list[str]) -> int:
                PERSONALIZE_TOPIC_TRENDING=f"bench-{tag}-trending", PERSONALIZE_TOPIC_TRIGGERS=f"bench-{tag}-triggers",
                PERSONALIZE_TOPIC_SEGMENT_CHANGES=f"bench-{tag}-segments",
                PERSONALIZE_TOPIC_MODEL_SNAPSHOTS=f"bench-{tag}-models",
+               PERSONALIZE_TOPIC_ERASURES=f"bench-{tag}-erasures",
                PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{base.redis_port}/9")
     if cli("stack", "up", env=env).returncode != 0:
         print("bench: `personalize stack up` failed", file=sys.stderr)
@@ -290,7 +291,7 @@ def _drop_outputs(settings) -> None:
     from personalize import topics
 
     mine = [settings.topic_dlq, settings.topic_profile_updates, settings.topic_trending, settings.topic_triggers,
-            settings.topic_segment_changes, settings.topic_model_snapshots]
+            settings.topic_segment_changes, settings.topic_model_snapshots, settings.topic_erasures]
     client = topics.admin(settings)
     try:
         client.delete_topics([t for t in mine if t in topics.list_topics(settings)])

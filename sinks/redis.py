@@ -24,6 +24,13 @@ Keys written:
   (a SET), so a replay of the same sessions adds nothing
 - ``models:snapshot`` STRING: the newest model snapshot (JSON), for ``personalize models``
 
+Erasure (``personalize forget``, the erasures topic): the user's profile, its trigger
+stream entries (found through ``personalize:triggers:by_user:{user}``, a HASH entry id ->
+trigger id the trigger script keeps), those trigger ids and its consent mark are deleted
+in one script, and the user is listed in ``personalize:loader:erased`` with the erasure's
+time: no profile part of state begun before it (its ``epoch``) and no trigger of a session
+that ended by then is written afterwards, in whatever order the topics are read.
+
 The loader's own keys live under ``personalize:`` (no category or user id can name
 one of them): its offsets, the users whose consent is withdrawn, the trending window
 ends, its leases, and ``personalize:loader:dead_letters``, a STREAM of the records it
@@ -98,6 +105,8 @@ return 0
 """
 TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
+TRIGGERS_BY_USER = INTERNAL + "triggers:by_user:"  # + user -> HASH stream entry id -> trigger id
+ERASED_KEY = INTERNAL + "loader:erased"  # user -> the newest erasure's requested_ms
 MODELS_KEY = "models:snapshot"
 NO_CONSENT_KEY = INTERNAL + "loader:no_consent"  # user -> event time consent was withdrawn at
 # a mark of an older loader ("1"): withdrawn at an unknown time, so until consent is given again
@@ -124,13 +133,33 @@ end
 return out
 """
 PROFILES_PER_SCRIPT = 1_000
-# add a stream entry only for a trigger id never seen (KEYS: stream, id set; ARGV: id, field, value, ...)
+# add a stream entry only for a trigger id never seen, and index it under its user
+# (KEYS: stream, id set, the user's index; ARGV: id, field, value, ...)
 _ADD_ONCE = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+  local entry = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+  redis.call('HSET', KEYS[3], entry, ARGV[1])
   return 1
 end
 return 0
+"""
+# forget a user (KEYS: erased marks, profile, the user's trigger index, stream, id set,
+# no-consent marks; ARGV: user, requested_ms). Reply: {profiles deleted, stream entries deleted}
+_ERASE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if (not old) or tonumber(old) < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+local profiles = redis.call('DEL', KEYS[2])
+local index = redis.call('HGETALL', KEYS[3])
+local entries = 0
+for i = 1, #index, 2 do
+  entries = entries + redis.call('XDEL', KEYS[4], index[i])
+  redis.call('SREM', KEYS[5], index[i + 1])
+end
+redis.call('DEL', KEYS[3])
+redis.call('HDEL', KEYS[6], ARGV[1])
+return {profiles, entries}
 """
 
 
@@ -181,7 +210,7 @@ def profile_fields(part: str, fields: dict) -> dict[str, str]:
 
     A field the part lacks (a NULL the job left out, an older job's record) leaves
     its derived fields out; it never stops the loader."""
-    out = {k: str(v) for k, v in fields.items() if k not in ("consent", "consent_ms") and v is not None}
+    out = {k: str(v) for k, v in fields.items() if k not in ("consent", "consent_ms", "epoch") and v is not None}
     if part == "totals":
         if "revenue_cents" in out:
             out["revenue"] = format_cents(int(out["revenue_cents"]))
@@ -209,6 +238,19 @@ def consent_ms(fields: dict) -> int:
     return int(value) if isinstance(value, int) else -1
 
 
+def epoch(fields: dict) -> int:
+    """The erasure a part's state began after (0: none, or an older job's part)."""
+    value = fields.get("epoch")
+    return value if isinstance(value, int) else 0
+
+
+def user_digest(user: str) -> str:
+    """How logs name a user: never the id in clear (a pseudonym is hashed once more)."""
+    import hashlib
+
+    return "user#" + hashlib.sha256(user.encode("utf-8")).hexdigest()[:16]
+
+
 def withdrawn_at(mark: bytes | None) -> int | None:
     """The event time in a no-consent mark (None: not marked)."""
     if mark is None:
@@ -227,6 +269,8 @@ class LoadStats:
     users: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)  # profiles deleted (consent withdrawn) and not written since
     dead_letters: int = 0
+    erasures: int = 0
+    erased_entries: int = 0  # trigger stream entries deleted by erasures
 
     @staticmethod
     def merged(parts: list[LoadStats], *, in_order: bool = False) -> LoadStats:
@@ -236,7 +280,7 @@ class LoadStats:
         total = LoadStats()
         for part in parts:
             for name in ("records", "profile_writes", "profiles_deleted", "trending_rows", "triggers",
-                         "stream_added", "dead_letters"):
+                         "stream_added", "dead_letters", "erasures", "erased_entries"):
                 setattr(total, name, getattr(total, name) + getattr(part, name))
             if in_order:
                 total.users = (total.users - part.deleted) | part.users
@@ -266,6 +310,7 @@ class Materializer:
         self.shard = shard
         self.redis = redis_client(settings)
         self._add_once = self.redis.register_script(_ADD_ONCE)  # EVALSHA, the script sent once
+        self._erase = self.redis.register_script(_ERASE)
         self._drop_withdrawn = self.redis.register_script(_DROP_WITHDRAWN)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._release = self.redis.register_script(_RELEASE)
@@ -277,7 +322,7 @@ class Materializer:
 
     def _owns(self, topic: str, partition: int) -> bool:
         number, count = self.shard
-        if topic in (self.settings.topic_profile_updates, self.settings.topic_triggers):
+        if topic in (self.settings.topic_profile_updates, self.settings.topic_triggers, self.settings.topic_erasures):
             return partition % count == number
         return number == 0
 
@@ -300,7 +345,7 @@ class Materializer:
         )
         tps = []
         for topic in (self.settings.topic_profile_updates, self.settings.topic_trending,
-                      self.settings.topic_triggers, self.settings.topic_model_snapshots):
+                      self.settings.topic_triggers, self.settings.topic_model_snapshots, self.settings.topic_erasures):
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
                 if self._owns(topic, p):
                     tps.append(TopicPartition(topic, p))
@@ -377,7 +422,7 @@ class Materializer:
                 # the lease ran out (a pause, a Redis restart) or another loader took it: this
                 # batch was not written; next try takes the lease again if it is free
                 self.stats = counted
-                log.warning("the Redis loader's lease ran out before its transaction; taking it again")
+                log.warning("the Redis loader's transaction was interrupted (its lease ran out, or another loader applied an erasure); reading the batch again")
                 batches = None
             except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.BusyLoadingError) as exc:
                 self.stats = counted
@@ -443,6 +488,7 @@ class Materializer:
         triggers: list[dict] = []
         snapshot = None
         unreadable: list[dict] = []
+        erasures: dict[str, int] = {}
         for tp, records in batches.items():
             self.stats.records += len(records)
             if tp.topic == topics.topic_profile_updates:
@@ -465,9 +511,22 @@ class Materializer:
                                          "views": int(row["views"]), "window_end_ms": int(row["window_end_ms"])})
                     except Exception as exc:  # noqa: BLE001
                         unreadable.append(_dead_letter(rec, exc))
+            elif tp.topic == topics.topic_erasures:
+                codec = schemas.codec("erasure")
+                for rec in records:
+                    if rec.value is None:
+                        continue
+                    try:
+                        erasure = codec.decode(rec.value)
+                        user = erasure["user_id"]
+                        erasures[user] = max(erasures.get(user, 0), int(erasure["requested_ms"]))
+                    except Exception as exc:  # noqa: BLE001
+                        unreadable.append(_dead_letter(rec, exc))
             elif tp.topic == topics.topic_triggers:
                 codec = schemas.codec("trigger")
                 for rec in records:
+                    if rec.value is None:  # an erasure's tombstone: the erasure itself comes on its topic
+                        continue
                     try:
                         triggers.append(codec.decode(rec.value))
                     except Exception as exc:  # noqa: BLE001
@@ -477,13 +536,22 @@ class Materializer:
         # the transaction writes only while this loader still holds its leases (WATCHed:
         # EXEC fails if one ran out or was taken meanwhile) and renews them at its end
         with self.redis.pipeline(transaction=True) as pipe:  # reset (UNWATCH) however it ends
-            self._write(pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable)
+            self._write(pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable, erasures)
 
-    def _write(self, pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable) -> None:
-        pipe.watch(*self._lease_keys)
+    def _write(self, pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable, erasures) -> None:
+        # the erasure marks are WATCHed too: an erasure another loader applies meanwhile
+        # makes this transaction fail and the batch is read again against it
+        pipe.watch(*self._lease_keys, ERASED_KEY)
         if any(v is None or v.decode() != self.lease for v in pipe.mget(self._lease_keys)):
             raise _LeaseLost
+        # (read only when some user was ever forgotten: most batches pay one HLEN)
+        users = sorted({user for user, _ in latest} | {t["user_id"] for t in triggers})
+        marks = pipe.hmget(ERASED_KEY, users) if users and pipe.hlen(ERASED_KEY) else ()
+        self._erased = {user: int(at) for user, at in zip(users, marks) if at is not None}
+        for user, at in erasures.items():
+            self._erased[user] = max(self._erased.get(user, 0), at)
         pipe.multi()
+        self._erasures(pipe, erasures)
         for letter in unreadable:
             pipe.xadd(DEAD_LETTERS_KEY, letter, maxlen=DEAD_LETTERS_KEPT, approximate=True)
             log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
@@ -517,15 +585,35 @@ class Materializer:
                                 maxlen=DEAD_LETTERS_KEPT, approximate=True)
             self.stats.dead_letters += len(refused)
         self.stats.stream_added += sum(replies[i - 1] for i in self._added_at if isinstance(replies[i - 1], int))
+        for at, user in self._erased_at:
+            reply = replies[at - 1]
+            profiles, entries = reply if isinstance(reply, list) else (0, 0)
+            self.stats.erasures += 1
+            self.stats.erased_entries += entries
+            self.stats.users.discard(user)
+            self.stats.deleted.add(user)
+            log.info("erasure applied", user=user_digest(user), profiles_deleted=profiles, trigger_entries_deleted=entries)
+
+    def _erasures(self, pipe, erasures: dict[str, int]) -> None:
+        """Forget each user in one script (``_ERASE``), before this batch's writes."""
+        self._erased_at: list[tuple[int, str]] = []
+        for user, at in erasures.items():
+            self._erase(keys=[ERASED_KEY, PROFILE_PREFIX + user, TRIGGERS_BY_USER + user, TRIGGER_STREAM,
+                              TRIGGER_IDS, NO_CONSENT_KEY], args=[user, at], client=pipe)
+            self._erased_at.append((len(pipe), user))
 
     def _triggers(self, pipe, records: list[dict]) -> None:
         from operators.triggers import as_json
 
         for record in records:
+            erased = self._erased.get(record["user_id"])
+            if erased is not None and record["session_end_ms"] <= erased:
+                continue  # a session of before the user's erasure
             entry = as_json(record)
             entry["cart"] = orjson.dumps(entry["cart"]).decode()
             flat = [str(x) for k, v in entry.items() if v is not None for x in (k, v)]
-            self._add_once(keys=[TRIGGER_STREAM, TRIGGER_IDS], args=[entry["trigger_id"], *flat], client=pipe)
+            self._add_once(keys=[TRIGGER_STREAM, TRIGGER_IDS, TRIGGERS_BY_USER + record["user_id"]],
+                           args=[entry["trigger_id"], *flat], client=pipe)
             self.stats.triggers += 1
             self._added_at.append(len(pipe))
 
@@ -541,7 +629,9 @@ class Materializer:
         before the transaction, and ``_DROP_WITHDRAWN`` checks them again in it: a
         user's parts sit in different partitions, which other loader processes apply
         at the same time."""
-        updates = list(updates)
+        # nothing of state begun before the user's newest erasure
+        updates = [(key, fields) for key, fields in updates
+                   if fields is None or epoch(fields) >= self._erased.get(key[0], 0)]
         decided = {user: fields for (user, part), fields in updates if part == "totals" and fields is not None}
         consenting = [user for user, fields in decided.items() if consents(fields)]
         if consenting:

@@ -41,6 +41,7 @@ def job_stack(stack: Stack, redis_db: int, **extra: str) -> Stack:
         PERSONALIZE_TOPIC_PROFILE_UPDATES=f"profiles-{tag}",
         PERSONALIZE_TOPIC_TRENDING=f"trending-{tag}",
         PERSONALIZE_TOPIC_MODEL_SNAPSHOTS=f"models-{tag}",
+        PERSONALIZE_TOPIC_ERASURES=f"erasures-{tag}",
         PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{stack.settings.redis_port}/{redis_db}",
         **extra,
     )

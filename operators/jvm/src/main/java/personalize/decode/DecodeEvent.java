@@ -3,6 +3,7 @@ package personalize.decode;
 import java.nio.charset.StandardCharsets;
 import java.security.GeneralSecurityException;
 import java.util.HexFormat;
+import java.util.Map;
 
 import javax.crypto.Mac;
 import javax.crypto.spec.SecretKeySpec;
@@ -21,30 +22,66 @@ import org.apache.flink.types.Row;
  * as a constructor argument, so it travels inside the job like the connectors' passwords
  * and appears in no plan, operator name or log), every user id it returns is the keyed
  * HMAC-SHA256 of the id, its first 16 bytes in hex (operators/decode.py: pseudonym).
+ *
+ * <p>Built with an erasures topic (and the job's Kafka properties), it honours
+ * {@code personalize forget}: an event of a forgotten user at or before the erasure's time
+ * gets the reason {@link #ERASED} (the job drops it: it is the user's data, so not a dead
+ * letter either, and a replay of the events topic does not bring the user back), and every
+ * later one carries that time as its {@code epoch}. The windows group by (user, epoch), so
+ * a forgotten user's next event starts from nothing, while the state of before is never
+ * read again and expires (PERSONALIZE_STATE_TTL_MS). Without erasures, {@code epoch} is 0.
  */
 public class DecodeEvent extends ScalarFunction {
     public static final String RESULT = "ROW<user_id STRING, event_type STRING, product_id STRING, "
             + "category STRING, price_cents BIGINT, quantity BIGINT, consent_analytics BOOLEAN, "
-            + "consent_personalization BOOLEAN, consent_marketing BOOLEAN, event_time_ms BIGINT, reason STRING>";
+            + "consent_personalization BOOLEAN, consent_marketing BOOLEAN, event_time_ms BIGINT, reason STRING, "
+            + "epoch BIGINT>";
+
+    /** The reason of an event its user asked to be forgotten for ({@code personalize forget}): dropped, not a dead letter. */
+    public static final String ERASED = "erased";
+    static final int USER = 0;
+    static final int EVENT_TIME = 9;
+    static final int REASON = 10;
 
     /** Hex characters of a pseudonym: 128 bits of the HMAC. */
     public static final int PSEUDONYM_BYTES = 16;
 
     private final String pseudonymKey;
+    private final String erasureTopic;
+    private final Map<String, String> kafka;
     private transient EventDecoder decoder;
     private transient Mac mac;
+    private transient Erasures.Registry erasures;
 
     public DecodeEvent() {
         this("");
     }
 
     public DecodeEvent(String pseudonymKey) {
+        this(pseudonymKey, "", Map.of());
+    }
+
+    /** {@code kafka}: the consumer properties of the erasures topic (bootstrap servers, credentials). */
+    public DecodeEvent(String pseudonymKey, String erasureTopic, Map<String, String> kafka) {
         this.pseudonymKey = pseudonymKey == null ? "" : pseudonymKey;
+        this.erasureTopic = erasureTopic == null ? "" : erasureTopic;
+        this.kafka = Map.copyOf(kafka);
     }
 
     @Override
     public void open(FunctionContext context) {
         start();
+        if (!erasureTopic.isEmpty()) {
+            erasures = Erasures.open(erasureTopic, kafka);
+        }
+    }
+
+    @Override
+    public void close() {
+        if (erasures != null) {
+            Erasures.release(erasures);
+            erasures = null;
+        }
     }
 
     private void start() {
@@ -60,7 +97,21 @@ public class DecodeEvent extends ScalarFunction {
     }
 
     public @DataTypeHint(RESULT) Row eval(byte[] value) {
-        return Row.of(fields(value));
+        Object[] fields = fields(value);
+        Object[] row = java.util.Arrays.copyOf(fields, fields.length + 1);
+        long epoch = 0L;
+        if (erasures != null && fields[REASON] == null) {
+            Long erasedAt = erasures.erasedAt((String) fields[USER]);
+            if (erasedAt != null) {
+                if ((Long) fields[EVENT_TIME] <= erasedAt) {
+                    row[REASON] = ERASED;
+                } else {
+                    epoch = erasedAt;
+                }
+            }
+        }
+        row[fields.length] = epoch;
+        return Row.of(row);
     }
 
     /** The decoded fields (EventDecoder.decode), the user id pseudonymised when there is a key. */
@@ -83,7 +134,8 @@ public class DecodeEvent extends ScalarFunction {
 
     @Override
     public String toString() {
-        return "DecodeEvent" + (pseudonymKey.isEmpty() ? "" : "(pseudonymised)");
+        return "DecodeEvent" + (pseudonymKey.isEmpty() ? "" : "(pseudonymised)")
+                + (erasureTopic.isEmpty() ? "" : "(erasures: " + erasureTopic + ")");
     }
 
     @Override
