@@ -125,3 +125,48 @@ def test_withdrawn_personalization_takes_the_user_out_of_its_segment():
     (row,) = close(models, histories, session(start=99_000_000, consent_personalization=False))
     assert histories["u1"].segment is None and sum(models.segment_sizes.values()) == 0
     assert row["profile"] is None
+
+
+def packed(s: dict) -> str:
+    """A session as the SQL packs it (operators.sessions.session_closes)."""
+    from operators.sessions import COLUMN_SEP, SESSION_COLUMNS
+
+    def text(value):
+        return "" if value is None else ("1" if value is True else "0" if value is False else str(value))
+
+    return COLUMN_SEP.join(text(s.get(name)) for name, _ in SESSION_COLUMNS)
+
+
+def test_an_erasure_drops_the_user_s_sessions_of_before_it_wherever_they_sit_in_the_batch():
+    from operators.sessions import COLUMN_SEP
+
+    erasure = f"{actions.ERASURE_MARK}u1{COLUMN_SEP}5000"
+    rows = [packed(session("u1", 0, epoch=0)), erasure, packed(session("u1", 9000, epoch=0)),
+            packed(session("u1", 7000, epoch=5000)), packed(session("u2", 0, epoch=0))]
+    sessions, erased = actions.split_erasures(rows)
+    assert erased == {"u1": 5000}
+    # both epoch-0 sessions of u1 hold state begun before the erasure (the second one's
+    # events were read before the job knew of it); the one after it and u2's stay, in order
+    assert [(s["user_id"], s["start_ms"], s["epoch"]) for s in sessions] == [("u1", 7000, 5000), ("u2", 0, 0)]
+
+
+def test_a_session_buffered_before_erasures_existed_reads_as_epoch_zero():
+    from operators.sessions import COLUMN_SEP, unpack
+
+    old = packed(session("u1", 0)).rsplit(COLUMN_SEP, 1)[0]  # without the epoch column
+    assert unpack(old)["epoch"] == 0
+
+
+def test_tombstones_delete_every_profile_part_under_flink_s_json_key_and_the_user_s_output_keys():
+    rows = [dict(zip([c for c, _ in actions.ACTION_COLUMNS], out)) for out in actions.tombstones("ü 1", 42)]
+    assert [r["tombstone"] for r in rows] == ["totals", "recent", "sessions"]
+    # the same bytes as Flink's JSON key format writes for the SQL parts (field order, no
+    # spaces, UTF-8 unescaped): compaction keeps only the tombstone
+    assert [r["profile_key"] for r in rows] == ['{"user_id":"ü 1","part":"%s"}' % p for p in ("totals", "recent", "sessions")]
+    assert all(r["profile"] is r["trigger"] is r["segment_change"] is r["snapshot"] is None for r in rows)
+    assert {(r["user_id"], r["ts_ms"]) for r in rows} == {("ü 1", 42)}
+
+
+def test_the_sessions_part_carries_its_epoch_for_the_loader():
+    out = close(m.Models.new(k=2, batch=2), {}, session("u1", 0, epoch=777))
+    assert out[0]["profile"]["epoch"] == 777
