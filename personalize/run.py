@@ -100,7 +100,8 @@ def _models(loader) -> dict:
 
 
 def _committed_since(settings: Settings, topic: str, since: dict[int, int]) -> int:
-    return sum(1 for _ in kafkaio.read_to_end(settings, topic, start_offsets=since))
+    """Records committed to ``topic`` since the offsets ``since`` (an erasure's tombstones not counted)."""
+    return sum(1 for rec in kafkaio.read_to_end(settings, topic, start_offsets=since) if rec.value is not None)
 
 
 def ensure_topics(settings: Settings) -> None:
