@@ -16,7 +16,8 @@ import redis
 
 import schemas
 from personalize import credentials, kafkaio, topics
-from sinks.redis import DEAD_LETTERS_KEY, LEASE_TOKENS, NO_CONSENT_KEY, OFFSETS_KEY, Materializer, drain_parallel
+from sinks.redis import (DEAD_LETTERS_KEY, LEASE_TOKENS, NO_CONSENT_KEY, OFFSETS_KEY, TRIGGERS_BY_USER, Materializer,
+                         drain_parallel)
 from tests.integration.test_profile_job import job_stack
 
 
@@ -71,14 +72,17 @@ def test_unreadable_records_and_refused_writes_are_dead_letters_and_the_rest_is_
 
 
 def _dump(client: redis.Redis) -> dict:
-    """Every key of a Redis database with its value (stream entries without their ids), but
-    the loaders' lease token counter (it counts the loaders that ran)."""
+    """Every key of a Redis database with its value (stream entries without their ids, and
+    so the per-user trigger index its trigger ids only), but the loaders' lease token
+    counter (it counts the loaders that ran)."""
     out = {}
     for key in client.scan_iter(count=1000):
         if key == LEASE_TOKENS:
             continue
         kind = client.type(key)
-        if kind == "hash":
+        if key.startswith(TRIGGERS_BY_USER):
+            out[key] = sorted(client.hvals(key))
+        elif kind == "hash":
             out[key] = client.hgetall(key)
         elif kind == "zset":
             out[key] = client.zrange(key, 0, -1, withscores=True)
