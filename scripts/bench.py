@@ -244,7 +244,9 @@ def main(argv: list[str]) -> int:
         print(f"bench: end to end {e2e_s:.1f} s, {events / e2e_s:,.0f} events/s; start-up {startup_s:.1f} s, "
               f"job {job_s:.1f} s, Redis catch-up {catchup_s:.1f} s; triggers {triggers:,} / {stream:,} / {known:,}; "
               "JVM CPU " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in sorted(sampler.stages().items(),
-                                                                           key=lambda kv: -kv[1])))
+                                                                           key=lambda kv: -kv[1]))
+              + f"; peak memory MiB: JVM {sampler.peak['jvm'] / 2**20:,.0f} RSS, loader {sampler.peak['python'] / 2**20:,.0f}"
+              f" RSS, other shards {sampler.peak['shards'] / 2**20:,.0f} RSS, Redis {redis_peak / 2**20:,.0f} used")
         return 0 if triggers == stream == known else 1
     print(f"bench: JVM-only ceiling over {events:,} rows (scripts/bench_windows.py)", file=sys.stderr, flush=True)
     ceiling = subprocess.run([sys.executable, "scripts/bench_windows.py", str(events), str(args.users)],
