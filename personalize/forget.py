@@ -34,33 +34,44 @@ def request(settings: Settings, user_id: str, now_ms: int | None = None) -> tupl
     return user, requested_ms
 
 
-def left_in_redis(settings: Settings, user: str) -> list[str]:
-    """The keys and trigger stream entries of ``user`` Redis still holds (none once forgotten)."""
+def left_in_redis(client, user: str) -> list[str]:
+    """The keys and trigger stream entries of ``user`` Redis still holds (none once forgotten).
+    The stream is read in chunks: it holds every trigger ever written."""
     from sinks import redis as loader
 
-    client = loader.redis_client(settings)
     left = [key for key in (loader.PROFILE_PREFIX + user, loader.TRIGGERS_BY_USER + user) if client.exists(key)]
-    for entry_id, fields in client.xrange(loader.TRIGGER_STREAM):
-        if fields.get(b"user_id") == user.encode("utf-8"):
-            left.append(f"{loader.TRIGGER_STREAM} entry {entry_id.decode()}")
+    start, wanted = "-", user.encode("utf-8")
+    while chunk := client.xrange(loader.TRIGGER_STREAM, min=start, count=10_000):
+        left += [f"{loader.TRIGGER_STREAM} entry {entry_id.decode()}" for entry_id, fields in chunk
+                 if fields.get(b"user_id") == wanted]
+        start = "(" + chunk[-1][0].decode()
     if client.hexists(loader.NO_CONSENT_KEY, user):
         left.append(f"{loader.NO_CONSENT_KEY} field")
     return left
 
 
 def wait_applied(settings: Settings, user: str, requested_ms: int, timeout_s: float) -> None:
-    """Wait until the Redis loader applied the erasure and nothing of the user is left."""
+    """Wait until the Redis loader applied the erasure (its mark, polled), then until nothing
+    of the user is left (checked once a second: that reads the whole trigger stream)."""
     from sinks import redis as loader
 
     client = loader.redis_client(settings)
     deadline = time.monotonic() + timeout_s
+    left: list[str] = []
     while True:
         mark = client.hget(loader.ERASED_KEY, user)
-        if mark is not None and int(mark) >= requested_ms and not left_in_redis(settings, user):
-            log.info("erasure complete in Redis", user=loader.user_digest(user))
-            return
+        if mark is not None and int(mark) >= requested_ms:
+            left = left_in_redis(client, user)
+            if not left:
+                log.info("erasure complete in Redis", user=loader.user_digest(user))
+                return
         if time.monotonic() > deadline:
+            if left:
+                # counted, not named: the keys hold the id
+                raise ServiceUnavailable(f"the loader applied the erasure, but Redis still holds {len(left)} of the "
+                                         "user's keys or trigger stream entries (written by a loader before the "
+                                         "per-user trigger index?)")
             raise ServiceUnavailable(
                 f"the erasure is written, but the Redis loader had not applied it after {timeout_s:.0f} s: "
                 "it is applied when `personalize run` (or `personalize load`) runs")
-        time.sleep(0.2)
+        time.sleep(1.0 if mark is not None else 0.2)

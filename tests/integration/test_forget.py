@@ -18,7 +18,7 @@ import pytest
 import schemas
 from personalize import credentials, kafkaio, smoke, topics
 from sinks import redis as loader
-from tests.integration.test_profile_job import _interrupt, _start, job_stack, run_bounded, wait_until
+from tests.integration.test_profile_job import QUICK_LIVE, _interrupt, _start, job_stack, run_bounded, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,7 @@ def _last_by_key(settings, topic: str) -> dict[bytes, bytes | None]:
 
 def test_forget_leaves_nothing_of_the_user_and_a_replay_does_not_bring_it_back(stack, tmp_path):
     own = job_stack(stack, redis_db=10, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
-                    PERSONALIZE_SESSION_GAP_MS="1000", PERSONALIZE_OUT_OF_ORDERNESS_MS="0",
-                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_WATERMARK_EMIT="on-event",
-                    PERSONALIZE_MODEL_FLUSH_MS="200", PERSONALIZE_PROFILE_FLUSH_MS="200")
+                    PERSONALIZE_PROFILE_FLUSH_MS="200", **QUICK_LIVE)
     s = own.settings
     topics.ensure(s, [s.topic_events], partitions=1, local_stack=True)
     codec = schemas.codec("user_event")

@@ -50,6 +50,13 @@ def job_stack(stack: Stack, redis_db: int, **extra: str) -> Stack:
     return own
 
 
+# a live run that closes sessions and writes to Redis within seconds (the live tests
+# that send events one by one and wait for each effect)
+QUICK_LIVE = dict(PERSONALIZE_SESSION_GAP_MS="1000", PERSONALIZE_OUT_OF_ORDERNESS_MS="0",
+                  PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_WATERMARK_EMIT="on-event",
+                  PERSONALIZE_MODEL_FLUSH_MS="200")
+
+
 def run_bounded(stack: Stack) -> dict[str, int]:
     done = stack.cli("run", "--bounded", timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

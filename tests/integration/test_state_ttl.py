@@ -11,7 +11,7 @@ import pytest
 
 import schemas
 from personalize import credentials, kafkaio, smoke, topics
-from tests.integration.test_profile_job import _interrupt, _start, job_stack, wait_until
+from tests.integration.test_profile_job import QUICK_LIVE, _interrupt, _start, job_stack, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,7 @@ TTL_MS = 6_000
 
 def test_an_inactive_user_leaves_redis_and_the_job_s_state_and_comes_back_as_new(stack, tmp_path):
     own = job_stack(stack, redis_db=5, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
-                    PERSONALIZE_STATE_TTL_MS=str(TTL_MS), PERSONALIZE_SESSION_GAP_MS="1000",
-                    PERSONALIZE_OUT_OF_ORDERNESS_MS="0", PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000",
-                    PERSONALIZE_WATERMARK_EMIT="on-event", PERSONALIZE_MODEL_FLUSH_MS="200")
+                    PERSONALIZE_STATE_TTL_MS=str(TTL_MS), **QUICK_LIVE)
     s = own.settings
     topics.ensure(s, [s.topic_events], partitions=1, local_stack=True)
     codec = schemas.codec("user_event")
