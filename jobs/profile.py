@@ -35,6 +35,7 @@ DECODE_FUNCTION = "personalize.decode.DecodeEvent"
 ERASED_SINCE_FUNCTION = "personalize.decode.ErasureFunction$Superseded"
 ERASURE_APPLIED_FUNCTION = "personalize.decode.ErasureFunction$Applied"
 DECODE_ERASURE_FUNCTION = "personalize.decode.ErasureFunction$Decode"
+BOUNDED_LIST_FUNCTION = "personalize.decode.BoundedList"
 
 
 def _row_type(columns):
@@ -103,6 +104,13 @@ def erasure_functions(t_env, settings: Settings) -> None:
     _java_function(t_env, windows.ERASED_SINCE, ERASED_SINCE_FUNCTION, settings.topic_erasures, kafka)
     _java_function(t_env, "erasure_applied", ERASURE_APPLIED_FUNCTION, settings.topic_erasures, kafka)
     _java_function(t_env, "decode_erasure", DECODE_ERASURE_FUNCTION)
+
+
+def session_functions(t_env, settings: Settings) -> None:
+    """The session windows' ``bounded_list`` (operators/jvm: BoundedList): LISTAGG that keeps
+    the first ``session_list_limit`` items."""
+    _java_function(t_env, sessions.BOUNDED_LIST, BOUNDED_LIST_FUNCTION, sessions.ITEM_SEP,
+                   str(settings.session_list_limit))
 
 
 def decoded_events(t_env, source: str, settings: Settings):
@@ -199,6 +207,7 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
 
     # closed sessions (about one row per nine events) and erasures -> session fields,
     # models and triggers in Python, keyed by a constant: the models are one global object
+    session_functions(t_env, settings)
     packed = (f"{sessions.session_closes(EVENTS_VIEW, settings)} UNION ALL "
               f"{actions.erasure_rows(ERASURES_VIEW)}")
     acted = (

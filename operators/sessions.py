@@ -19,6 +19,9 @@ FIELD_SEP = "\x1f"
 ITEM_SEP = "\x1e"
 COLUMN_SEP = "\x1d"
 PACKED = (("session", "STRING"),)
+# LISTAGG(item, ITEM_SEP) of the first Settings.session_list_limit items (a JVM aggregate,
+# registered by jobs.profile.session_functions): a session that never closes holds bounded state
+BOUNDED_LIST = "bounded_list"
 
 SESSION_COLUMNS = (
     ("user_id", "STRING"),
@@ -101,8 +104,8 @@ def _as_text(name: str, sql: str) -> str:
 def session_rows(view: str, settings: Settings) -> str:
     """One typed row per closed session (SESSION_COLUMNS)."""
     gap = interval(settings.session_gap_ms - 1)
-    # LISTAGG wants a literal separator: a Unicode-escaped string literal
-    sep, item = (f"U&'\\{ord(c):04X}'" for c in (FIELD_SEP, ITEM_SEP))
+    # a Unicode-escaped string literal: no control character in the SQL text
+    sep = f"U&'\\{ord(FIELD_SEP):04X}'"
     move = (
         f"CASE WHEN event_type IN ('add_to_cart', 'remove_from_cart') THEN CONCAT_WS({sep}, "
         "CASE WHEN event_type = 'add_to_cart' THEN '+' ELSE '-' END, product_id, CAST(quantity AS STRING), "
@@ -126,9 +129,9 @@ def session_rows(view: str, settings: Settings) -> str:
                {_count_of('purchase')} AS n_purchases,
                {REVENUE} AS revenue_cents,
                MIN(CASE WHEN event_type IN ('checkout', 'purchase') THEN event_time_ms END) AS outcome_ms,
-               LISTAGG({move}, {item}) AS cart_moves,
-               LISTAGG(category, {item}) AS categories,
-               LISTAGG({view_item}, {item}) AS viewed,
+               {BOUNDED_LIST}({move}) AS cart_moves,
+               {BOUNDED_LIST}(category) AS categories,
+               {BOUNDED_LIST}({view_item}) AS viewed,
                {_latest_flag('consent_personalization')} AS consent_personalization,
                {_latest_flag('consent_marketing')} AS consent_marketing,
                epoch

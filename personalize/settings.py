@@ -89,6 +89,9 @@ class Settings:
     # producer's clock runs ahead); the watermark never passes the wall clock either
     max_ahead_ms: int = 60_000
     session_gap_ms: int = 30 * 60_000
+    # a session's lists (cart moves, categories, product views) keep their first this many
+    # items each: a session that never closes (a bot) holds bounded state (operators/sessions.py)
+    session_list_limit: int = 1_000
     activity_window_ms: int = 60 * 60_000
     recent_window_ms: int = 30 * 60_000
     recent_slide_ms: int = 5 * 60_000
@@ -166,7 +169,7 @@ class Settings:
                      "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
                      "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots", "loader_workers",
                      "restart_attempts", "restart_max_delay_ms", "transaction_timeout_ms", "max_ahead_ms",
-                     "loader_lease_ms"):
+                     "loader_lease_ms", "session_list_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.state_ttl_ms < 0:

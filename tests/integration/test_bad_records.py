@@ -19,7 +19,7 @@ import schemas
 from operators import decode
 from personalize import kafkaio, produce, topics
 from tests.integration.test_profile_job import check_counts, job_stack, run_bounded
-from tests.integration.test_triggers_job import check_triggers, expected_triggers
+from tests.integration.test_triggers_job import check_triggers, expected_triggers, kafka_triggers
 
 pytestmark = pytest.mark.slow
 
@@ -259,3 +259,69 @@ def test_ten_thousand_fuzzed_records_among_valid_events_stop_nothing_and_lose_no
     wrong = [(u, f, got[u].get(f), v) for u, fields in want.items() for f, v in fields.items() if got[u].get(f) != v]
     assert not wrong, wrong[:10]
     check_triggers(own, expected_triggers(events))
+
+
+def test_a_session_that_never_closes_keeps_only_its_first_items_and_counts_every_event(stack):
+    """A bot's session, its events less than the gap apart, lists cart moves, categories and
+    product views without end: each list keeps its first PERSONALIZE_SESSION_LIST_LIMIT items
+    (here 50), so its state and the row that reaches Python are bounded, while the counts
+    stay exact. Two sessions merged by a late event between them keep the first items of
+    each in turn, cut at an item's edge."""
+    from tests.integration.test_profile_job import profiles
+
+    limit = 50
+    # out-of-orderness of 3 h: the event that bridges two sessions 40 min apart is not late
+    own = job_stack(stack, redis_db=8, PERSONALIZE_SESSION_LIST_LIMIT=str(limit),
+                    PERSONALIZE_OUT_OF_ORDERNESS_MS=str(3 * 3_600_000))
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    codec = schemas.codec("user_event")
+    events = produce.generate(produce.TrafficSpec(users=20, sessions_per_user=1, jitter_ms=0, seed=21,
+                                                  no_personalization_rate=0.0, no_marketing_rate=0.0))
+    t0 = min(e["event_time"] for e in events)
+    base = dict(events[0], event_type="add_to_cart", session_id=None, context=None, quantity=1,
+                consent_personalization=True, consent_marketing=True)
+
+    def add(user: str, i: int, at: int, category: str) -> dict:
+        # prices rise with i: unbounded, the trigger would keep the most valuable (the last) lines
+        return dict(base, user_id=user, product_id=f"{user}-p{i:04d}", price=1.0 + i / 100, category=category,
+                    event_time=at)
+
+    # the bot: 300 cart adds 10 s apart (50 min, one session); categories change after the limit
+    bot = [add("bot", i, t0 + i * 10_000, "early" if i < limit else "late") for i in range(300)]
+    # two sessions of 40 adds, 40 min apart, then a late product view between them
+    first = [add("merged", i, t0 + i * 10_000, "c") for i in range(40)]
+    second_start = first[-1]["event_time"] + 40 * 60_000
+    second = [add("merged", 100 + i, second_start + i * 10_000, "c") for i in range(40)]
+    bridge = dict(base, user_id="merged", event_type="product_view", product_id="merged-viewed", price=None,
+                  category="c", event_time=first[-1]["event_time"] + 20 * 60_000)
+    mine = bot + first + second + [bridge]
+    records = [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in events]
+    records += [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in mine]  # bridge last
+    assert kafkaio.produce(s, s.topic_events, records) == len(records)
+
+    summary = run_bounded(own)
+    assert summary["events read"] == len(records) and summary["dead letters"] == 0 and summary["late events"] == 0
+    check_counts(own, events + mine)  # every cart add counted: 300 and 80
+
+    def trigger_of(kept: list[dict], end_ms: int) -> dict:
+        """The expected trigger of a session starting at kept[0], ending at end_ms, whose cart
+        is the kept adds (each product once, quantity 1)."""
+        at = kept[0]["event_time"]
+        (tid, want), = expected_triggers([dict(e, event_time=at) for e in kept]).items()
+        return {tid: want | {"session_end_ms": end_ms}}
+
+    want = expected_triggers(events) | trigger_of(bot[:limit], bot[-1]["event_time"])
+    merged = next(t for t in kafka_triggers(own) if t["user_id"] == "merged")
+    carted = {line["product_id"] for line in merged["cart"]}
+    # whichever session Flink merged into comes first: all of its 40 adds, then the other's first 10
+    a_first, b_first = first + second[:limit - 40], second + first[:limit - 40]
+    kept = a_first if carted == {e["product_id"] for e in a_first} else b_first
+    want |= trigger_of(sorted(kept, key=lambda e: e["event_time"]), second[-1]["event_time"])
+    check_triggers(own, want)  # the bot: its first 50 products, not the 100 most valuable of 300
+
+    got = profiles(own)
+    # the profile's top categories come from the session's bounded list: 50 "early", no "late"
+    assert (got["bot"]["top_category_1"], got["bot"]["top_category_1_events"]) == ("early", str(limit))
+    assert "late" not in {got["bot"].get(f"top_category_{r}") for r in (1, 2, 3)}
+    assert int(got["merged"]["n_sessions"]) == 1  # the late view merged the two sessions
