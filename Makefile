@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PERSONALIZE := $(VENV)/bin/personalize
 
-.PHONY: setup venv jars redis-server run test test-unit bench models-eval smoke stack-up stack-down clean
+.PHONY: setup venv jars redis-server run test test-unit bench bench-peers models-eval smoke stack-up stack-down clean
 
 setup: venv jars redis-server ## venv with pinned packages, jars from Maven Central, redis-server
 
@@ -34,6 +34,16 @@ test: setup ## every test: unit, then integration against a stack the tests star
 bench: setup ## benchmark: ~1,000,000 synthetic events for 100,000 users, one table from one run (docs/benchmarks.md)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
 	@$(PY) scripts/bench.py
+
+bench-peers: setup bench/.venv/.installed ## the product and its Python peer (Quix Streams) over the same events, outputs checked equal (docs/benchmarks.md)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
+	@$(PY) scripts/bench_peers.py
+
+# the peer's own virtual environment: nothing of it is a product dependency or made by setup
+bench/.venv/.installed: bench/requirements.txt
+	$(PYTHON) -m venv bench/.venv
+	bench/.venv/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
+	touch $@
 
 models-eval: setup ## the models on the REES46 sample and on synthetic traffic against a batch ceiling (README)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[eval]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true

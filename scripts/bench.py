@@ -88,6 +88,39 @@ def known_abandonments(users: int, gap_ms: int) -> int:
     return count
 
 
+def bench_env(base, topic: str, redis_db: int = 9) -> dict:
+    """The job's environment for a benchmark run over ``topic``: output topics of its own
+    (uuid-named, deleted after the run) and Redis database ``redis_db``."""
+    env = dict(os.environ)
+    tag = uuid.uuid4().hex[:8]
+    env.update(PERSONALIZE_TOPIC_EVENTS=topic, PERSONALIZE_TOPIC_DLQ=f"bench-{tag}-dlq",
+               PERSONALIZE_TOPIC_PROFILE_UPDATES=f"bench-{tag}-profiles",
+               PERSONALIZE_TOPIC_TRENDING=f"bench-{tag}-trending", PERSONALIZE_TOPIC_TRIGGERS=f"bench-{tag}-triggers",
+               PERSONALIZE_TOPIC_SEGMENT_CHANGES=f"bench-{tag}-segments",
+               PERSONALIZE_TOPIC_MODEL_SNAPSHOTS=f"bench-{tag}-models",
+               PERSONALIZE_TOPIC_ERASURES=f"bench-{tag}-erasures",
+               PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{base.redis_port}/{redis_db}")
+    return env
+
+
+def ensure_events(env: dict, settings, topic: str, users: int, extra=()) -> bool:
+    """The benchmark's events in ``topic``, produced once per size and reused by later runs;
+    ``extra`` (key, value, timestamp) records are appended after them."""
+    from personalize import kafkaio, topics
+
+    topics.ensure(settings, [topic], local_stack=True)
+    begin, end = kafkaio.offsets(settings, topic)
+    if sum(end[p] - begin[p] for p in end) == 0:
+        for spec in specs(users):
+            done = cli("produce", "--users", str(spec.users), "--sessions", "1", "--seed", str(spec.seed),
+                       "--start-ms", str(spec.start_ms), "--topic", topic, env=env, capture=False)
+            if done.returncode != 0:
+                return False
+        if extra:
+            kafkaio.produce(settings, topic, extra)
+    return True
+
+
 def cli(*args: str, env: dict, capture: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "personalize.cli", *args], env=env, cwd=ROOT, text=True,
                           capture_output=capture, check=False)
@@ -183,61 +216,21 @@ def main(argv: list[str]) -> int:
     from personalize.settings import Settings
 
     base = Settings.from_env()
-    env = dict(os.environ)
-    tag = uuid.uuid4().hex[:8]
     topic = f"bench-events-{args.users}"
-    env.update(PERSONALIZE_TOPIC_EVENTS=topic, PERSONALIZE_TOPIC_DLQ=f"bench-{tag}-dlq",
-               PERSONALIZE_TOPIC_PROFILE_UPDATES=f"bench-{tag}-profiles",
-               PERSONALIZE_TOPIC_TRENDING=f"bench-{tag}-trending", PERSONALIZE_TOPIC_TRIGGERS=f"bench-{tag}-triggers",
-               PERSONALIZE_TOPIC_SEGMENT_CHANGES=f"bench-{tag}-segments",
-               PERSONALIZE_TOPIC_MODEL_SNAPSHOTS=f"bench-{tag}-models",
-               PERSONALIZE_TOPIC_ERASURES=f"bench-{tag}-erasures",
-               PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{base.redis_port}/9")
+    env = bench_env(base, topic)
     if cli("stack", "up", env=env).returncode != 0:
         print("bench: `personalize stack up` failed", file=sys.stderr)
         return 2
-    from personalize import kafkaio, topics
-
     settings = Settings.from_env(env)
-    topics.ensure(settings, [topic], local_stack=True)
-    begin, end = kafkaio.offsets(settings, topic)
-    if sum(end[p] - begin[p] for p in end) == 0:  # produced once per size, reused by later runs
-        for spec in specs(args.users):
-            done = cli("produce", "--users", str(spec.users), "--sessions", "1", "--seed", str(spec.seed),
-                       "--start-ms", str(spec.start_ms), "--topic", topic, env=env, capture=False)
-            if done.returncode != 0:
-                return done.returncode
+    if not ensure_events(env, settings, topic, args.users):
+        return 1
     client = redis.Redis.from_url(env["PERSONALIZE_REDIS_URL"])
-    client.flushdb()
-    client.config_resetstat()
-
-    print(f"bench: bounded run over {topic}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "personalize.cli", "run", "--bounded"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = Sampler(proc.pid, client)
-    sampler.start()
-    err_lines = []
-    for line in proc.stderr:  # progress lines as they come
-        err_lines.append(line)
-        if line.startswith("progress:"):
-            print(line, end="", file=sys.stderr, flush=True)
-    out = proc.stdout.read()
-    proc.wait()
-    sampler.done.set()
-    sampler.join()
-    _drop_outputs(settings)  # the run's summary has counted them; the events topic is kept for the next run
-    if proc.returncode != 0:
-        print("".join(err_lines[-20:]), file=sys.stderr)
-        return proc.returncode
-    redis_peak = sampler.peak["redis"]
-
-    events = int(summary_value(out, "events read"))
-    e2e_s = summary_value(out, "end to end")
-    startup_s = summary_value(out, "start-up")
-    job_s = summary_value(out, "job")
-    catchup_s = summary_value(out, "redis catch-up")
-    triggers = int(summary_value(out, "triggers"))
-    stream = int(summary_value(out, "triggers", r"\d+\s+\((\d+) new"))
+    run = run_job(env, settings, client, topic)
+    if run is None:
+        return 1
+    events, e2e_s, startup_s, job_s, catchup_s = (run[k] for k in ("events", "e2e_s", "startup_s", "job_s",
+                                                                   "catchup_s"))
+    triggers, stream, sampler, redis_peak = run["triggers"], run["stream"], run["sampler"], run["redis_peak"]
     known = known_abandonments(args.users, base.session_gap_ms)
 
     if args.no_ceiling:
@@ -286,6 +279,38 @@ def main(argv: list[str]) -> int:
         print(f"| {name} | {value} |")
     _chart(args.chart, stages, e2e_s, startup_s, catchup_s, ceiling_s)
     return 0 if triggers == stream == known else 1
+
+
+def run_job(env: dict, settings, client, topic: str) -> dict | None:
+    """``personalize run --bounded`` over ``topic`` from a fresh start (its Redis database
+    flushed), sampled: the run summary's figures, the sampler (peaks, CPU by stage), the
+    Redis peak. None (the run's last lines printed) when the run failed. Its output topics
+    are deleted afterwards; Redis keeps what it wrote."""
+    client.flushdb()
+    client.config_resetstat()
+    print(f"bench: bounded run over {topic}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "personalize.cli", "run", "--bounded"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid, client)
+    sampler.start()
+    err_lines = []
+    for line in proc.stderr:  # progress lines as they come
+        err_lines.append(line)
+        if line.startswith("progress:"):
+            print(line, end="", file=sys.stderr, flush=True)
+    out = proc.stdout.read()
+    proc.wait()
+    sampler.done.set()
+    sampler.join()
+    _drop_outputs(settings)  # the run's summary has counted them; the events topic is kept for the next run
+    if proc.returncode != 0:
+        print("".join(err_lines[-20:]), file=sys.stderr)
+        return None
+    return {"events": int(summary_value(out, "events read")), "e2e_s": summary_value(out, "end to end"),
+            "startup_s": summary_value(out, "start-up"), "job_s": summary_value(out, "job"),
+            "catchup_s": summary_value(out, "redis catch-up"), "triggers": int(summary_value(out, "triggers")),
+            "stream": int(summary_value(out, "triggers", r"\d+\s+\((\d+) new")), "sampler": sampler,
+            "redis_peak": sampler.peak["redis"]}
 
 
 def _drop_outputs(settings) -> None:
