@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench  # noqa: E402  (scripts/bench.py)
+import bench_latency  # noqa: E402  (scripts/bench_latency.py)
 
 PEER_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
 PEER_APP = ROOT / "bench" / "quix_peer.py"
@@ -182,6 +183,7 @@ def main(argv: list[str]) -> int:
     # users (docs/benchmarks.md); at 100,000 it did not finish in 15 minutes
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--chart", default=str(ROOT / "docs" / "bench-peers.png"))
+    parser.add_argument("--no-latency", action="store_true", help="leave out the live trigger latency runs")
     parser.add_argument("--peer-timeout", type=float, default=900.0,
                         help="stop the peer after this many seconds if it has not read the whole topic")
     args = parser.parse_args(argv)
@@ -216,6 +218,15 @@ def main(argv: list[str]) -> int:
     finished = peer["wall_s"] is not None
     peer_triggers, peer_counts = stream_triggers(peer_redis), profile_counts(peer_redis)
 
+    latency = {}
+    if not args.no_latency:  # live: 50 abandoned sessions/s for 60 s, gap 10 s (scripts/bench_latency.py)
+        for who, is_peer in (("product", False), ("peer", True)):
+            run = bench_latency.measure(50.0, 60.0, 10_000, is_peer)
+            if run is None or len(run["stream"]) < run["sent"]:
+                print(f"bench-peers: the {who}'s live latency run lost triggers or did not start", file=sys.stderr)
+                return 1
+            latency[who] = run
+
     known = bench.known_abandonments(args.users, base.session_gap_ms)
     same_triggers = product_triggers == peer_triggers and set(peer_triggers) == peer["kafka_ids"]
     same_counts = product_counts == peer_counts
@@ -242,6 +253,10 @@ def main(argv: list[str]) -> int:
         ("profiles", f"{len(product_counts):,}", f"{len(peer_counts):,}"),
         ("models per session (segments, propensity)", "yes", "no"),
     ]
+    q = bench_latency.quantile
+    rows += [(f"live trigger latency after the gap expired, {where} (p50 / p99; 3,000 sessions, gap 10 s)",
+              *(f"{q(latency[w][key], 0.5):.1f} / {q(latency[w][key], 0.99):.1f} s" for w in ("product", "peer")))
+             for where, key in (("Kafka read_committed", "kafka"), ("Redis stream", "stream")) if latency]
     print("\n| measure | product (PyFlink) | peer (Quix Streams 3.28.1) |\n|---|---|---|")
     for name, a, b in rows:
         print(f"| {name} | {a} | {b} |")
@@ -251,11 +266,12 @@ def main(argv: list[str]) -> int:
     print(f"\nratio product / peer, events/s over the wall clock: {peer['wall_s'] / product_wall:.2f}")
     print(f"outputs: triggers (ids, users, starts, carts, values) {'EQUAL' if same_triggers else 'DIFFER'}; "
           f"per-user counts {'EQUAL' if same_counts else f'DIFFER for {len(differ):,} users, e.g. {sorted(differ)[:3]}'}")
-    _chart(args.chart, events, product_wall, peer["wall_s"])
+    p99 = {w: q(run["stream"], 0.99) for w, run in latency.items()}
+    _chart(args.chart, events, product_wall, peer["wall_s"], p99)
     return 0 if same_triggers and same_counts else 1
 
 
-def _chart(path: str, events: int, product_s: float, peer_s: float) -> None:
+def _chart(path: str, events: int, product_s: float, peer_s: float, p99: dict[str, float]) -> None:
     try:
         import matplotlib
 
@@ -264,11 +280,15 @@ def _chart(path: str, events: int, product_s: float, peer_s: float) -> None:
     except ImportError:
         print("bench-peers: matplotlib not installed (pip install -e '.[bench]'): no chart", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(["product (PyFlink)", "peer (Quix Streams)"], [events / product_s, events / peer_s],
-           color=["#4c72b0", "#dd8452"])
+    names, colors = ["product (PyFlink)", "peer (Quix Streams)"], ["#4c72b0", "#dd8452"]
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.bar(names, [events / product_s, events / peer_s], color=colors)
     ax.set_ylabel("events/s, process start to last Redis write")
-    ax.set_title(f"Same {events:,} events, same triggers and counts")
+    ax.set_title(f"Backfill: same {events:,} events, same outputs")
+    if p99:
+        right.bar(names, [p99["product"], p99["peer"]], color=colors)
+        right.set_ylabel("seconds after the session's gap expired")
+        right.set_title("Live: p99 trigger latency to the Redis stream (gap 10 s)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

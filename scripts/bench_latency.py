@@ -1,0 +1,216 @@
+"""Live trigger latency (a benchmark, not a test): how soon a trigger arrives after its
+session's gap expired.
+
+A live run (``personalize run``, unbounded, fresh state; or ``--peer``: the Quix
+Streams peer, bench/quix_peer.py) is fed abandoned sessions at a fixed rate, each
+a product view and a cart add of a new user with event time = now, then heartbeat
+page views (another user) so the watermark keeps moving after the last session. For
+every trigger: the wall-clock delay from the moment its session's gap expired (last
+event + gap, event time = wall clock at send) to its arrival in Kafka (read_committed)
+and in the Redis stream. Prints p50/p95/p99/max of each and the settings that bound it.
+
+The gap is short (``--gap-ms``, 10 s) so a run takes minutes: the delay after the gap
+expires does not depend on the gap's length. Any PERSONALIZE_* setting in the
+environment applies to the product (e.g. PERSONALIZE_CHECKPOINT_INTERVAL_MS).
+
+Usage: python scripts/bench_latency.py [--rate SESSIONS_PER_S] [--seconds S] [--gap-ms MS] [--peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402  (scripts/bench.py)
+
+STREAM = "triggers:cart_abandonment"
+
+
+def event(user: str, kind: str, at: int, product: str | None = None) -> dict:
+    return {"event_id": uuid.uuid4().hex, "event_type": kind, "user_id": user, "session_id": None,
+            "event_time": at, "product_id": product, "category": "c1" if product else None,
+            "price": 12.5 if product else None, "quantity": 1, "consent_analytics": True,
+            "consent_personalization": True, "consent_marketing": True, "context": None}
+
+
+def quantile(delays: list[float], q: float) -> float:
+    d = sorted(delays)
+    return d[min(len(d) - 1, int(q * len(d)))]
+
+
+def percentiles(delays: list[float]) -> str:
+    if not delays:
+        return "none arrived"
+    return (f"p50 {quantile(delays, 0.5):.2f} s, p95 {quantile(delays, 0.95):.2f} s, "
+            f"p99 {quantile(delays, 0.99):.2f} s, max {max(delays):.2f} s ({len(delays):,})")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench-latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=50.0, help="abandoned sessions per second")
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long sessions are sent")
+    parser.add_argument("--gap-ms", type=int, default=10_000)
+    parser.add_argument("--peer", action="store_true", help="the Quix Streams peer instead of the product")
+    args = parser.parse_args(argv)
+    result = measure(args.rate, args.seconds, args.gap_ms, args.peer)
+    if result is None:
+        return 1
+    who = "peer (Quix Streams)" if args.peer else "product"
+    print(f"\n{who}: {result['sent']:,} sessions sent at {args.rate:g}/s, gap {args.gap_ms} ms; {result['knobs']}")
+    print(f"| trigger arrives after the gap expired | {who} |\n|---|---|")
+    print(f"| in Kafka (read_committed) | {percentiles(result['kafka'])} |")
+    print(f"| in the Redis stream | {percentiles(result['stream'])} |")
+    missing = result["sent"] - len(result["stream"])
+    if missing:
+        print(f"bench-latency: {missing:,} of {result['sent']:,} triggers never reached the Redis stream", file=sys.stderr)
+    return 0 if not missing else 1
+
+
+def measure(rate: float, seconds: float, gap_ms: int, peer: bool) -> dict | None:
+    """One live run (see the module's doc): per trigger, seconds from its gap's expiry to its
+    arrival in Kafka (``kafka``) and in the Redis stream (``stream``); None when the run
+    never started."""
+    import redis
+    from kafka import KafkaConsumer
+
+    import schemas
+    from personalize import kafkaio, topics
+    from personalize.settings import Settings
+
+    base = Settings.from_env()
+    topic = f"bench-live-{uuid.uuid4().hex[:8]}"
+    env = bench.bench_env(base, topic)
+    env["PERSONALIZE_SESSION_GAP_MS"] = str(gap_ms)
+    if bench.cli("stack", "up", env=env).returncode != 0:
+        print("bench-latency: `personalize stack up` failed", file=sys.stderr)
+        return None
+    settings = Settings.from_env(env)
+    topics.ensure(settings, [topic, settings.topic_triggers], local_stack=True)
+    client = redis.Redis.from_url(env["PERSONALIZE_REDIS_URL"])
+    client.flushdb()
+    state = tempfile.mkdtemp(prefix="bench-live-")
+    if peer:
+        env.update(PEER_BROKERS=settings.bootstrap_servers, PEER_INPUT=topic, PEER_GROUP=f"live-{topic}",
+                   PEER_TRIGGERS=settings.topic_triggers, PEER_REDIS=f"127.0.0.1:{settings.redis_port}/9",
+                   PEER_GAP_MS=str(gap_ms), PEER_STATE_DIR=state)
+        cmd = [str(ROOT / "bench" / ".venv" / "bin" / "python"), str(ROOT / "bench" / "quix_peer.py")]
+    else:
+        env["PERSONALIZE_STATE_DIR"] = state  # a fresh start, no checkpoint of an earlier run
+        cmd = [sys.executable, "-m", "personalize.cli", "run"]
+    log = open(Path(state) / "run.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    arrived_kafka: dict[str, float] = {}
+    arrived_redis: dict[str, float] = {}
+    stop = threading.Event()
+
+    def read_kafka() -> None:
+        consumer = KafkaConsumer(settings.topic_triggers, bootstrap_servers=settings.bootstrap_servers,
+                                 isolation_level="read_committed", auto_offset_reset="earliest",
+                                 enable_auto_commit=False, fetch_max_wait_ms=50)
+        codec = None if peer else schemas.codec("trigger")
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=100).values():
+                now = time.time()
+                for r in records:
+                    if r.value is None:
+                        continue
+                    t = json.loads(r.value) if peer else codec.decode(r.value)
+                    arrived_kafka.setdefault(t["user_id"], now)
+        consumer.close()
+
+    def read_redis() -> None:
+        last = "0-0"
+        while not stop.is_set():
+            for _, entries in client.xread({STREAM: last}, count=10_000, block=100) or ():
+                now = time.time()
+                for entry_id, fields in entries:
+                    last = entry_id
+                    arrived_redis.setdefault(fields[b"user_id"].decode(), now)
+
+    readers = [threading.Thread(target=read_kafka, daemon=True), threading.Thread(target=read_redis, daemon=True)]
+    for r in readers:
+        r.start()
+
+    # wait until the job reads: a heartbeat makes a profile once the whole path runs
+    codec = schemas.codec("user_event")
+    producer = kafkaio.producer(settings, linger_ms=5)
+    ready_by = time.monotonic() + 180
+    while True:
+        now_ms = int(time.time() * 1000)
+        producer.send(topic, key=b"heartbeat", value=codec.encode(event("heartbeat", "page_view", now_ms)),
+                      timestamp_ms=now_ms)
+        producer.flush()
+        if client.exists("profile:heartbeat"):
+            break
+        if proc.poll() is not None or time.monotonic() > ready_by:
+            log.seek(0)
+            print("bench-latency: the run never wrote a profile:\n" + log.read()[-3000:], file=sys.stderr)
+            proc.kill()
+            return None
+        time.sleep(0.5)
+    print(f"bench-latency: {'peer' if peer else 'product'} reading; {rate:g} sessions/s for "
+          f"{seconds:g} s, gap {gap_ms} ms", file=sys.stderr, flush=True)
+
+    expiry: dict[str, float] = {}  # user -> wall time its session's gap expired
+    started = time.monotonic()
+    sent = 0
+    end_heartbeats = started + seconds + gap_ms / 1000 * 3 + 30
+    next_heartbeat = 0.0
+    while time.monotonic() < end_heartbeats:
+        elapsed = time.monotonic() - started
+        while elapsed < seconds and sent < elapsed * rate:
+            user = f"live-{sent}"
+            now_ms = int(time.time() * 1000)
+            for kind, product in (("product_view", "p1"), ("add_to_cart", "p1")):
+                producer.send(topic, key=user.encode(), value=codec.encode(event(user, kind, now_ms, product)),
+                              timestamp_ms=now_ms)
+            expiry[user] = now_ms / 1000 + gap_ms / 1000
+            sent += 1
+        if time.monotonic() >= next_heartbeat:  # keeps the watermark moving on both partitions
+            now_ms = int(time.time() * 1000)
+            for i in range(settings.partitions * 4):
+                key = f"heartbeat-{i}"
+                producer.send(topic, key=key.encode(), value=codec.encode(event(key, "page_view", now_ms)),
+                              timestamp_ms=now_ms)
+            next_heartbeat = time.monotonic() + 0.2
+        time.sleep(0.005)
+        if len(arrived_redis.keys() & expiry.keys()) == len(expiry) == sent and elapsed > seconds:
+            break
+    producer.flush()
+    producer.close()
+    stop.set()
+    for r in readers:
+        r.join(timeout=5)
+    proc.terminate()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    topics.admin(settings).delete_topics([t for t in (topic, settings.topic_triggers)
+                                          if t in topics.list_topics(settings)])
+    bench._drop_outputs(settings)
+
+    kafka = [arrived_kafka[u] - expiry[u] for u in expiry if u in arrived_kafka]
+    stream = [arrived_redis[u] - expiry[u] for u in expiry if u in arrived_redis]
+    knobs = ("commit interval 5 s (Quix's default), a session closes at its last event + 2 gaps" if peer else
+             f"watermark every 200 ms ({settings.watermark_emit}), out-of-orderness {settings.out_of_orderness_ms} ms, "
+             f"idleness {settings.idle_timeout_ms} ms, checkpoint every {settings.checkpoint_interval_ms} ms, "
+             f"models flush {settings.model_flush_ms} ms")
+    return {"sent": sent, "kafka": kafka, "stream": stream, "knobs": knobs}
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
