@@ -28,6 +28,9 @@ EMBEDDED_JVM_ARGS = ("-XX:+UseParallelGC -XX:CICompilerCount=2 "
                      "-XX:Tier4InvocationThreshold=50000 -XX:Tier4CompileThreshold=60000")
 
 
+REST_PORT_SPAN = 20
+
+
 def free_port() -> int:
     import socket
 
@@ -65,8 +68,9 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     config.set_string("pipeline.name", "personalize")
     config.set_string("rest.bind-address", "127.0.0.1")
     if rest_port:
-        config.set_string("rest.bind-port", str(rest_port))
-        config.set_string("rest.port", str(rest_port))
+        # a range: the port was free when picked, but any socket may take it before the JVM
+        # binds (seen once: "Could not start rest endpoint"); find_rest_port finds the one bound
+        config.set_string("rest.bind-port", f"{rest_port}-{rest_port + REST_PORT_SPAN - 1}")
         config.set_string("metrics.fetcher.update-interval", "1 s")  # fresh progress figures
     config.set_string("pipeline.max-parallelism", str(settings.max_parallelism))
     # SQL operators hand rows on without copying them (Python operators serialize anyway)
@@ -74,6 +78,9 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     # checkpoints go to files, bounded runs too: the JobManager's in-memory storage
     # refuses task state above 5 MB, which 100k users' windows exceed
     config.set_string("execution.checkpointing.tolerable-failed-checkpoints", "3")
+    config.set_string("state.backend.type", settings.state_backend)
+    if settings.state_backend == "rocksdb":
+        config.set_string("execution.checkpointing.incremental", "true")
     if bounded:
         # a bounded run either ends or fails with its reason: no silent restart loop
         config.set_string("restart-strategy.type", "none")
@@ -120,6 +127,20 @@ def job_failure(exc: BaseException) -> str:
     interesting = [c for c in causes if "JobExecutionException" not in c and "ExecutionException" not in c]
     root = (interesting or causes or [text.strip().splitlines()[0] if text.strip() else type(exc).__name__])[-1]
     return root[:400] + " (the Flink log is in PERSONALIZE_STACK_DIR/flink-logs)"
+
+
+def find_rest_port(first: int, job_id: str) -> int | None:
+    """The port in ``first``'s range (see ``environments``) where the embedded Flink's REST
+    API knows the job; None when none does (yet)."""
+    import urllib.request
+
+    for port in range(first, first + REST_PORT_SPAN):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/jobs/{job_id}", timeout=0.5):
+                return port
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def records_read(rest_port: int, job_id: str, timeout_s: float = 2.0) -> int | None:

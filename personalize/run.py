@@ -18,7 +18,7 @@ import orjson
 
 from personalize import kafkaio, logs, topics
 from personalize.errors import PersonalizeError
-from personalize.flink import records_read
+from personalize.flink import find_rest_port, records_read
 from personalize.settings import Settings
 
 log = logs.get(__name__)
@@ -143,6 +143,7 @@ def _wait_with_progress(client, rest_port: int, job_id: str, total: int,
 
     first_read: float | None = None
     printed = time.monotonic()
+    port = None  # where in rest_port's range Flink's REST endpoint bound
     while True:
         try:
             if str(client.get_job_status().result()) in ("FINISHED", "FAILED", "CANCELED"):
@@ -150,7 +151,9 @@ def _wait_with_progress(client, rest_port: int, job_id: str, total: int,
         except Exception:  # the embedded cluster is gone once the job ended: the caller's wait() says how
             break
         time.sleep(0.5 if first_read is None else 1.0)
-        read = records_read(rest_port, job_id)
+        if port is None:
+            port = find_rest_port(rest_port, job_id)
+        read = records_read(port, job_id) if port else None
         if read and first_read is None:
             first_read = printed = time.monotonic()
         if read and time.monotonic() - printed >= every_s:
