@@ -136,6 +136,10 @@ class Settings:
     # commits it: with the 5 s out-of-orderness this gives a live p99 of ~11 s after the gap
     # expired (10 s: ~16 s; 2 s: ~8 s but a 100k-user catch-up 50 % slower; scripts/bench_latency.py)
     checkpoint_interval_ms: int = 5_000
+    # where keyed state lives: "hashmap" (the JVM heap: fastest; a checkpoint copies it all)
+    # or "rocksdb" (native memory and local disk, incremental checkpoints: for state that
+    # outgrows the heap; docs/benchmarks.md has both at 1M users)
+    state_backend: str = "hashmap"
     # bounded runs commit at the end; a checkpoint in between only costs time (and
     # must come before the sink's 10 min transaction timeout)
     bounded_checkpoint_interval_ms: int = 300_000
@@ -184,6 +188,8 @@ class Settings:
                 "PERSONALIZE_RECENT_WINDOW_MS must be a multiple of PERSONALIZE_RECENT_SLIDE_MS, "
                 f"got {self.recent_window_ms} and {self.recent_slide_ms}"
             )
+        if self.state_backend not in ("hashmap", "rocksdb"):
+            raise ConfigError(f"PERSONALIZE_STATE_BACKEND must be 'hashmap' or 'rocksdb', got {self.state_backend!r}")
         if self.watermark_emit not in ("on-periodic", "on-event"):
             raise ConfigError(f"PERSONALIZE_WATERMARK_EMIT must be 'on-periodic' or 'on-event', got {self.watermark_emit!r}")
         if self.log_format not in ("console", "json"):

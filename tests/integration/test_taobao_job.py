@@ -82,3 +82,14 @@ def test_every_abandoned_taobao_cart_yields_one_trigger_with_a_zero_value(taobao
                         if e["user_id"] == t["user_id"] and e["event_type"] == "add_to_cart")
         assert {(line["product_id"], line["quantity"]) for line in t["cart"]} == set(added.items())
         assert t["cart_value"] == 0
+
+
+def test_the_taobao_log_gives_the_same_profiles_and_triggers_with_rocksdb_state(stack):
+    """PERSONALIZE_STATE_BACKEND=rocksdb (state off the JVM heap, for a million users): the
+    same job over the same log gives every profile and trigger of the independent
+    computation, as with the default heap state."""
+    own = job_stack(stack, redis_db=7, PERSONALIZE_STATE_BACKEND="rocksdb")
+    done = own.cli("replay", str(TAOBAO))
+    assert done.returncode == 0, done.stderr
+    check_taobao_profiles(own, run_bounded(own))
+    check_triggers(own, expected_triggers(taobao_events()))

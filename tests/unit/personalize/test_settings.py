@@ -50,6 +50,7 @@ def test_settings_are_frozen():
         ({"PERSONALIZE_REDIS_PORT": "9092"}, "must differ"),
         ({"PERSONALIZE_PARTITIONS": "0"}, "PERSONALIZE_PARTITIONS must be at least 1"),
         ({"PERSONALIZE_LOG_FORMAT": "xml"}, "PERSONALIZE_LOG_FORMAT must be 'console' or 'json'"),
+        ({"PERSONALIZE_STATE_BACKEND": "memory"}, "PERSONALIZE_STATE_BACKEND must be 'hashmap' or 'rocksdb'"),
         ({"PERSONALIZE_KAFKA_HEAP": "lots"}, "PERSONALIZE_KAFKA_HEAP must look like 512m"),
     ],
 )
