@@ -199,8 +199,11 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: bool) -> dict | None
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-    topics.admin(settings).delete_topics([t for t in (topic, settings.topic_triggers)
-                                          if t in topics.list_topics(settings)])
+    admin = topics.admin(settings)
+    try:
+        admin.delete_topics([t for t in (topic, settings.topic_triggers) if t in topics.list_topics(settings)])
+    finally:
+        admin.close()
     bench._drop_outputs(settings)
 
     kafka = [arrived_kafka[u] - expiry[u] for u in expiry if u in arrived_kafka]
