@@ -103,9 +103,9 @@ def bench_env(base, topic: str, redis_db: int = 9) -> dict:
     return env
 
 
-def ensure_events(env: dict, settings, topic: str, users: int, extra=()) -> bool:
+def ensure_events(env: dict, settings, topic: str, users: int, extra=None) -> bool:
     """The benchmark's events in ``topic``, produced once per size and reused by later runs;
-    ``extra`` (key, value, timestamp) records are appended after them."""
+    the (key, value, timestamp) records ``extra()`` returns are appended after them."""
     from personalize import kafkaio, topics
 
     topics.ensure(settings, [topic], local_stack=True)
@@ -116,8 +116,8 @@ def ensure_events(env: dict, settings, topic: str, users: int, extra=()) -> bool
                        "--start-ms", str(spec.start_ms), "--topic", topic, env=env, capture=False)
             if done.returncode != 0:
                 return False
-        if extra:
-            kafkaio.produce(settings, topic, extra)
+        if extra is not None:
+            kafkaio.produce(settings, topic, extra())
     return True
 
 
@@ -346,10 +346,14 @@ def _chart(path: str, stages: dict[str, float], e2e_s: float, startup_s: float, 
     right.set_ylabel("seconds")
     right.set_title("Bounded backfill, wall clock")
     right.tick_params(axis="x", labelrotation=15)
+    save_chart(fig, path, "bench")
+
+
+def save_chart(fig, path: str, prog: str) -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    print(f"bench: chart written to {path}", file=sys.stderr)
+    print(f"{prog}: chart written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
         print("bench-peers: `personalize stack up` failed", file=sys.stderr)
         return 2
     settings = Settings.from_env(env)
-    if not bench.ensure_events(env, settings, topic, args.users, extra=clock_events(settings, args.users)):
+    if not bench.ensure_events(env, settings, topic, args.users, extra=lambda: clock_events(settings, args.users)):
         return 1
 
     product_redis = redis.Redis.from_url(env["PERSONALIZE_REDIS_URL"])
@@ -293,10 +293,7 @@ def _chart(path: str, events: int, product_s: float, peer_s: float, p99: dict[st
         right.bar(names, [p99["product"], p99["peer"]], color=colors)
         right.set_ylabel("seconds after the session's gap expired")
         right.set_title("Live: p99 trigger latency to the Redis stream (gap 10 s)")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"bench-peers: chart written to {path}", file=sys.stderr)
+    bench.save_chart(fig, path, "bench-peers")
 
 
 if __name__ == "__main__":
