@@ -86,6 +86,7 @@ def _session(user: str, evs: list[dict]) -> dict:
         "viewed": ITEM_SEP.join(views) or None,
         "consent_personalization": latest["consent_personalization"],
         "consent_marketing": latest["consent_marketing"],
+        "epoch": 0,  # no erasure in a replayed log
     }
     assert set(s) == {c for c, _ in SESSION_COLUMNS}
     return s
