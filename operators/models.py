@@ -10,9 +10,10 @@
 - ``Segmenter``: mini-batch k-means (Sculley 2010) over the profile after the
   session: each mini-batch is assigned to the nearest centroids, then every
   centroid moves toward the mean of its points by their share of its (capped)
-  count. Features are standardized by a scaler frozen after warm-up, so centroids
-  keep their meaning; the first centroids come from k-means++ and a few Lloyd
-  iterations on the warm-up profiles. A centroid keeps its index, so segment ids
+  count. Features are standardized by a scaler frozen after warm-up and clipped
+  to +-2 standard units, so centroids keep their meaning and a few outliers claim
+  none; the first centroids come from k-means++ and a few Lloyd iterations on the
+  warm-up profiles. A centroid keeps its index, so segment ids
   (``s0`` ...) are stable by construction; names are read from what sets each
   centroid apart and are unique.
 - ``debounce``: a user's new segment is taken only after it held this many
@@ -400,6 +401,7 @@ class Segmenter:
     """Mini-batch k-means (Sculley 2010) with frozen scaling and stable segment ids."""
 
     LLOYD_ITERATIONS = 10
+    CLIP = 2.0           # standard units a feature counts at most: a few outliers claim no centroid
     COUNT_CAP = 10_000   # a centroid's count stops growing here, so it can still follow slow drift
     SAMPLE = 300         # profiles kept (reservoir) for the sampled silhouette
     MIN_SHARE = 0.05     # a centroid drawing less of the recent profiles is reseeded
@@ -433,8 +435,14 @@ class Segmenter:
         """The stable segment id of each profile, None before the first centroids."""
         if self.centroids is None or not len(X):
             return [None] * len(X)
-        nearest = _sq_distances(self.scaler.transform_many(X), self.centroids).argmin(axis=1)
+        nearest = _sq_distances(self._standard(X), self.centroids).argmin(axis=1)
         return [self.sid(int(i)) for i in nearest]
+
+    def _standard(self, X: np.ndarray) -> np.ndarray:
+        """Profiles in frozen standard units, each feature clipped to +-CLIP (winsorized):
+        on the REES46 sample the few buyers, 5 and more standard deviations out on
+        monetary value, otherwise held a centroid of 2.4 % of the users."""
+        return np.clip(self.scaler.transform_many(X), -self.CLIP, self.CLIP)
 
     def learn_many(self, X: np.ndarray) -> None:
         """One mini-batch: warm-up until the scaler is frozen (then k-means++ and Lloyd on
@@ -447,10 +455,10 @@ class Segmenter:
             self.warm.extend(X.tolist())
             if not self.scaler.frozen or len(self.warm) < self.k:
                 return
-            self._init(self.scaler.transform_many(np.array(self.warm)), rng)
+            self._init(self._standard(np.array(self.warm)), rng)
             self.warm = []
         else:
-            Z = self.scaler.transform_many(X)
+            Z = self._standard(X)
             nearest = _sq_distances(Z, self.centroids).argmin(axis=1)
             n = np.bincount(nearest, minlength=self.k).astype(float)
             sums = np.zeros_like(self.centroids)

@@ -99,13 +99,24 @@ def test_the_propensity_scores_before_it_learns_and_learns_a_separable_signal():
 def test_a_mini_batch_moves_each_centroid_to_the_count_weighted_mean_of_its_points():
     seg = m.Segmenter(k=2, warmup=4)
     seg.scaler.n, seg.scaler.sum, seg.scaler.sumsq = 4, np.zeros(6), np.full(6, 4.0)  # frozen: identity
-    seg.centroids = np.array([[0.0] * 6, [10.0] * 6])
+    seg.centroids = np.array([[0.0] * 6, [1.5] * 6])
     seg.counts = np.array([3.0, 1.0])
-    batch = np.array([[1.0] * 6, [2.0] * 6, [9.0] * 6])  # two points to centroid 0, one to centroid 1
+    batch = np.array([[0.25] * 6, [0.5] * 6, [1.9] * 6])  # two points to centroid 0, one to centroid 1
     seg.learn_many(batch)
-    # centroid 0: (3 * 0 + 1 + 2) / (3 + 2) = 0.6; centroid 1: (1 * 10 + 9) / (1 + 1) = 9.5
-    assert seg.centroids[0] == pytest.approx([0.6] * 6) and seg.centroids[1] == pytest.approx([9.5] * 6)
+    # centroid 0: (3 * 0 + 0.25 + 0.5) / (3 + 2) = 0.15; centroid 1: (1 * 1.5 + 1.9) / (1 + 1) = 1.7
+    assert seg.centroids[0] == pytest.approx([0.15] * 6) and seg.centroids[1] == pytest.approx([1.7] * 6)
     assert list(seg.counts) == [5.0, 2.0]
+
+
+def test_a_profile_far_out_on_a_feature_counts_as_clip_standard_units():
+    seg = m.Segmenter(k=2, warmup=4)
+    seg.scaler.n, seg.scaler.sum, seg.scaler.sumsq = 4, np.zeros(6), np.full(6, 4.0)  # frozen: identity
+    seg.centroids = np.array([[0.0] * 6, [1.5] * 6])
+    seg.counts = np.array([1.0, 1.0])
+    seg.learn_many(np.array([[-0.2] * 6, [50.0, 1.5, 1.5, 1.5, 1.5, 1.5]]))  # 50 sd out on recency
+    # the outlier moves centroid 1 as a point at CLIP (2.0) on that feature would: (1.5 + 2) / 2
+    assert seg.centroids[1] == pytest.approx([1.75, 1.5, 1.5, 1.5, 1.5, 1.5])
+    assert seg.predict_many(np.array([[1e6] * 6, [-1e6] * 6])) == ["s1", "s0"]
 
 
 def _blobs(rng, centers, n):
