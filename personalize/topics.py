@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from kafka import KafkaAdminClient
@@ -79,5 +80,23 @@ def ensure(
             except KafkaError as exc:
                 raise ServiceUnavailable(f"creating topic {topic.name!r} on {settings.bootstrap_servers} failed: {exc}") from exc
         return created
+    finally:
+        client.close()
+
+
+def delete(settings: Settings, names: Iterable[str], timeout_s: float = 60) -> list[str]:
+    """Delete those of the topics that exist and wait until the broker lists none of
+    them (a topic of the same name can be created again then); return the names deleted."""
+    client = admin(settings)
+    try:
+        gone = [n for n in dict.fromkeys(names) if n in set(client.list_topics())]
+        if gone:
+            client.delete_topics(gone, timeout_ms=30_000)
+        deadline = time.monotonic() + timeout_s
+        while set(gone) & set(client.list_topics()):
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"deleting topics {gone} on {settings.bootstrap_servers} took over {timeout_s:.0f} s")
+            time.sleep(0.2)
+        return gone
     finally:
         client.close()
