@@ -11,10 +11,10 @@ settings the state depends on, the models' sample count at the stop).
 code under test. Take a new one when a release changes the job's state; keep the
 old ones while their restore is supported (README, "Model state").
 
-Both halves are synthetic traffic of 150 users, one session each, half an hour of
-closing clock events after the first (``tests/integration/test_triggers_job``'s
-two phases): every session of the first half is closed and learned by the models
-before the stop.
+Both halves are synthetic traffic of 700 users, one session each (more than the
+models' warm-up of 512 sessions: the savepoint holds centroids and users' segments),
+with clock events three hours after each half (``tests/integration/test_triggers_job``'s
+two phases): every session of the first half is closed and learned before the stop.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from personalize.settings import Settings  # noqa: E402
 import schemas  # noqa: E402
 
 TOPIC = "upgrade-fixture-events"
-USERS = 150
+USERS = 700
 SEEDS = (21, 22)
 # settings the savepoint's state depends on (the restore passes the same)
 STATE_SETTINGS = {"PERSONALIZE_CHECKPOINT_INTERVAL_MS": "2000", "PERSONALIZE_MODEL_FLUSH_MS": "200"}
