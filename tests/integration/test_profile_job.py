@@ -43,8 +43,8 @@ def job_stack(stack: Stack, redis_db: int, **extra: str) -> Stack:
         PERSONALIZE_TOPIC_MODEL_SNAPSHOTS=f"models-{tag}",
         PERSONALIZE_TOPIC_ERASURES=f"erasures-{tag}",
         PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{stack.settings.redis_port}/{redis_db}",
-        **extra,
     )
+    env.update(extra)  # a test may name a topic itself
     own = Stack(Settings.from_env(env), env)
     credentials.redis_client(own.settings).flushdb()
     return own
