@@ -37,7 +37,7 @@ from operators.sessions import FIELD_SEP, ITEM_SEP
 from operators.triggers import net_cart
 
 HOUR_MS = 3_600_000
-STATE_FORMAT = 2  # format 1: pickled classes (before the models issue); see from_state
+STATE_FORMAT = 2  # format 1 (pickled classes) is read no more: README, "Model state"
 PROPENSITY_FEATURES = (
     "first_session", "prior_sessions", "prior_purchase_rate", "prior_revenue", "recency_h",
     "views", "distinct_products", "repeat_views", "carted_views", "distinct_categories", "affinity",
@@ -109,11 +109,9 @@ class UserHistory:
 
     @classmethod
     def from_state(cls, value) -> UserHistory | None:
-        """A history from Flink state: format 2 bytes, or a format-1 pickled UserHistory."""
+        """A history from Flink state (None: a new user)."""
         if value is None:
             return None
-        if isinstance(value, UserHistory):  # format 1 (pickled by the job before the models issue)
-            return value
         fmt, *fields = orjson.loads(value)
         if fmt != STATE_FORMAT:
             raise ValueError(f"user history in state format {fmt}, this code reads {STATE_FORMAT}")
@@ -663,16 +661,9 @@ class Models:
 
     @classmethod
     def from_state(cls, value, k: int, batch: int) -> Models:
-        """Models from Flink state: format 2 bytes; a format-1 pickled ``Models`` (River's
-        KMeans and pipeline, before the models issue) starts new models and keeps its
-        counts (README, "Model state")."""
+        """Models from Flink state (None: new models)."""
         if value is None:
             return cls.new(k, batch)
-        if not isinstance(value, bytes):  # format 1
-            fresh = cls.new(k, batch)
-            fresh.sessions = getattr(value, "sessions", 0)
-            fresh.updated_ms = getattr(value, "updated_ms", 0)
-            return fresh
         s = orjson.loads(value)
         if s["format"] != STATE_FORMAT:
             raise ValueError(f"models in state format {s['format']}, this code reads {STATE_FORMAT}")

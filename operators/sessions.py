@@ -65,24 +65,10 @@ _READERS = tuple(
     for name, sql in SESSION_COLUMNS
 )
 
-# a buffered session of a savepoint taken before the models issue: a tuple of these
-LEGACY_COLUMNS = ("user_id", "start_ms", "end_ms", "n_events", "n_page_views", "n_product_views", "n_searches",
-                  "n_cart_adds", "n_cart_removes", "n_checkouts", "n_purchases", "revenue_cents", "browse_end_ms",
-                  "cart_moves", "categories", "consent_personalization", "consent_marketing")
 
-
-def unpack(packed: str | tuple) -> dict:
-    """The SESSION_COLUMNS of a packed session row (``session_closes``), typed. A tuple is
-    a legacy buffered row: it had no product views and no outcome time (the propensity
-    then reads its whole cart)."""
-    if isinstance(packed, tuple):
-        session = dict(zip(LEGACY_COLUMNS, packed))
-        del session["browse_end_ms"]
-        return session | {"outcome_ms": None, "viewed": None, "epoch": 0}
-    session = {name: read(text) for (name, read), text in zip(_READERS, packed.split(COLUMN_SEP))}
-    if session.get("epoch") is None:  # buffered before erasures existed
-        session["epoch"] = 0
-    return session
+def unpack(packed: str) -> dict:
+    """The SESSION_COLUMNS of a packed session row (``session_closes``), typed."""
+    return {name: read(text) for (name, read), text in zip(_READERS, packed.split(COLUMN_SEP), strict=True)}
 
 
 def session_closes(view: str, settings: Settings, erasure_filter: bool = True) -> str:

@@ -150,13 +150,6 @@ def test_an_erasure_drops_the_user_s_sessions_of_before_it_wherever_they_sit_in_
     assert [(s["user_id"], s["start_ms"], s["epoch"]) for s in sessions] == [("u1", 7000, 5000), ("u2", 0, 0)]
 
 
-def test_a_session_buffered_before_erasures_existed_reads_as_epoch_zero():
-    from operators.sessions import COLUMN_SEP, unpack
-
-    old = packed(session("u1", 0)).rsplit(COLUMN_SEP, 1)[0]  # without the epoch column
-    assert unpack(old)["epoch"] == 0
-
-
 def test_tombstones_delete_every_profile_part_under_flink_s_json_key_and_the_user_s_output_keys():
     rows = [dict(zip([c for c, _ in actions.ACTION_COLUMNS], out)) for out in actions.tombstones("ü 1", 42)]
     assert [r["tombstone"] for r in rows] == ["totals", "recent", "sessions"]

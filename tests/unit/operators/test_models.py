@@ -2,8 +2,6 @@
 mini-batch k-means as Sculley's update with stable ids and unique names, debounced
 segment changes, and model state in an explicit format that round-trips."""
 
-import pickle
-
 import numpy as np
 import orjson
 import pytest
@@ -189,20 +187,21 @@ def test_model_state_is_explicit_json_that_restores_the_same_models():
     assert copy.segmenter.predict_many(probe[:, :6]) == models.segmenter.predict_many(probe[:, :6])
 
 
-def test_user_history_state_round_trips_and_reads_the_pickled_format_of_before():
+def test_user_history_state_round_trips():
     h = m.UserHistory().after(session(n_purchases=2, revenue_cents=300))
     h.segment, h.pending, h.pending_count = "s1", "s2", 1
     assert m.UserHistory.from_state(h.to_state()) == h
-    # format 1: Flink state held the pickled dataclass itself
-    assert m.UserHistory.from_state(pickle.loads(pickle.dumps(h))) == h
 
 
-def test_models_of_the_pickled_format_of_before_restart_and_keep_their_counts():
-    class Legacy:  # what a format-1 Models unpickles to: an object, not bytes
-        sessions, updated_ms = 1234, 99
-
-    fresh = m.Models.from_state(Legacy(), k=3, batch=8)
-    assert fresh.sessions == 1234 and fresh.updated_ms == 99 and fresh.segmenter.centroids is None
+def test_state_of_another_format_is_refused_with_its_format_named():
+    history = orjson.loads(m.UserHistory().to_state())
+    history[0] = 3
+    with pytest.raises(ValueError, match="format 3"):
+        m.UserHistory.from_state(orjson.dumps(history))
+    models = orjson.loads(_trained().to_state())
+    models["format"] = 1
+    with pytest.raises(ValueError, match="format 1"):
+        m.Models.from_state(orjson.dumps(models), k=3, batch=8)
 
 
 def test_history_after_a_session_counts_sessions_purchases_and_revenue():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from operators import sessions, windows
 from personalize.settings import Settings
 
@@ -35,9 +37,11 @@ def test_the_sliding_window_follows_its_size_and_slide_settings():
 
 def test_a_packed_session_unpacks_to_its_typed_columns_with_empty_as_null():
     # written as session_closes writes it: every column as text, '' for NULL, booleans '1'/'0'
-    values = ["u1", "10", "20", "3", "0", "2", "0", "1", "0", "0", "0", "0", "", "m", "a", "", "1", "0"]
+    values = ["u1", "10", "20", "3", "0", "2", "0", "1", "0", "0", "0", "0", "", "m", "a", "", "1", "0", "7"]
     session = sessions.unpack(sessions.COLUMN_SEP.join(values))
     assert list(session) == [name for name, _ in sessions.SESSION_COLUMNS]
     assert session["start_ms"] == 10 and session["outcome_ms"] is None and session["viewed"] is None
     assert session["cart_moves"] == "m" and session["consent_personalization"] is True
-    assert session["consent_marketing"] is False
+    assert session["consent_marketing"] is False and session["epoch"] == 7
+    with pytest.raises(ValueError):  # a row of another column list is refused, not read askew
+        sessions.unpack(sessions.COLUMN_SEP.join(values[:-1]))
