@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from personalize import logs
 from personalize.errors import PersonalizeError
@@ -61,6 +62,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.parallelism:
         settings = dataclasses.replace(settings, parallelism=args.parallelism)
+    if args.from_savepoint and not args.bounded and "://" not in args.from_savepoint:
+        path = Path(args.from_savepoint)
+        if not (path.is_file() or (path / "_metadata").is_file()):
+            raise PersonalizeError(f"--from-savepoint {args.from_savepoint}: no savepoint there (a folder with a "
+                                   "_metadata file, as `personalize run` and `personalize stop` print)")
     if not args.bounded:
         report = run.run_unbounded(settings, from_savepoint=args.from_savepoint)
         print(report.describe())
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         print("personalize: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if type(exc).__name__ != "Py4JJavaError":
+        if not {"Py4JJavaError", "JavaException"} & {c.__name__ for c in type(exc).__mro__}:
             raise
         from personalize.flink import job_failure
 

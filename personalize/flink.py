@@ -129,6 +129,18 @@ def job_failure(exc: BaseException) -> str:
     return root[:400] + " (the Flink log is in PERSONALIZE_STACK_DIR/flink-logs)"
 
 
+def restore_refused(exc: BaseException) -> str | None:
+    """Why Flink refused to start the job from a savepoint or checkpoint, in one line;
+    None when the failure is something else."""
+    causes = [line.split("Caused by:", 1)[1].strip() for line in str(exc).splitlines() if "Caused by:" in line]
+    refused = [c for c in causes if "checkpoint/savepoint" in c]
+    if not refused:
+        return None
+    reason = refused[-1].split(": ", 1)[-1]  # without the Java exception's class
+    # Flink's hint names its own CLI's flag: not ours, and skipping state is no upgrade
+    return reason.split(" If you want to allow to skip this")[0][:400]
+
+
 def find_rest_port(first: int, job_id: str) -> int | None:
     """The port in ``first``'s range (see ``environments``) where the embedded Flink's REST
     API knows the job; None when none does (yet)."""

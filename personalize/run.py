@@ -302,7 +302,7 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
     import signal
 
     from jobs import profile
-    from personalize.flink import environments
+    from personalize.flink import environments, restore_refused
     from sinks.redis import LoadStats, Materializer, drain_parallel
 
     started = time.monotonic()
@@ -311,7 +311,16 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
     loader = Materializer(settings)
     env, t_env = environments(settings, restore_from=restore)
     statements = profile.build(env, t_env, settings, bounded=False)
-    result = statements.execute()
+    try:
+        result = statements.execute()
+    except Exception as exc:
+        reason = restore_refused(exc) if restore else None
+        if reason is None:
+            raise
+        raise PersonalizeError(
+            f"cannot resume from {restore}: {reason} It was taken by a release whose job's state this one "
+            "cannot read: start without it (move PERSONALIZE_STATE_DIR aside, or leave out --from-savepoint); "
+            "the job then reads the events topic from its earliest offset (README, \"Model state\")") from None
     client = result.get_job_client()
     job_id = str(client.get_job_id())
     log.info("job running", job_id=job_id, resumed_from=restore or "fresh")

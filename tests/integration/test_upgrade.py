@@ -5,7 +5,9 @@ same events in a topic of the same name, and the job goes on where that release
 stopped: the models keep counting from their sample count at the stop, users'
 histories, totals and windows go on (every profile field equals an independent
 computation over both halves of the traffic), and only the sessions after the stop
-trigger, each once."""
+trigger, each once. A savepoint of a release this one cannot map (tests/fixtures/
+savepoints-refused: the release before the models issue) is refused in one line that
+says to start without it."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = sorted((ROOT / "tests" / "fixtures" / "savepoints").glob("*/meta.json"))
+# savepoints of releases this one cannot restore (their meta.json says why)
+REFUSED = sorted((ROOT / "tests" / "fixtures" / "savepoints-refused").glob("*/meta.json"))
 
 
 def _fixture_script():
@@ -84,3 +88,17 @@ def test_a_savepoint_of_an_earlier_release_restores_and_the_job_goes_on_where_it
                   if got[u].get(f) != v]
     assert not mismatches, (sorted({f for _, f, _, _ in mismatches}), mismatches[:10])
     assert sum("segment" in p for p in got.values()) > len(got) // 2  # the restored centroids assign at once
+
+
+@pytest.mark.parametrize("meta_path", REFUSED, ids=[p.parent.name for p in REFUSED])
+def test_a_savepoint_this_release_cannot_map_is_refused_in_one_line_that_says_to_start_without_it(stack, tmp_path,
+                                                                                                  meta_path):
+    own = job_stack(stack, redis_db=6, PERSONALIZE_STATE_DIR=str(tmp_path / "state"))
+    savepoint = shutil.copytree(meta_path.parent / "savepoint", tmp_path / "savepoint")
+    done = subprocess.run([*CLI, "run", "--from-savepoint", str(savepoint)], env=own.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("personalize: error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"cannot resume from {savepoint}" in lines[0] and "start without it" in lines[0], lines[0]
+    assert "allowNonRestoredState" not in lines[0]  # Flink's own CLI flag: not ours to offer
