@@ -7,7 +7,8 @@ histories, totals and windows go on (every profile field equals an independent
 computation over both halves of the traffic), and only the sessions after the stop
 trigger, each once. A savepoint of a release this one cannot map (tests/fixtures/
 savepoints-refused: the release before the models issue) is refused in one line that
-says to start without it."""
+says to start without it, and starting without it (the README's migration) rebuilds
+every profile from the topic."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = sorted((ROOT / "tests" / "fixtures" / "savepoints").glob("*/meta.json"))
+FIXTURES_BY_NAME = {p.parent.name: p for p in FIXTURES}
 # savepoints of releases this one cannot restore (their meta.json says why)
 REFUSED = sorted((ROOT / "tests" / "fixtures" / "savepoints-refused").glob("*/meta.json"))
 
@@ -91,9 +93,17 @@ def test_a_savepoint_of_an_earlier_release_restores_and_the_job_goes_on_where_it
 
 
 @pytest.mark.parametrize("meta_path", REFUSED, ids=[p.parent.name for p in REFUSED])
-def test_a_savepoint_this_release_cannot_map_is_refused_in_one_line_that_says_to_start_without_it(stack, tmp_path,
-                                                                                                  meta_path):
-    own = job_stack(stack, redis_db=6, PERSONALIZE_STATE_DIR=str(tmp_path / "state"))
+def test_a_savepoint_this_release_cannot_map_is_refused_and_starting_without_it_rebuilds_every_profile(
+        stack, tmp_path, meta_path):
+    # the refused savepoint was taken over the first half of the restorable fixture's events
+    meta = json.loads(meta_path.read_text())
+    events_of = FIXTURES_BY_NAME[meta["events_of"]].parent
+    read = _fixture_script().read_events
+    before, after = read(events_of / "before.jsonl.gz"), read(events_of / "after.jsonl.gz")
+    own = job_stack(stack, redis_db=6, PERSONALIZE_STATE_DIR=str(tmp_path / "state"), **meta["settings"])
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    assert send_events(own, before + after) == len(before) + len(after)
     savepoint = shutil.copytree(meta_path.parent / "savepoint", tmp_path / "savepoint")
     done = subprocess.run([*CLI, "run", "--from-savepoint", str(savepoint)], env=own.env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -102,3 +112,21 @@ def test_a_savepoint_this_release_cannot_map_is_refused_in_one_line_that_says_to
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"cannot resume from {savepoint}" in lines[0] and "start without it" in lines[0], lines[0]
     assert "allowNonRestoredState" not in lines[0]  # Flink's own CLI flag: not ours to offer
+
+    # the migration the message names: `personalize run` without it reads the topic from the
+    # earliest offset, and every profile comes out as if the job had never stopped
+    proc = subprocess.Popen([*CLI, "run"], env=own.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    want = consented_sessions(before) + consented_sessions(after)
+    try:
+        assert _wait_for_samples(own, proc, want) == want
+    finally:
+        out = _interrupt(proc)
+    assert "running from" not in out
+    want_profiles = expected_profile_fields(before + after, s.recent_window_ms, s.recent_slide_ms)
+    got = profiles(own)
+    assert set(got) == set(want_profiles)
+    mismatches = [(u, f, got[u].get(f), v) for u, p in want_profiles.items() for f, v in p.items()
+                  if got[u].get(f) != v]
+    assert not mismatches, (sorted({f for _, f, _, _ in mismatches}), mismatches[:10])
+    check_triggers(own, expected_triggers(before + after))
