@@ -120,10 +120,15 @@ def restart_strategy(settings: Settings) -> dict[str, str]:
     }
 
 
+def _causes(text: str) -> list[str]:
+    """The "Caused by:" lines of a Java stack trace, outermost first."""
+    return [line.split("Caused by:", 1)[1].strip() for line in text.splitlines() if "Caused by:" in line]
+
+
 def job_failure(exc: BaseException) -> str:
     """The root cause of a failed Flink job, in one line (not the Java stack trace)."""
     text = str(exc)
-    causes = [line.split("Caused by:", 1)[1].strip() for line in text.splitlines() if "Caused by:" in line]
+    causes = _causes(text)
     interesting = [c for c in causes if "JobExecutionException" not in c and "ExecutionException" not in c]
     root = (interesting or causes or [text.strip().splitlines()[0] if text.strip() else type(exc).__name__])[-1]
     return root[:400] + " (the Flink log is in PERSONALIZE_STACK_DIR/flink-logs)"
@@ -132,8 +137,7 @@ def job_failure(exc: BaseException) -> str:
 def restore_refused(exc: BaseException) -> str | None:
     """Why Flink refused to start the job from a savepoint or checkpoint, in one line;
     None when the failure is something else."""
-    causes = [line.split("Caused by:", 1)[1].strip() for line in str(exc).splitlines() if "Caused by:" in line]
-    refused = [c for c in causes if "checkpoint/savepoint" in c]
+    refused = [c for c in _causes(str(exc)) if "checkpoint/savepoint" in c]
     if not refused:
         return None
     reason = refused[-1].split(": ", 1)[-1]  # without the Java exception's class

@@ -319,11 +319,7 @@ def _drop_outputs(settings) -> None:
 
     mine = [settings.topic_dlq, settings.topic_profile_updates, settings.topic_trending, settings.topic_triggers,
             settings.topic_segment_changes, settings.topic_model_snapshots, settings.topic_erasures]
-    client = topics.admin(settings)
-    try:
-        client.delete_topics([t for t in mine if t in topics.list_topics(settings)])
-    finally:
-        client.close()
+    topics.delete(settings, mine)
 
 
 def _chart(path: str, stages: dict[str, float], e2e_s: float, startup_s: float, catchup_s: float,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -199,12 +198,8 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: bool) -> dict | None
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-    admin = topics.admin(settings)
-    try:
-        admin.delete_topics([t for t in (topic, settings.topic_triggers) if t in topics.list_topics(settings)])
-    finally:
-        admin.close()
-    bench._drop_outputs(settings)
+    topics.delete(settings, [topic])
+    bench._drop_outputs(settings)  # the triggers topic among them
 
     kafka = [arrived_kafka[u] - expiry[u] for u in expiry if u in arrived_kafka]
     stream = [arrived_redis[u] - expiry[u] for u in expiry if u in arrived_redis]

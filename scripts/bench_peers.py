@@ -173,11 +173,7 @@ def run_peer(settings, topic: str, client, timeout_s: float) -> dict | None:
             return None
         peak = max(sampler.peak["python"], bench.Sampler._rss(proc.pid))
         kafka_ids = {json.loads(r.value)["trigger_id"] for r in kafkaio.read_to_end(settings, triggers)}
-        admin = topics.admin(settings)
-        try:
-            admin.delete_topics([triggers])
-        finally:
-            admin.close()
+        topics.delete(settings, [triggers])
         return {"wall_s": done_s, "committed": count, "total": total, "timeout_s": timeout_s, "rss": peak, "redis_peak": sampler.peak["redis"], "kafka_ids": kafka_ids}
 
 

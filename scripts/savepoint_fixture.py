@@ -21,23 +21,23 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from personalize import credentials, kafkaio, produce, topics  # noqa: E402
 from personalize.settings import Settings  # noqa: E402
+import bench  # noqa: E402  (scripts/bench.py)
 import schemas  # noqa: E402
 
 TOPIC = "upgrade-fixture-events"
@@ -77,22 +77,6 @@ def write_events(path: Path, events: list[dict]) -> None:
             f.write(orjson.dumps(e) + b"\n")
 
 
-def read_events(path: Path) -> list[dict]:
-    with gzip.open(path, "rb") as f:
-        return [orjson.loads(line) for line in f]
-
-
-def env_for(base: Settings, topic: str, redis_db: int, state_dir: Path) -> dict:
-    tag = uuid.uuid4().hex[:8]
-    env = dict(os.environ)
-    env.update({f"PERSONALIZE_TOPIC_{name.upper()}": f"upgrade-{tag}-{name}"
-                for name in ("dlq", "triggers", "segment_changes", "profile_updates", "trending",
-                             "model_snapshots", "erasures")})
-    env.update(PERSONALIZE_TOPIC_EVENTS=topic, PERSONALIZE_STATE_DIR=str(state_dir),
-               PERSONALIZE_REDIS_URL=f"redis://127.0.0.1:{base.redis_port}/{redis_db}", **STATE_SETTINGS)
-    return env
-
-
 def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, text=True,
                             capture_output=True, check=True).stdout.strip()
@@ -109,7 +93,8 @@ def main() -> int:
     if subprocess.run([*cli, "stack", "up"], cwd=ROOT).returncode != 0:
         return 1
     work = Path(tempfile.mkdtemp(prefix="savepoint-fixture-"))
-    env = env_for(Settings.from_env(), TOPIC, 14, work / "state")
+    env = bench.bench_env(Settings.from_env(), TOPIC, redis_db=14)  # output topics of its own
+    env.update(PERSONALIZE_STATE_DIR=str(work / "state"), **STATE_SETTINGS)
     settings = Settings.from_env(env)
     topics.delete(settings, [TOPIC])
     topics.ensure(settings, [TOPIC], local_stack=True)
@@ -145,7 +130,8 @@ def main() -> int:
             "samples": samples, "models": json.loads(redis.get("models:snapshot"))["model_version"]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    topics.delete(settings, [TOPIC] + [v for k, v in env.items() if k.startswith("PERSONALIZE_TOPIC_")])
+    topics.delete(settings, [TOPIC])
+    bench._drop_outputs(settings)
     print(f"savepoint of {commit} in {out.relative_to(ROOT)} ({samples} sessions learned)")
     return 0
 

@@ -12,7 +12,7 @@ every profile from the topic."""
 
 from __future__ import annotations
 
-import importlib.util
+import gzip
 import json
 import shutil
 import subprocess
@@ -36,11 +36,10 @@ FIXTURES_BY_NAME = {p.parent.name: p for p in FIXTURES}
 REFUSED = sorted((ROOT / "tests" / "fixtures" / "savepoints-refused").glob("*/meta.json"))
 
 
-def _fixture_script():
-    spec = importlib.util.spec_from_file_location("savepoint_fixture", ROOT / "scripts" / "savepoint_fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def read(path: Path) -> list[dict]:
+    """Events as scripts/savepoint_fixture.py wrote them: gzipped JSON lines."""
+    with gzip.open(path, "rb") as f:
+        return [json.loads(line) for line in f]
 
 
 def test_there_is_a_savepoint_of_an_earlier_release_to_restore():
@@ -51,7 +50,6 @@ def test_there_is_a_savepoint_of_an_earlier_release_to_restore():
 def test_a_savepoint_of_an_earlier_release_restores_and_the_job_goes_on_where_it_stopped(stack, tmp_path, meta_path):
     fixture = meta_path.parent
     meta = json.loads(meta_path.read_text())
-    read = _fixture_script().read_events
     before, after = read(fixture / "before.jsonl.gz"), read(fixture / "after.jsonl.gz")
     own = job_stack(stack, redis_db=6, PERSONALIZE_TOPIC_EVENTS=meta["topic"],
                     PERSONALIZE_STATE_DIR=str(tmp_path / "state"), **meta["settings"])
@@ -98,7 +96,6 @@ def test_a_savepoint_this_release_cannot_map_is_refused_and_starting_without_it_
     # the refused savepoint was taken over the first half of the restorable fixture's events
     meta = json.loads(meta_path.read_text())
     events_of = FIXTURES_BY_NAME[meta["events_of"]].parent
-    read = _fixture_script().read_events
     before, after = read(events_of / "before.jsonl.gz"), read(events_of / "after.jsonl.gz")
     own = job_stack(stack, redis_db=6, PERSONALIZE_STATE_DIR=str(tmp_path / "state"), **meta["settings"])
     s = own.settings
