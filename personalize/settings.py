@@ -134,11 +134,12 @@ class Settings:
     parallelism: int = 1
     # an exactly-once trigger is visible (read_committed) only after the checkpoint that
     # commits it: with the 5 s out-of-orderness this gives a live p99 of ~11 s after the gap
-    # expired (10 s: ~16 s; 2 s: ~8 s but a 100k-user catch-up 50 % slower; scripts/bench_latency.py)
+    # expired (10 s: ~16 s; 2 s: ~8 s but a 100k-user catch-up ~25 % slower; scripts/bench_latency.py,
+    # scripts/bench_catchup.py)
     checkpoint_interval_ms: int = 5_000
     # where keyed state lives: "hashmap" (the JVM heap: fastest; a checkpoint copies it all)
     # or "rocksdb" (native memory and local disk, incremental checkpoints: for state that
-    # outgrows the heap; docs/benchmarks.md has both at 1M users)
+    # outgrows the heap; docs/benchmarks.md, "State backend": 100k users 5-6x slower on RocksDB)
     state_backend: str = "hashmap"
     # bounded runs commit at the end; a checkpoint in between only costs time (and
     # must come before the sink's 10 min transaction timeout)
