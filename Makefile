@@ -35,11 +35,11 @@ bench: setup ## benchmark: ~1,000,000 synthetic events for 100,000 users, one ta
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
 	@$(PY) scripts/bench.py
 
-bench-peers: setup bench/.venv/.installed ## the product and its Python peer (Quix Streams) over the same events, outputs checked equal (docs/benchmarks.md)
+bench-peers: setup bench/.venv/.installed ## the product and its Python peers (Quix Streams, Bytewax) over the same 1M events, outputs checked equal (docs/benchmarks.md)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' -e '!!' -e '\*\*\*' -e '#' || true
 	@$(PY) scripts/bench_peers.py
 
-# the peer's own virtual environment: nothing of it is a product dependency or made by setup
+# the peers' own virtual environment: nothing of it is a product dependency or made by setup
 bench/.venv/.installed: bench/requirements.txt
 	$(PYTHON) -m venv bench/.venv
 	bench/.venv/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt

@@ -1,8 +1,8 @@
 """Live trigger latency (a benchmark, not a test): how soon a trigger arrives after its
 session's gap expired.
 
-A live run (``personalize run``, unbounded, fresh state; or ``--peer``: the Quix
-Streams peer, bench/quix_peer.py) is fed abandoned sessions at a fixed rate, each
+A live run (``personalize run``, unbounded, fresh state; or ``--peer quix|bytewax``:
+a peer of `make bench-peers`, bench/) is fed abandoned sessions at a fixed rate, each
 a product view and a cart add of a new user with event time = now, then heartbeat
 page views (another user) so the watermark keeps moving after the last session. For
 every trigger: the wall-clock delay from the moment its session's gap expired (last
@@ -13,7 +13,7 @@ The gap is short (``--gap-ms``, 10 s) so a run takes minutes: the delay after th
 expires does not depend on the gap's length. Any PERSONALIZE_* setting in the
 environment applies to the product (e.g. PERSONALIZE_CHECKPOINT_INTERVAL_MS).
 
-Usage: python scripts/bench_latency.py [--rate SESSIONS_PER_S] [--seconds S] [--gap-ms MS] [--peer]
+Usage: python scripts/bench_latency.py [--rate SESSIONS_PER_S] [--seconds S] [--gap-ms MS] [--peer quix|bytewax]
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench  # noqa: E402  (scripts/bench.py)
+import peers  # noqa: E402  (scripts/peers.py)
 
 STREAM = "triggers:cart_abandonment"
+PEER_KNOBS = {
+    "quix": "commit interval 5 s (Quix's default), a session closes at its last event + 2 gaps",
+    "bytewax": "a clock per user: a session closes 5 s (its wait) after its gap expired, by the system clock; "
+               "sinks write as they receive",
+}
 
 
 def event(user: str, kind: str, at: int, product: str | None = None) -> dict:
@@ -61,12 +67,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="abandoned sessions per second")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long sessions are sent")
     parser.add_argument("--gap-ms", type=int, default=10_000)
-    parser.add_argument("--peer", action="store_true", help="the Quix Streams peer instead of the product")
+    parser.add_argument("--peer", choices=sorted(peers.PEERS), help="a peer instead of the product")
     args = parser.parse_args(argv)
     result = measure(args.rate, args.seconds, args.gap_ms, args.peer)
     if result is None:
         return 1
-    who = "peer (Quix Streams)" if args.peer else "product"
+    who = f"peer ({peers.PEERS[args.peer].label})" if args.peer else "product"
     print(f"\n{who}: {result['sent']:,} sessions sent at {args.rate:g}/s, gap {args.gap_ms} ms; {result['knobs']}")
     print(f"| trigger arrives after the gap expired | {who} |\n|---|---|")
     print(f"| in Kafka (read_committed) | {percentiles(result['kafka'])} |")
@@ -77,7 +83,7 @@ def main(argv: list[str]) -> int:
     return 0 if not missing else 1
 
 
-def measure(rate: float, seconds: float, gap_ms: int, peer: bool) -> dict | None:
+def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict | None:
     """One live run (see the module's doc): per trigger, seconds from its gap's expiry to its
     arrival in Kafka (``kafka``) and in the Redis stream (``stream``); None when the run
     never started."""
@@ -103,8 +109,8 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: bool) -> dict | None
     if peer:
         env.update(PEER_BROKERS=settings.bootstrap_servers, PEER_INPUT=topic, PEER_GROUP=f"live-{topic}",
                    PEER_TRIGGERS=settings.topic_triggers, PEER_REDIS=f"127.0.0.1:{settings.redis_port}/9",
-                   PEER_GAP_MS=str(gap_ms), PEER_STATE_DIR=state)
-        cmd = [str(ROOT / "bench" / ".venv" / "bin" / "python"), str(ROOT / "bench" / "quix_peer.py")]
+                   PEER_GAP_MS=str(gap_ms), PEER_STATE_DIR=state, **peers.PEERS[peer].live)
+        cmd = peers.PEERS[peer].command()
     else:
         env["PERSONALIZE_STATE_DIR"] = state  # a fresh start, no checkpoint of an earlier run
         cmd = [sys.executable, "-m", "personalize.cli", "run"]
@@ -160,7 +166,7 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: bool) -> dict | None
             proc.kill()
             return None
         time.sleep(0.5)
-    print(f"bench-latency: {'peer' if peer else 'product'} reading; {rate:g} sessions/s for "
+    print(f"bench-latency: {peer or 'product'} reading; {rate:g} sessions/s for "
           f"{seconds:g} s, gap {gap_ms} ms", file=sys.stderr, flush=True)
 
     expiry: dict[str, float] = {}  # user -> wall time its session's gap expired
@@ -203,7 +209,7 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: bool) -> dict | None
 
     kafka = [arrived_kafka[u] - expiry[u] for u in expiry if u in arrived_kafka]
     stream = [arrived_redis[u] - expiry[u] for u in expiry if u in arrived_redis]
-    knobs = ("commit interval 5 s (Quix's default), a session closes at its last event + 2 gaps" if peer else
+    knobs = (PEER_KNOBS[peer] if peer else
              f"watermark every 200 ms ({settings.watermark_emit}), out-of-orderness {settings.out_of_orderness_ms} ms, "
              f"idleness {settings.idle_timeout_ms} ms, checkpoint every {settings.checkpoint_interval_ms} ms, "
              f"models flush {settings.model_flush_ms} ms")

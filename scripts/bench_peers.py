@@ -1,27 +1,34 @@
-"""`make bench-peers`: the product and its Python peer over the same events, one table.
+"""`make bench-peers`: the product and its Python peers over the same events, one table.
 
 1. Events once per size, in topic ``bench-peers-<USERS>``: the synthetic traffic of
    `make bench` (scripts/bench.py), then one page view per partition three session
-   gaps after the last event. The peer needs them: Quix Streams closes a session when
-   its partition's watermark passes the last event + 2 gaps, and at the end of a
-   topic nothing else moves it (the product's bounded run closes every window at the
-   end of its input, and counts these events like any other).
+   gaps after the last event. Quix Streams needs them: it closes a session when its
+   partition's watermark passes the last event + 2 gaps, and at the end of a topic
+   nothing else moves it (the product's bounded run and Bytewax's bounded source close
+   every session at the end of their input; all count these events like any other).
 2. The product: ``personalize run --bounded`` from a fresh start (scripts/bench.py's
    run, its Redis database 9 flushed), sampled as `make bench` samples it.
-3. The peer (bench/quix_peer.py, Quix Streams, in bench/.venv): a new consumer group,
-   a new state directory and Redis database 2 flushed; done when its committed offsets
-   reach the end of the topic (it commits after its sinks flushed); then stopped.
-4. Outputs checked equal: the trigger ids, cart values and carts in each Redis stream
-   and the peer's Kafka topic; every user's n_events and n_<type> in the profiles.
+3. Each peer (scripts/peers.py; bench/, in bench/.venv) from a fresh start, Redis
+   database 2 flushed: Quix Streams (a new consumer group and state directory; done
+   when its committed offsets reach the end of the topic, then stopped) and Bytewax
+   (a source that stops at the topic's end; done when its process exits).
+4. Outputs checked equal, per peer: the trigger ids, cart values and carts in each Redis
+   stream and the peer's Kafka topic; every user's n_events and n_<type> in the profiles.
+5. Live trigger latency of each (scripts/bench_latency.py), unless --no-latency.
 
-Prints a Markdown table; writes a chart (events/s) when matplotlib is installed.
+Prints a Markdown table; writes a chart (events/s, p99) when matplotlib is installed.
+Exit 0 when every peer that finished produced the product's outputs; 1 when one
+differs; 2 when none finished.
 
-The default size is 20,000 users (200,202 events), not `make bench`'s 100,000: the
-peer's session windows close by sweeping every key of the partition (Quix Streams'
-``closing_strategy="partition"``, the one that closes a silent user's session), so its
-time grows with the square of the users; at 100,000 it did not finish in 15 minutes.
+At the default size (100,000 users, 1,001,022 events) Quix Streams does not finish: its
+session windows close by sweeping every key of the partition (``closing_strategy=
+"partition"``, the one that closes a silent user's session) whenever the watermark
+passes the earliest expiry, so its time grows with the square of the users; it is
+stopped after --peer-timeout (300 s) and its row says how far it came and its rate in
+its last minute. ``--users 20000`` gives a table where it finishes and is checked.
 
-Usage: python scripts/bench_peers.py [--users N] [--peer-timeout S] [--chart PATH]
+Usage: python scripts/bench_peers.py [--users N] [--peers quix,bytewax] [--peer-timeout S]
+                                     [--no-latency] [--chart PATH]
 """
 
 from __future__ import annotations
@@ -43,10 +50,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench  # noqa: E402  (scripts/bench.py)
 import bench_latency  # noqa: E402  (scripts/bench_latency.py)
+import peers  # noqa: E402  (scripts/peers.py)
 
-PEER_PYTHON = ROOT / "bench" / ".venv" / "bin" / "python"
-PEER_APP = ROOT / "bench" / "quix_peer.py"
 PEER_REDIS_DB = 2
+DEFAULT_USERS = 100_000  # 1,001,022 events
 STREAM = "triggers:cart_abandonment"
 EVENT_TYPES = ("page_view", "product_view", "add_to_cart", "remove_from_cart", "checkout", "purchase", "search")
 COUNTS = ("n_events", *(f"n_{t}" for t in EVENT_TYPES))
@@ -120,9 +127,10 @@ def committed(settings, group: str, topic: str) -> int:
     return sum(o.offset for tp, o in offsets.items() if tp.topic == topic and o.offset >= 0)
 
 
-def run_peer(settings, topic: str, client, timeout_s: float) -> dict | None:
-    """The peer from a fresh start until it committed the whole topic, or ``timeout_s``
-    passed (then ``wall_s`` is None and ``committed`` says how far it came); its figures."""
+def run_peer(settings, peer, topic: str, client, timeout_s: float) -> dict | None:
+    """A peer from a fresh start until it has read the whole topic (its process ended at
+    the topic's end, or its group committed it), or ``timeout_s`` passed (then ``wall_s``
+    is None and ``committed`` says how far it came); its figures."""
     from personalize import kafkaio, topics
 
     client.flushdb()
@@ -132,32 +140,42 @@ def run_peer(settings, topic: str, client, timeout_s: float) -> dict | None:
     tag = uuid.uuid4().hex[:8]
     group, triggers = f"bench-peer-{tag}", f"bench-peer-{tag}-triggers"
     topics.ensure(settings, [triggers], local_stack=True)
-    with tempfile.TemporaryDirectory(prefix="quix-state-") as state:
+    with tempfile.TemporaryDirectory(prefix=f"{peer.key}-state-") as state:
         env = dict(os.environ, PEER_BROKERS=settings.bootstrap_servers, PEER_INPUT=topic, PEER_GROUP=group,
                    PEER_TRIGGERS=triggers, PEER_REDIS=f"127.0.0.1:{settings.redis_port}/{PEER_REDIS_DB}",
-                   PEER_GAP_MS=str(settings.session_gap_ms), PEER_STATE_DIR=state)
-        print(f"bench: the peer (Quix Streams) over {topic}", file=sys.stderr, flush=True)
+                   PEER_GAP_MS=str(settings.session_gap_ms), PEER_STATE_DIR=state, **peer.backfill)
+        print(f"bench: the peer {peer.label} over {topic}", file=sys.stderr, flush=True)
         log = open(Path(state) / "peer.log", "w+")
         started = time.monotonic()
-        proc = subprocess.Popen([str(PEER_PYTHON), str(PEER_APP)], env=env, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(peer.command(), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         sampler = bench.Sampler(proc.pid, client)
         sampler.start()
         done_s, count, shown = None, 0, started
-        while proc.poll() is None:
-            count = committed(settings, group, topic)
+        seen: list[tuple[float, int]] = []  # (seconds, committed) every 10 s: the rate near the end
+        while True:
+            exited = proc.poll() is not None
             now = time.monotonic()
-            if count >= total:
-                done_s = now - started
-                break
+            if peer.exits_at_end:
+                if exited:
+                    done_s, count = (now - started, total) if proc.returncode == 0 else (None, 0)
+                    break
+            else:
+                count = committed(settings, group, topic)
+                if count >= total:
+                    done_s = now - started
+                    break
+                if exited:
+                    break
             if now - started > timeout_s:
-                print(f"bench: the peer did not finish within {timeout_s:.0f} s: stopped", file=sys.stderr)
+                print(f"bench: {peer.label} did not finish within {timeout_s:.0f} s: stopped", file=sys.stderr)
                 break
             if now - shown >= 10:
-                print(f"progress: peer committed {count:,} of {total:,} events ({100 * count / total:.1f} %) "
-                      f"after {now - started:.0f} s", file=sys.stderr, flush=True)
+                seen.append((now - started, count))
+                so_far = (f"committed {count:,} of {total:,} events ({100 * count / total:.1f} %)"
+                          if not peer.exits_at_end else f"{client.dbsize():,} profiles written")
+                print(f"progress: {peer.label} {so_far} after {now - started:.0f} s", file=sys.stderr, flush=True)
                 shown = now
-            time.sleep(0.5)
+            time.sleep(0.2 if peer.exits_at_end else 0.5)
         proc.terminate()
         try:
             proc.wait(timeout=60)
@@ -169,25 +187,38 @@ def run_peer(settings, topic: str, client, timeout_s: float) -> dict | None:
         tail = log.read().strip().splitlines()[-20:]
         log.close()
         if done_s is None and proc.returncode not in (0, -15):
-            print("bench: error: the peer failed:\n" + "\n".join(tail), file=sys.stderr)
+            print(f"bench: error: {peer.label} failed:\n" + "\n".join(tail), file=sys.stderr)
             return None
         peak = max(sampler.peak["python"], bench.Sampler._rss(proc.pid))
         kafka_ids = {json.loads(r.value)["trigger_id"] for r in kafkaio.read_to_end(settings, triggers)}
         topics.delete(settings, [triggers])
-        return {"wall_s": done_s, "committed": count, "total": total, "timeout_s": timeout_s, "rss": peak, "redis_peak": sampler.peak["redis"], "kafka_ids": kafka_ids}
+        late = [(t, c) for t, c in seen if t >= seen[-1][0] - 60] if seen else []
+        last_rate = (late[-1][1] - late[0][1]) / (late[-1][0] - late[0][0]) if len(late) > 1 else None
+        return {"wall_s": done_s, "committed": count, "total": total, "timeout_s": timeout_s, "rss": peak,
+                "last_minute_rate": last_rate,
+                "redis_peak": sampler.peak["redis"], "kafka_ids": kafka_ids, "log": tail}
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench-peers", description=__doc__.splitlines()[0])
-    # 20,000 users (200,202 events): the peer's session closing grows with the square of the
-    # users (docs/benchmarks.md); at 100,000 it did not finish in 15 minutes
-    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--users", type=int, default=DEFAULT_USERS)
+    parser.add_argument("--peers", default="quix,bytewax",
+                        help=f"which peers, comma-separated, of {', '.join(peers.PEERS)}")
     parser.add_argument("--chart", default=str(ROOT / "docs" / "bench-peers.png"))
     parser.add_argument("--no-latency", action="store_true", help="leave out the live trigger latency runs")
-    parser.add_argument("--peer-timeout", type=float, default=900.0,
-                        help="stop the peer after this many seconds if it has not read the whole topic")
+    parser.add_argument("--peer-timeout", type=float, default=300.0,
+                        help="stop a peer after this many seconds if it has not read the whole topic")
     args = parser.parse_args(argv)
-    if not PEER_PYTHON.exists():
+    chosen = [k.strip() for k in args.peers.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in peers.PEERS]
+    if unknown or not chosen:
+        print(f"bench-peers: --peers takes {', '.join(peers.PEERS)} (comma-separated), not {args.peers!r}",
+              file=sys.stderr)
+        return 2
+    if args.users < 1:
+        print("bench-peers: --users must be at least 1", file=sys.stderr)
+        return 2
+    if not peers.PYTHON.exists():
         print("bench-peers: bench/.venv is missing: run `make bench-peers` (it creates it)", file=sys.stderr)
         return 2
 
@@ -212,66 +243,87 @@ def main(argv: list[str]) -> int:
     product_triggers, product_counts = stream_triggers(product_redis), profile_counts(product_redis)
 
     peer_redis = redis.Redis(host="127.0.0.1", port=settings.redis_port, db=PEER_REDIS_DB)
-    peer = run_peer(settings, topic, peer_redis, args.peer_timeout)
-    if peer is None:
-        return 1
-    finished = peer["wall_s"] is not None
-    peer_triggers, peer_counts = stream_triggers(peer_redis), profile_counts(peer_redis)
+    runs = {}
+    for key in chosen:
+        run = run_peer(settings, peers.PEERS[key], topic, peer_redis, args.peer_timeout)
+        if run is None:
+            return 1
+        run["triggers"], run["counts"] = stream_triggers(peer_redis), profile_counts(peer_redis)
+        runs[key] = run
 
     latency = {}
     if not args.no_latency:  # live: 50 abandoned sessions/s for 60 s, gap 10 s (scripts/bench_latency.py)
-        for who, is_peer in (("product", False), ("peer", True)):
-            run = bench_latency.measure(50.0, 60.0, 10_000, is_peer)
+        for who in ("product", *chosen):
+            run = bench_latency.measure(50.0, 60.0, 10_000, None if who == "product" else who)
             if run is None or len(run["stream"]) < run["sent"]:
                 print(f"bench-peers: the {who}'s live latency run lost triggers or did not start", file=sys.stderr)
                 return 1
             latency[who] = run
 
     known = bench.known_abandonments(args.users, base.session_gap_ms)
-    same_triggers = product_triggers == peer_triggers and set(peer_triggers) == peer["kafka_ids"]
-    same_counts = product_counts == peer_counts
-    differ = [u for u in set(product_counts) | set(peer_counts) if product_counts.get(u) != peer_counts.get(u)]
     events = product["events"]
     product_wall = product["startup_s"] + product["e2e_s"]
     product_rss = product["sampler"].peak["jvm"] + product["sampler"].peak["python"] + product["sampler"].peak["shards"]
-    if finished:
-        peer_wall, peer_rate = f"{peer['wall_s']:.1f} s", f"{events / peer['wall_s']:,.0f}"
-    else:
-        peer_wall = f"did not finish in {peer['timeout_s']:.0f} s ({peer['committed']:,} of {peer['total']:,} committed)"
-        peer_rate = f"under {peer['committed'] / peer['timeout_s']:,.0f}"
-    rows = [
-        ("events (users)", f"{events:,} ({args.users:,})", "same topic"),
-        ("wall clock, process start to last Redis write", f"{product_wall:.1f} s", peer_wall),
-        ("events/s over that", f"{events / product_wall:,.0f}", peer_rate),
-        ("events/s from the first record read (product: its summary's end to end)",
-         f"{events / product['e2e_s']:,.0f}", "-"),
-        ("peak RSS (product: JVM + loader processes; peer: its process)",
-         f"{product_rss / 2**20:,.0f} MiB", f"{peer['rss'] / 2**20:,.0f} MiB"),
-        ("peak Redis used_memory", f"{product['redis_peak'] / 2**20:,.0f} MiB", f"{peer['redis_peak'] / 2**20:,.0f} MiB"),
-        ("triggers in the Redis stream (generator's abandoned sessions: " + f"{known:,})",
-         f"{len(product_triggers):,}", f"{len(peer_triggers):,}"),
-        ("profiles", f"{len(product_counts):,}", f"{len(peer_counts):,}"),
-        ("models per session (segments, propensity)", "yes", "no"),
-    ]
+    product_col = [
+        f"{events:,} ({args.users:,})", f"{product_wall:.1f} s", f"{events / product_wall:,.0f}",
+        f"{events / product['e2e_s']:,.0f}", f"{product_rss / 2**20:,.0f} MiB",
+        f"{product['redis_peak'] / 2**20:,.0f} MiB", f"{len(product_triggers):,}", f"{len(product_counts):,}", "yes",
+        "exactly-once (Kafka transactions at checkpoints)"]
+    cols = [("product (PyFlink)", product_col)]
+    verdicts = []
+    for key, run in runs.items():
+        peer = peers.PEERS[key]
+        if run["wall_s"] is not None:
+            wall, rate = f"{run['wall_s']:.1f} s", f"{events / run['wall_s']:,.0f}"
+        else:
+            wall = f"did not finish in {run['timeout_s']:.0f} s ({run['committed']:,} of {run['total']:,} committed)"
+            rate = f"under {run['committed'] / run['timeout_s']:,.0f}"
+            if run["last_minute_rate"] is not None:
+                rate += f" ({run['last_minute_rate']:,.0f} in its last minute)"
+        cols.append((f"peer ({peer.label})", [
+            "same topic", wall, rate, "-", f"{run['rss'] / 2**20:,.0f} MiB", f"{run['redis_peak'] / 2**20:,.0f} MiB",
+            f"{len(run['triggers']):,}", f"{len(run['counts']):,}", "no", peer.guarantee]))
+        if run["wall_s"] is None:
+            verdicts.append((peer, None, None, None))
+            continue
+        same_triggers = product_triggers == run["triggers"] and set(run["triggers"]) == run["kafka_ids"]
+        differ = [u for u in set(product_counts) | set(run["counts"]) if product_counts.get(u) != run["counts"].get(u)]
+        verdicts.append((peer, run["wall_s"] / product_wall, same_triggers, differ))
+    names = [
+        "events (users)", "wall clock, process start to last Redis write", "events/s over that",
+        "events/s from the first record read (product: its summary's end to end)",
+        "peak RSS (product: JVM + loader processes; peer: its process)", "peak Redis used_memory",
+        f"triggers in the Redis stream (generator's abandoned sessions: {known:,})", "profiles",
+        "models per session (segments, propensity)", "trigger feed guarantee"]
     q = bench_latency.quantile
-    rows += [(f"live trigger latency after the gap expired, {where} (p50 / p99; 3,000 sessions, gap 10 s)",
-              *(f"{q(latency[w][key], 0.5):.1f} / {q(latency[w][key], 0.99):.1f} s" for w in ("product", "peer")))
-             for where, key in (("Kafka read_committed", "kafka"), ("Redis stream", "stream")) if latency]
-    print("\n| measure | product (PyFlink) | peer (Quix Streams 3.28.1) |\n|---|---|---|")
-    for name, a, b in rows:
-        print(f"| {name} | {a} | {b} |")
-    if not finished:
-        print("\noutputs: NOT COMPARED (the peer did not finish; --peer-timeout gives it longer)")
-        return 2
-    print(f"\nratio product / peer, events/s over the wall clock: {peer['wall_s'] / product_wall:.2f}")
-    print(f"outputs: triggers (ids, users, starts, carts, values) {'EQUAL' if same_triggers else 'DIFFER'}; "
-          f"per-user counts {'EQUAL' if same_counts else f'DIFFER for {len(differ):,} users, e.g. {sorted(differ)[:3]}'}")
+    for where, what in (("Kafka (read_committed)", "kafka"), ("Redis stream", "stream")):
+        if latency:
+            names.append(f"live trigger latency after the gap expired, {where} (p50 / p99; 3,000 sessions, gap 10 s)")
+            for who, (_, col) in zip(("product", *runs), cols):
+                col.append(f"{q(latency[who][what], 0.5):.1f} / {q(latency[who][what], 0.99):.1f} s")
+    print("\n| measure | " + " | ".join(c for c, _ in cols) + " |\n|" + "---|" * (len(cols) + 1))
+    for i, name in enumerate(names):
+        print(f"| {name} | " + " | ".join(col[i] for _, col in cols) + " |")
+    ok = True
+    for peer, ratio, same_triggers, differ in verdicts:
+        if ratio is None:
+            print(f"\n{peer.label}: outputs NOT COMPARED (it did not finish; --peer-timeout gives it longer)")
+            continue
+        print(f"\n{peer.label}: ratio of events/s over the wall clock, product / peer: {ratio:.2f}")
+        print(f"{peer.label}: outputs: triggers (ids, users, starts, carts, values) "
+              f"{'EQUAL' if same_triggers else 'DIFFER'}; per-user counts "
+              f"{'EQUAL' if not differ else f'DIFFER for {len(differ):,} users, e.g. {sorted(differ)[:3]}'}")
+        ok = ok and same_triggers and not differ
     p99 = {w: q(run["stream"], 0.99) for w, run in latency.items()}
-    _chart(args.chart, events, product_wall, peer["wall_s"], p99)
-    return 0 if same_triggers and same_counts else 1
+    walls = {"product": product_wall, **{k: r["wall_s"] for k, r in runs.items()}}
+    _chart(args.chart, events, walls, p99)
+    if all(ratio is None for _, ratio, _, _ in verdicts):
+        return 2  # nothing compared
+    return 0 if ok else 1
 
 
-def _chart(path: str, events: int, product_s: float, peer_s: float, p99: dict[str, float]) -> None:
+def _chart(path: str, events: int, walls: dict[str, float | None], p99: dict[str, float]) -> None:
+    """events/s over the wall clock and live p99 latency, product and each peer that finished."""
     try:
         import matplotlib
 
@@ -280,13 +332,15 @@ def _chart(path: str, events: int, product_s: float, peer_s: float, p99: dict[st
     except ImportError:
         print("bench-peers: matplotlib not installed (pip install -e '.[bench]'): no chart", file=sys.stderr)
         return
-    names, colors = ["product (PyFlink)", "peer (Quix Streams)"], ["#4c72b0", "#dd8452"]
-    fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4))
-    ax.bar(names, [events / product_s, events / peer_s], color=colors)
+    label = {"product": "product\n(PyFlink)", **{k: f"peer\n({p.label})" for k, p in peers.PEERS.items()}}
+    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4))
+    shown = [k for k, w in walls.items() if w is not None]
+    ax.bar([label[k] for k in shown], [events / walls[k] for k in shown], color=palette[:len(shown)])
     ax.set_ylabel("events/s, process start to last Redis write")
     ax.set_title(f"Backfill: same {events:,} events, same outputs")
     if p99:
-        right.bar(names, [p99["product"], p99["peer"]], color=colors)
+        right.bar([label[k] for k in p99], list(p99.values()), color=palette[:len(p99)])
         right.set_ylabel("seconds after the session's gap expired")
         right.set_title("Live: p99 trigger latency to the Redis stream (gap 10 s)")
     bench.save_chart(fig, path, "bench-peers")
