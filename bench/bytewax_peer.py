@@ -23,13 +23,16 @@ of the product, and nothing of the product imports it.
 
 Settings from the environment: PEER_BROKERS, PEER_INPUT, PEER_TRIGGERS, PEER_REDIS
 (host:port/db), PEER_GAP_MS, PEER_TAIL (1, default: wait for new events; 0: stop at
-the topic's end), PEER_WAKE (system, default; or none).
+the topic's end), PEER_WAKE (system, default; or none), PEER_PROCESSES (1, default: one process, one
+worker; N: a cluster of N processes on loopback, one worker each).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 
@@ -122,7 +125,33 @@ def build(env) -> Dataflow:
     return flow
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """One process, or PEER_PROCESSES of them: this one (process 0) starts the others and
+    waits for them, each a worker of one cluster on loopback (Bytewax's -i/-a)."""
     from bytewax.run import cli_main
 
-    cli_main(build(os.environ))
+    env = os.environ
+    processes = int(env.get("PEER_PROCESSES", "1"))
+    if processes == 1:
+        cli_main(build(env))
+        return 0
+    if "PEER_PROCESS_ID" in env:
+        cli_main(build(env), process_id=int(env["PEER_PROCESS_ID"]), addresses=env["PEER_ADDRESSES"].split(";"))
+        return 0
+    ports = []
+    for _ in range(processes):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    addresses = ";".join(f"127.0.0.1:{port}" for port in ports)
+    others = [subprocess.Popen([sys.executable, __file__], env=dict(env, PEER_PROCESS_ID=str(i), PEER_ADDRESSES=addresses))
+              for i in range(1, processes)]
+    try:
+        cli_main(build(env), process_id=0, addresses=addresses.split(";"))
+    finally:
+        codes = [other.wait() for other in others]
+    return max(codes, default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,12 +14,15 @@ run here (the product also scores and learns every session): the table says so.
 
 Settings from the environment: PEER_BROKERS, PEER_INPUT, PEER_GROUP, PEER_TRIGGERS,
 PEER_REDIS (host:port/db), PEER_GAP_MS, PEER_STATE_DIR, PEER_GUARANTEE
-(exactly-once, default, as the product's trigger topic; or at-least-once).
+(exactly-once, default, as the product's trigger topic; or at-least-once),
+PEER_PROCESSES (1, default; N: this process starts N - 1 replicas in its consumer group).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import redis
 from peer_rules import (AvroDecoder, add_to_cart, merge_carts, new_cart, trigger_of, update_profile, write_profiles,
@@ -112,5 +115,22 @@ def main() -> None:
     app.run()
 
 
+def replicas() -> list[subprocess.Popen]:
+    """PEER_PROCESSES - 1 more copies of this application in the same consumer group (Quix
+    Streams scales out by replicas: the partitions are shared among them)."""
+    if "PEER_REPLICA" in os.environ:
+        return []
+    n = int(os.environ.get("PEER_PROCESSES", "1"))
+    return [subprocess.Popen([sys.executable, __file__],
+                             env=dict(os.environ, PEER_REPLICA=str(i), PEER_STATE_DIR=f"{os.environ.get('PEER_STATE_DIR', 'state')}/{i}"))
+            for i in range(1, n)]
+
+
 if __name__ == "__main__":
-    main()
+    others = replicas()
+    try:
+        main()
+    finally:
+        for other in others:
+            other.terminate()
+            other.wait()

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -129,10 +130,13 @@ def cli(*args: str, env: dict, capture: bool = True) -> subprocess.CompletedProc
 class Sampler(threading.Thread):
     """Peak RSS of the run's processes, Redis's peak, and the JVM's CPU seconds by thread."""
 
-    def __init__(self, root_pid: int, redis_client):
+    def __init__(self, root_pid: int, redis_client, heap_every_s: float | None = None):
         super().__init__(daemon=True)
-        self.root_pid, self.redis = root_pid, redis_client
-        self.peak = {"jvm": 0, "python": 0, "shards": 0, "redis": 0}
+        self.root_pid, self.redis, self.heap_every_s = root_pid, redis_client, heap_every_s
+        # heap_*: the JVM's heap by `jstat -gc` every heap_every_s (used = survivors + eden + old)
+        self.peak = {"jvm": 0, "python": 0, "shards": 0, "redis": 0, "heap_used": 0, "heap_old": 0, "heap_capacity": 0}
+        self.heap_samples = 0
+        self.cpu: dict[int, float] = {}  # pid -> its user + system CPU seconds at the last sample
         self.threads: dict[str, float] = {}
         self.done = threading.Event()
 
@@ -171,14 +175,45 @@ class Sampler(threading.Thread):
             pass
         return cpu
 
+    def _heap(self, pid: int) -> None:
+        """One `jstat -gc` sample of the JVM's heap (KiB columns S0U S1U EU OU and capacities)."""
+        try:
+            out = subprocess.run(["nice", "jstat", "-gc", str(pid)], capture_output=True, text=True, timeout=20).stdout
+            names, values = out.split("\n")[:2]
+            gc = dict(zip(names.split(), (float(v) for v in values.split())))
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return  # the JVM ended, or jstat is missing: a missed sample only
+        used = (gc["S0U"] + gc["S1U"] + gc["EU"] + gc["OU"]) * 1024
+        self.peak["heap_used"] = max(self.peak["heap_used"], int(used))
+        self.peak["heap_old"] = max(self.peak["heap_old"], int(gc["OU"] * 1024))
+        self.peak["heap_capacity"] = max(self.peak["heap_capacity"],
+                                         int((gc["S0C"] + gc["S1C"] + gc["EC"] + gc["OC"]) * 1024))
+        self.heap_samples += 1
+
+    def _cpu(self, pid: int) -> None:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        fields = stat[stat.rindex(")") + 2:].split()
+        self.cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def cpu_s(self) -> float:
+        """CPU seconds of the root process and its children, as last sampled (each
+        process's last second before it ended is missed)."""
+        return sum(self.cpu.values())
+
     def run(self) -> None:
+        last_heap = 0.0
         while not self.done.wait(1.0):
             self.peak["python"] = max(self.peak["python"], self._rss(self.root_pid))
+            self._cpu(self.root_pid)
             try:  # the server's own used_memory_peak is since its start (CONFIG RESETSTAT keeps it)
                 self.peak["redis"] = max(self.peak["redis"], int(self.redis.info("memory")["used_memory"]))
             except Exception:  # noqa: BLE001 - a missed sample only
                 pass
             for child in self._children(self.root_pid):
+                self._cpu(child)
                 comm = Path(f"/proc/{child}/comm")
                 kind = comm.read_text().strip() if comm.exists() else ""
                 if kind.startswith("python"):  # the loader's other shard processes (drain)
@@ -188,6 +223,9 @@ class Sampler(threading.Thread):
                     sample = self._thread_cpu(child)
                     if sample:
                         self.threads.update(sample)  # threads that ended keep their last figure
+                    if self.heap_every_s and time.monotonic() - last_heap >= self.heap_every_s:
+                        last_heap = time.monotonic()
+                        self._heap(child)
 
     def stages(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -209,6 +247,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chart", default=str(ROOT / "docs" / "benchmarks.png"))
     parser.add_argument("--no-ceiling", action="store_true",
                         help="the job only: no JVM-only ceiling run, no chart (for trying one change)")
+    parser.add_argument("--heap-every", type=float, metavar="S",
+                        help="also sample the JVM's heap with jstat every S seconds (each sample starts a JVM)")
     args = parser.parse_args(argv)
 
     import redis
@@ -225,7 +265,7 @@ def main(argv: list[str]) -> int:
     if not ensure_events(env, settings, topic, args.users):
         return 1
     client = redis.Redis.from_url(env["PERSONALIZE_REDIS_URL"])
-    run = run_job(env, settings, client, topic)
+    run = run_job(env, settings, client, topic, heap_every_s=args.heap_every)
     if run is None:
         return 1
     events, e2e_s, startup_s, job_s, catchup_s = (run[k] for k in ("events", "e2e_s", "startup_s", "job_s",
@@ -239,7 +279,8 @@ def main(argv: list[str]) -> int:
               "JVM CPU " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in sorted(sampler.stages().items(),
                                                                            key=lambda kv: -kv[1]))
               + f"; peak memory MiB: JVM {sampler.peak['jvm'] / 2**20:,.0f} RSS, loader {sampler.peak['python'] / 2**20:,.0f}"
-              f" RSS, other shards {sampler.peak['shards'] / 2**20:,.0f} RSS, Redis {redis_peak / 2**20:,.0f} used")
+              f" RSS, other shards {sampler.peak['shards'] / 2**20:,.0f} RSS, Redis {redis_peak / 2**20:,.0f} used"
+              + (heap_figures(sampler) if args.heap_every else ""))
         return 0 if triggers == stream == known else 1
     print(f"bench: JVM-only ceiling over {events:,} rows (scripts/bench_windows.py)", file=sys.stderr, flush=True)
     ceiling = subprocess.run([sys.executable, "scripts/bench_windows.py", str(events), str(args.users)],
@@ -265,6 +306,7 @@ def main(argv: list[str]) -> int:
          f"{ceiling_s:.1f} s, {ceiling_rate:,.0f} events/s"),
         ("ratio end to end / ceiling", f"{e2e_rate / ceiling_rate:.2f}"),
         ("peak memory: JVM (embedded Flink + thread-mode Python)", f"{sampler.peak['jvm'] / 2**20:,.0f} MiB RSS"),
+        *([("peak memory: JVM heap (jstat -gc)", heap_figures(sampler)[2:])] if args.heap_every else []),
         ("peak memory: CLI Python (loader, shard 0)", f"{sampler.peak['python'] / 2**20:,.0f} MiB RSS"),
         ("peak memory: each other loader shard process", f"{sampler.peak['shards'] / 2**20:,.0f} MiB RSS"),
         ("peak memory: Redis used_memory, sampled every second (the whole server)",
@@ -281,7 +323,13 @@ def main(argv: list[str]) -> int:
     return 0 if triggers == stream == known else 1
 
 
-def run_job(env: dict, settings, client, topic: str) -> dict | None:
+def heap_figures(sampler: Sampler) -> str:
+    p = sampler.peak
+    return (f"; JVM heap MiB: used peak {p['heap_used'] / 2**20:,.0f}, old generation peak {p['heap_old'] / 2**20:,.0f}, "
+            f"capacity {p['heap_capacity'] / 2**20:,.0f} ({sampler.heap_samples} jstat samples)")
+
+
+def run_job(env: dict, settings, client, topic: str, heap_every_s: float | None = None) -> dict | None:
     """``personalize run --bounded`` over ``topic`` from a fresh start (its Redis database
     flushed), sampled: the run summary's figures, the sampler (peaks, CPU by stage), the
     Redis peak. None (the run's last lines printed) when the run failed. Its output topics
@@ -291,7 +339,7 @@ def run_job(env: dict, settings, client, topic: str) -> dict | None:
     print(f"bench: bounded run over {topic}", file=sys.stderr, flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "personalize.cli", "run", "--bounded"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = Sampler(proc.pid, client)
+    sampler = Sampler(proc.pid, client, heap_every_s)
     sampler.start()
     err_lines = []
     for line in proc.stderr:  # progress lines as they come
@@ -310,7 +358,7 @@ def run_job(env: dict, settings, client, topic: str) -> dict | None:
             "startup_s": summary_value(out, "start-up"), "job_s": summary_value(out, "job"),
             "catchup_s": summary_value(out, "redis catch-up"), "triggers": int(summary_value(out, "triggers")),
             "stream": int(summary_value(out, "triggers", r"\d+\s+\((\d+) new")), "sampler": sampler,
-            "redis_peak": sampler.peak["redis"]}
+            "redis_peak": sampler.peak["redis"], "cpu_s": sampler.cpu_s()}
 
 
 def _drop_outputs(settings) -> None:

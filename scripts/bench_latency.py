@@ -115,7 +115,8 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict 
         env["PERSONALIZE_STATE_DIR"] = state  # a fresh start, no checkpoint of an earlier run
         cmd = [sys.executable, "-m", "personalize.cli", "run"]
     log = open(Path(state) / "run.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    # a peer in its own process group, so that its replicas or cluster processes stop with it
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=bool(peer))
 
     arrived_kafka: dict[str, float] = {}
     arrived_redis: dict[str, float] = {}
@@ -163,7 +164,7 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict 
         if proc.poll() is not None or time.monotonic() > ready_by:
             log.seek(0)
             print("bench-latency: the run never wrote a profile:\n" + log.read()[-3000:], file=sys.stderr)
-            proc.kill()
+            peers.stop(proc, timeout_s=5) if peer else proc.kill()
             return None
         time.sleep(0.5)
     print(f"bench-latency: {peer or 'product'} reading; {rate:g} sessions/s for "
@@ -199,11 +200,14 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict 
     stop.set()
     for r in readers:
         r.join(timeout=5)
-    proc.terminate()
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    if peer:
+        peers.stop(proc, timeout_s=120)
+    else:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     topics.delete(settings, [topic])
     bench._drop_outputs(settings)  # the triggers topic among them
 

@@ -127,7 +127,7 @@ def committed(settings, group: str, topic: str) -> int:
     return sum(o.offset for tp, o in offsets.items() if tp.topic == topic and o.offset >= 0)
 
 
-def run_peer(settings, peer, topic: str, client, timeout_s: float) -> dict | None:
+def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: int) -> dict | None:
     """A peer from a fresh start until it has read the whole topic (its process ended at
     the topic's end, or its group committed it), or ``timeout_s`` passed (then ``wall_s``
     is None and ``committed`` says how far it came); its figures."""
@@ -143,11 +143,13 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float) -> dict | Non
     with tempfile.TemporaryDirectory(prefix=f"{peer.key}-state-") as state:
         env = dict(os.environ, PEER_BROKERS=settings.bootstrap_servers, PEER_INPUT=topic, PEER_GROUP=group,
                    PEER_TRIGGERS=triggers, PEER_REDIS=f"127.0.0.1:{settings.redis_port}/{PEER_REDIS_DB}",
-                   PEER_GAP_MS=str(settings.session_gap_ms), PEER_STATE_DIR=state, **peer.backfill)
+                   PEER_GAP_MS=str(settings.session_gap_ms), PEER_STATE_DIR=state, PEER_PROCESSES=str(processes),
+                   **peer.backfill)
         print(f"bench: the peer {peer.label} over {topic}", file=sys.stderr, flush=True)
         log = open(Path(state) / "peer.log", "w+")
         started = time.monotonic()
-        proc = subprocess.Popen(peer.command(), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(peer.command(), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: its replicas stop with it
         sampler = bench.Sampler(proc.pid, client)
         sampler.start()
         done_s, count, shown = None, 0, started
@@ -176,11 +178,7 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float) -> dict | Non
                 print(f"progress: {peer.label} {so_far} after {now - started:.0f} s", file=sys.stderr, flush=True)
                 shown = now
             time.sleep(0.2 if peer.exits_at_end else 0.5)
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        peers.stop(proc)
         sampler.done.set()
         sampler.join()
         log.seek(0)
@@ -189,13 +187,14 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float) -> dict | Non
         if done_s is None and proc.returncode not in (0, -15):
             print(f"bench: error: {peer.label} failed:\n" + "\n".join(tail), file=sys.stderr)
             return None
-        peak = max(sampler.peak["python"], bench.Sampler._rss(proc.pid))
+        # its processes' peaks (the others' the largest of them, each)
+        peak = max(sampler.peak["python"], bench.Sampler._rss(proc.pid)) + (processes - 1) * sampler.peak["shards"]
         kafka_ids = {json.loads(r.value)["trigger_id"] for r in kafkaio.read_to_end(settings, triggers)}
         topics.delete(settings, [triggers])
         late = [(t, c) for t, c in seen if t >= seen[-1][0] - 60] if seen else []
         last_rate = (late[-1][1] - late[0][1]) / (late[-1][0] - late[0][0]) if len(late) > 1 else None
         return {"wall_s": done_s, "committed": count, "total": total, "timeout_s": timeout_s, "rss": peak,
-                "last_minute_rate": last_rate,
+                "last_minute_rate": last_rate, "cpu_s": sampler.cpu_s(),
                 "redis_peak": sampler.peak["redis"], "kafka_ids": kafka_ids, "log": tail}
 
 
@@ -205,6 +204,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--peers", default="quix,bytewax",
                         help=f"which peers, comma-separated, of {', '.join(peers.PEERS)}")
     parser.add_argument("--chart", default=str(ROOT / "docs" / "bench-peers.png"))
+    parser.add_argument("--peer-processes", type=int, default=os.cpu_count() or 1,
+                        help="processes of each peer (default: the machine's cores; Quix Streams: replicas in one "
+                             "consumer group, Bytewax: a cluster of processes)")
     parser.add_argument("--no-latency", action="store_true", help="leave out the live trigger latency runs")
     parser.add_argument("--peer-timeout", type=float, default=300.0,
                         help="stop a peer after this many seconds if it has not read the whole topic")
@@ -214,6 +216,9 @@ def main(argv: list[str]) -> int:
     if unknown or not chosen:
         print(f"bench-peers: --peers takes {', '.join(peers.PEERS)} (comma-separated), not {args.peers!r}",
               file=sys.stderr)
+        return 2
+    if args.peer_processes < 1:
+        print("bench-peers: --peer-processes must be at least 1", file=sys.stderr)
         return 2
     if args.users < 1:
         print("bench-peers: --users must be at least 1", file=sys.stderr)
@@ -245,7 +250,7 @@ def main(argv: list[str]) -> int:
     peer_redis = redis.Redis(host="127.0.0.1", port=settings.redis_port, db=PEER_REDIS_DB)
     runs = {}
     for key in chosen:
-        run = run_peer(settings, peers.PEERS[key], topic, peer_redis, args.peer_timeout)
+        run = run_peer(settings, peers.PEERS[key], topic, peer_redis, args.peer_timeout, args.peer_processes)
         if run is None:
             return 1
         run["triggers"], run["counts"] = stream_triggers(peer_redis), profile_counts(peer_redis)
@@ -266,7 +271,7 @@ def main(argv: list[str]) -> int:
     product_rss = product["sampler"].peak["jvm"] + product["sampler"].peak["python"] + product["sampler"].peak["shards"]
     product_col = [
         f"{events:,} ({args.users:,})", f"{product_wall:.1f} s", f"{events / product_wall:,.0f}",
-        f"{events / product['e2e_s']:,.0f}", f"{product_rss / 2**20:,.0f} MiB",
+        f"{events / product['e2e_s']:,.0f}", _cpu(product["cpu_s"], product_wall), f"{product_rss / 2**20:,.0f} MiB",
         f"{product['redis_peak'] / 2**20:,.0f} MiB", f"{len(product_triggers):,}", f"{len(product_counts):,}", "yes",
         "exactly-once (Kafka transactions at checkpoints)"]
     cols = [("product (PyFlink)", product_col)]
@@ -281,7 +286,8 @@ def main(argv: list[str]) -> int:
             if run["last_minute_rate"] is not None:
                 rate += f" ({run['last_minute_rate']:,.0f} in its last minute)"
         cols.append((f"peer ({peer.label})", [
-            "same topic", wall, rate, "-", f"{run['rss'] / 2**20:,.0f} MiB", f"{run['redis_peak'] / 2**20:,.0f} MiB",
+            "same topic", wall, rate, "-", _cpu(run["cpu_s"], run["wall_s"] or run["timeout_s"]),
+            f"{run['rss'] / 2**20:,.0f} MiB", f"{run['redis_peak'] / 2**20:,.0f} MiB",
             f"{len(run['triggers']):,}", f"{len(run['counts']):,}", "no", peer.guarantee]))
         if run["wall_s"] is None:
             verdicts.append((peer, None, None, None))
@@ -292,7 +298,8 @@ def main(argv: list[str]) -> int:
     names = [
         "events (users)", "wall clock, process start to last Redis write", "events/s over that",
         "events/s from the first record read (product: its summary's end to end)",
-        "peak RSS (product: JVM + loader processes; peer: its process)", "peak Redis used_memory",
+        "CPU, user + system, of all its processes (cores busy on average over the wall clock)",
+        "peak RSS (product: JVM + loader processes; peer: its processes)", "peak Redis used_memory",
         f"triggers in the Redis stream (generator's abandoned sessions: {known:,})", "profiles",
         "models per session (segments, propensity)", "trigger feed guarantee"]
     q = bench_latency.quantile
@@ -320,6 +327,10 @@ def main(argv: list[str]) -> int:
     if all(ratio is None for _, ratio, _, _ in verdicts):
         return 2  # nothing compared
     return 0 if ok else 1
+
+
+def _cpu(seconds: float, wall_s: float) -> str:
+    return f"{seconds:,.0f} core-s ({seconds / wall_s:.2f})"
 
 
 def _chart(path: str, events: int, walls: dict[str, float | None], p99: dict[str, float]) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,3 +48,18 @@ def version(package: str) -> str:
     text = (ROOT / "bench" / "requirements.txt").read_text()
     match = re.search(rf"^{re.escape(package)}(\[[^\]]*\])?==(\S+)", text, re.MULTILINE)
     return match.group(2) if match else "?"
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Stop a run started with ``start_new_session=True``: SIGTERM to its process group
+    (a peer's replicas or cluster processes with it), SIGKILL after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
