@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PERSONALIZE := $(VENV)/bin/personalize
 
+# pip's output only when it fails (setuptools' many-line warnings otherwise), and then its exit status
+PIP_QUIET = > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+
 .PHONY: setup venv jars redis-server run test test-unit bench bench-peers models-eval smoke stack-up stack-down clean
 
 setup: venv jars redis-server ## venv with pinned packages, jars from Maven Central, redis-server
@@ -15,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@echo "setup: Python packages into $(VENV) (apache-flink 2.2.1 and friends; first time ~2 min)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -i -e warning -e '^ *$$' -e '!!' -e '\*\*\*' -e '#' || true
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' $(PIP_QUIET)
 	@$(PY) -c "import pyflink, river, kafka, redis, fastavro, orjson, structlog"
 	@touch $@
 
@@ -32,11 +35,11 @@ test: setup ## every test: unit, then integration against a stack the tests star
 	@$(PY) -m pytest
 
 bench: setup ## benchmark: ~1,000,000 synthetic events for 100,000 users, one table from one run (docs/benchmarks.md)
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' $(PIP_QUIET)
 	@$(PY) scripts/bench.py
 
 bench-peers: setup bench/.venv/.installed ## the product and its Python peers (Quix Streams, Bytewax) over the same 1M events, outputs checked equal (docs/benchmarks.md)
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v -i -e warning -e '^ *$$' -e '!!' -e '\*\*\*' -e '#' || true
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' $(PIP_QUIET)
 	@$(PY) scripts/bench_peers.py
 
 # the peers' own virtual environment: nothing of it is a product dependency or made by setup
@@ -46,7 +49,7 @@ bench/.venv/.installed: bench/requirements.txt
 	touch $@
 
 models-eval: setup ## the models on the REES46 sample and on synthetic traffic against a batch ceiling (README)
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[eval]' 2>&1 | grep -v -i -e warning -e '^ *$$' || true
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[eval]' $(PIP_QUIET)
 	@$(PY) scripts/models_eval.py ../shared/data/rees46-2019-10-01.csv
 	@$(PY) scripts/models_eval.py --synthetic 20000
 
