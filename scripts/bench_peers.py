@@ -323,7 +323,7 @@ def main(argv: list[str]) -> int:
         ok = ok and same_triggers and not differ
     p99 = {w: q(run["stream"], 0.99) for w, run in latency.items()}
     walls = {"product": product_wall, **{k: r["wall_s"] for k, r in runs.items()}}
-    _chart(args.chart, events, walls, p99)
+    _chart(args.chart, events, walls, p99, {k: r["committed"] / r["timeout_s"] for k, r in runs.items()})
     if all(ratio is None for _, ratio, _, _ in verdicts):
         return 2  # nothing compared
     return 0 if ok else 1
@@ -333,8 +333,10 @@ def _cpu(seconds: float, wall_s: float) -> str:
     return f"{seconds:,.0f} core-s ({seconds / wall_s:.2f})"
 
 
-def _chart(path: str, events: int, walls: dict[str, float | None], p99: dict[str, float]) -> None:
-    """events/s over the wall clock and live p99 latency, product and each peer that finished."""
+def _chart(path: str, events: int, walls: dict[str, float | None], p99: dict[str, float],
+           lower_bounds: dict[str, float] | None = None) -> None:
+    """events/s over the wall clock (a peer that did not finish: hatched, its rate up to
+    the stop, a lower bound of its time) and live p99 latency; one colour per run."""
     try:
         import matplotlib
 
@@ -344,14 +346,20 @@ def _chart(path: str, events: int, walls: dict[str, float | None], p99: dict[str
         print("bench-peers: matplotlib not installed (pip install -e '.[bench]'): no chart", file=sys.stderr)
         return
     label = {"product": "product\n(PyFlink)", **{k: f"peer\n({p.label})" for k, p in peers.PEERS.items()}}
-    palette = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    colour = {"product": "#4c72b0", "quix": "#dd8452", "bytewax": "#55a868"}
+    lower_bounds = lower_bounds or {}
     fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4))
-    shown = [k for k, w in walls.items() if w is not None]
-    ax.bar([label[k] for k in shown], [events / walls[k] for k in shown], color=palette[:len(shown)])
+    for i, (key, wall) in enumerate(walls.items()):
+        if wall is not None:
+            ax.bar(i, events / wall, color=colour[key])
+        elif key in lower_bounds:
+            ax.bar(i, lower_bounds[key], color="white", edgecolor=colour[key], hatch="//")
+            ax.annotate("did not finish\n(rate until stopped)", (i, lower_bounds[key]), ha="center", va="bottom")
+    ax.set_xticks(range(len(walls)), [label[k] for k in walls])
     ax.set_ylabel("events/s, process start to last Redis write")
-    ax.set_title(f"Backfill: same {events:,} events, same outputs")
+    ax.set_title(f"Backfill: same {events:,} events, outputs checked")
     if p99:
-        right.bar([label[k] for k in p99], list(p99.values()), color=palette[:len(p99)])
+        right.bar([label[k] for k in p99], list(p99.values()), color=[colour[k] for k in p99])
         right.set_ylabel("seconds after the session's gap expired")
         right.set_title("Live: p99 trigger latency to the Redis stream (gap 10 s)")
     bench.save_chart(fig, path, "bench-peers")
