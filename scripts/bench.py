@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -135,7 +136,7 @@ class Sampler(threading.Thread):
         self.root_pid, self.redis, self.heap_every_s = root_pid, redis_client, heap_every_s
         # heap_*: the JVM's heap by `jstat -gc` every heap_every_s (used = survivors + eden + old)
         self.peak = {"jvm": 0, "python": 0, "shards": 0, "redis": 0, "heap_used": 0, "heap_old": 0, "heap_capacity": 0}
-        self.heap_samples = 0
+        self.heap_samples, self.heap_error = 0, ""
         self.cpu: dict[int, float] = {}  # pid -> its user + system CPU seconds at the last sample
         self.threads: dict[str, float] = {}
         self.done = threading.Event()
@@ -178,11 +179,14 @@ class Sampler(threading.Thread):
     def _heap(self, pid: int) -> None:
         """One `jstat -gc` sample of the JVM's heap (KiB columns S0U S1U EU OU and capacities)."""
         try:
-            out = subprocess.run(["nice", "jstat", "-gc", str(pid)], capture_output=True, text=True, timeout=20).stdout
-            names, values = out.split("\n")[:2]
-            gc = dict(zip(names.split(), (float(v) for v in values.split())))
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            return  # the JVM ended, or jstat is missing: a missed sample only
+            run = subprocess.run(["nice", "jstat", "-gc", str(pid)], capture_output=True, text=True, timeout=20)
+            names, values = run.stdout.split("\n")[:2]
+            # a collector without concurrent cycles prints "-" for CGC and CGCT
+            gc = dict(zip(names.split(), (float(v) if v != "-" else 0.0 for v in values.split())))
+        except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+            # the JVM ended, or jstat is missing or cannot attach: a missed sample only
+            self.heap_error = f"{e}: {run.stdout.strip()} {run.stderr.strip()}" if isinstance(e, ValueError) else str(e)
+            return
         used = (gc["S0U"] + gc["S1U"] + gc["EU"] + gc["OU"]) * 1024
         self.peak["heap_used"] = max(self.peak["heap_used"], int(used))
         self.peak["heap_old"] = max(self.peak["heap_old"], int(gc["OU"] * 1024))
@@ -323,10 +327,26 @@ def main(argv: list[str]) -> int:
     return 0 if triggers == stream == known else 1
 
 
+def stop(proc: subprocess.Popen, timeout_s: float = 60, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; with ``group``, to the process group of a
+    run started with ``start_new_session=True`` (a peer's replicas or cluster processes)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def heap_figures(sampler: Sampler) -> str:
     p = sampler.peak
     return (f"; JVM heap MiB: used peak {p['heap_used'] / 2**20:,.0f}, old generation peak {p['heap_old'] / 2**20:,.0f}, "
-            f"capacity {p['heap_capacity'] / 2**20:,.0f} ({sampler.heap_samples} jstat samples)")
+            f"capacity {p['heap_capacity'] / 2**20:,.0f} ({sampler.heap_samples} jstat samples"
+            + (f"; the last failed: {sampler.heap_error[:300]})" if sampler.heap_error else ")"))
 
 
 def run_job(env: dict, settings, client, topic: str, heap_every_s: float | None = None) -> dict | None:

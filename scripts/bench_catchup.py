@@ -83,11 +83,7 @@ def catch_up(users: int, checkpoint_ms: int, quiet_s: float, timeout_s: float) -
                       file=sys.stderr, flush=True)
                 reported = now
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        bench.stop(proc, timeout_s=120)
         bench._drop_outputs(settings)
     seconds = changed - started
     return {"checkpoint_ms": checkpoint_ms, "events": events, "seconds": seconds, "keys": seen[0],

@@ -164,7 +164,7 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict 
         if proc.poll() is not None or time.monotonic() > ready_by:
             log.seek(0)
             print("bench-latency: the run never wrote a profile:\n" + log.read()[-3000:], file=sys.stderr)
-            peers.stop(proc, timeout_s=5) if peer else proc.kill()
+            bench.stop(proc, timeout_s=5, group=bool(peer))
             return None
         time.sleep(0.5)
     print(f"bench-latency: {peer or 'product'} reading; {rate:g} sessions/s for "
@@ -200,14 +200,7 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict 
     stop.set()
     for r in readers:
         r.join(timeout=5)
-    if peer:
-        peers.stop(proc, timeout_s=120)
-    else:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    bench.stop(proc, timeout_s=120, group=bool(peer))
     topics.delete(settings, [topic])
     bench._drop_outputs(settings)  # the triggers topic among them
 

@@ -178,7 +178,7 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: in
                 print(f"progress: {peer.label} {so_far} after {now - started:.0f} s", file=sys.stderr, flush=True)
                 shown = now
             time.sleep(0.2 if peer.exits_at_end else 0.5)
-        peers.stop(proc)
+        bench.stop(proc, group=True)
         sampler.done.set()
         sampler.join()
         log.seek(0)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,17 +46,3 @@ def version(package: str) -> str:
     match = re.search(rf"^{re.escape(package)}(\[[^\]]*\])?==(\S+)", text, re.MULTILINE)
     return match.group(2) if match else "?"
 
-
-def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    """Stop a run started with ``start_new_session=True``: SIGTERM to its process group
-    (a peer's replicas or cluster processes with it), SIGKILL after ``timeout_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=timeout_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
