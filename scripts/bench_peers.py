@@ -152,14 +152,15 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: in
                                 start_new_session=True)  # its own process group: its replicas stop with it
         sampler = bench.Sampler(proc.pid, client)
         sampler.start()
-        done_s, count, shown = None, 0, started
+        # committed: unknown (None) for a peer that commits no offsets (Bytewax) until it ends
+        done_s, count, shown = None, None if peer.exits_at_end else 0, started
         seen: list[tuple[float, int]] = []  # (seconds, committed) every 10 s: the rate near the end
         while True:
             exited = proc.poll() is not None
             now = time.monotonic()
             if peer.exits_at_end:
                 if exited:
-                    done_s, count = (now - started, total) if proc.returncode == 0 else (None, 0)
+                    done_s, count = (now - started, total) if proc.returncode == 0 else (None, None)
                     break
             else:
                 count = committed(settings, group, topic)
@@ -172,7 +173,8 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: in
                 print(f"bench: {peer.label} did not finish within {timeout_s:.0f} s: stopped", file=sys.stderr)
                 break
             if now - shown >= 10:
-                seen.append((now - started, count))
+                if count is not None:
+                    seen.append((now - started, count))
                 so_far = (f"committed {count:,} of {total:,} events ({100 * count / total:.1f} %)"
                           if not peer.exits_at_end else f"{client.dbsize():,} profiles written")
                 print(f"progress: {peer.label} {so_far} after {now - started:.0f} s", file=sys.stderr, flush=True)
@@ -280,6 +282,8 @@ def main(argv: list[str]) -> int:
         peer = peers.PEERS[key]
         if run["wall_s"] is not None:
             wall, rate = f"{run['wall_s']:.1f} s", f"{events / run['wall_s']:,.0f}"
+        elif run["committed"] is None:
+            wall, rate = f"did not finish in {run['timeout_s']:.0f} s", "-"
         else:
             wall = f"did not finish in {run['timeout_s']:.0f} s ({run['committed']:,} of {run['total']:,} committed)"
             rate = f"under {run['committed'] / run['timeout_s']:,.0f}"
@@ -323,7 +327,8 @@ def main(argv: list[str]) -> int:
         ok = ok and same_triggers and not differ
     p99 = {w: q(run["stream"], 0.99) for w, run in latency.items()}
     walls = {"product": product_wall, **{k: r["wall_s"] for k, r in runs.items()}}
-    _chart(args.chart, events, walls, p99, {k: r["committed"] / r["timeout_s"] for k, r in runs.items()})
+    _chart(args.chart, events, walls, p99,
+           {k: r["committed"] / r["timeout_s"] for k, r in runs.items() if r["committed"] is not None})
     if all(ratio is None for _, ratio, _, _ in verdicts):
         return 2  # nothing compared
     return 0 if ok else 1
@@ -352,9 +357,11 @@ def _chart(path: str, events: int, walls: dict[str, float | None], p99: dict[str
     for i, (key, wall) in enumerate(walls.items()):
         if wall is not None:
             ax.bar(i, events / wall, color=colour[key])
-        elif key in lower_bounds:
-            ax.bar(i, lower_bounds[key], color="white", edgecolor=colour[key], hatch="//")
-            ax.annotate("did not finish\n(rate until stopped)", (i, lower_bounds[key]), ha="center", va="bottom")
+        else:
+            rate = lower_bounds.get(key, 0)
+            ax.bar(i, rate, color="white", edgecolor=colour[key], hatch="//")
+            ax.annotate("did not finish" + ("\n(rate until stopped)" if rate else ""), (i, rate), ha="center",
+                        va="bottom")
     ax.set_xticks(range(len(walls)), [label[k] for k in walls])
     ax.set_ylabel("events/s, process start to last Redis write")
     ax.set_title(f"Backfill: same {events:,} events, outputs checked")
