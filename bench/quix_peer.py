@@ -107,9 +107,8 @@ def main() -> None:
     # the product's SESSION of gap - 1 ms: events gap_ms or more apart are two sessions
     sessions = sdf.session_window(inactivity_gap_ms=gap_ms - 1).agg(cart=Cart()).final(closing_strategy="partition")
     # Quix's window end is exclusive: the last event is at end - 1
-    triggers = sessions.apply(
-        lambda window, key, timestamp, headers: trigger_of(window["cart"], key, window["start"], window["end"] - 1, gap_ms),
-        metadata=True).filter(lambda t: t is not None)
+    triggers = sessions.apply(lambda window, key, timestamp, headers: trigger_of(
+        window["cart"], key, window["start"], window["end"] - 1, gap_ms), metadata=True).filter(lambda t: t is not None)
     triggers.to_topic(triggers_topic)
     triggers.sink(RedisTriggers(client))
     app.run()
@@ -121,8 +120,9 @@ def replicas() -> list[subprocess.Popen]:
     if "PEER_REPLICA" in os.environ:
         return []
     n = int(os.environ.get("PEER_PROCESSES", "1"))
+    state = os.environ.get("PEER_STATE_DIR", "state")
     return [subprocess.Popen([sys.executable, __file__],
-                             env=dict(os.environ, PEER_REPLICA=str(i), PEER_STATE_DIR=f"{os.environ.get('PEER_STATE_DIR', 'state')}/{i}"))
+                             env=dict(os.environ, PEER_REPLICA=str(i), PEER_STATE_DIR=f"{state}/{i}"))
             for i in range(1, n)]
 
 

@@ -163,15 +163,18 @@ class Sampler(threading.Thread):
             pass
         return 0
 
+    @staticmethod
+    def _stat_cpu(stat: str) -> float:
+        """User + system CPU seconds from a /proc .../stat line."""
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _thread_cpu(self, pid: int) -> dict[str, float]:
-        hz = os.sysconf("SC_CLK_TCK")
         cpu: dict[str, float] = {}
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-                name = stat[stat.index("(") + 1:stat.rindex(")")]
-                fields = stat[stat.rindex(")") + 2:].split()
-                cpu[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / hz
+                cpu[f"{tid}:{stat[stat.index('(') + 1:stat.rindex(')')]}"] = self._stat_cpu(stat)
         except OSError:
             pass
         return cpu
@@ -196,11 +199,9 @@ class Sampler(threading.Thread):
 
     def _cpu(self, pid: int) -> None:
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            self.cpu[pid] = self._stat_cpu(Path(f"/proc/{pid}/stat").read_text())
         except OSError:
-            return
-        fields = stat[stat.rindex(")") + 2:].split()
-        self.cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            pass
 
     def cpu_s(self) -> float:
         """CPU seconds of the root process and its children, as last sampled (each
