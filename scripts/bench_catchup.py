@@ -82,12 +82,16 @@ def catch_up(users: int, checkpoint_ms: int, quiet_s: float, timeout_s: float) -
                 print(f"bench-catchup: {now - started:.0f} s, {seen[0]:,} Redis keys, {seen[1]:,} triggers",
                       file=sys.stderr, flush=True)
                 reported = now
+        # what the run wrote to Kafka (end offsets: records and each transaction's commit markers)
+        written = {name: sum(kafkaio.offsets(settings, topic)[1].values())
+                   for name, topic in (("profile-updates", settings.topic_profile_updates),
+                                       ("triggers", settings.topic_triggers))}
     finally:
         bench.stop(proc, timeout_s=120)
         bench._drop_outputs(settings)
     seconds = changed - started
     return {"checkpoint_ms": checkpoint_ms, "events": events, "seconds": seconds, "keys": seen[0],
-            "triggers": seen[1], "events_per_s": events / seconds}
+            "triggers": seen[1], "events_per_s": events / seconds, "profile_offsets": written["profile-updates"]}
 
 
 def main(argv: list[str]) -> int:
@@ -104,11 +108,12 @@ def main(argv: list[str]) -> int:
             return 1
         rows.append(row)
     print(f"\nunbounded catch-up over make bench's {rows[0]['events']:,} events ({args.users:,} users), fresh state")
-    print("| checkpoint interval | process start to last Redis change | events/s | Redis keys | triggers |")
-    print("|---|---|---|---|---|")
+    print("| checkpoint interval | process start to last Redis change | events/s | Redis keys | triggers "
+          "| profile-updates offsets |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['checkpoint_ms'] / 1000:g} s | {r['seconds']:.1f} s | {r['events_per_s']:,.0f} | {r['keys']:,} "
-              f"| {r['triggers']:,} |")
+              f"| {r['triggers']:,} | {r['profile_offsets']:,} |")
     return 0
 
 
