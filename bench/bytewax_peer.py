@@ -22,8 +22,9 @@ transactional: at-least-once with recovery). No models run here. It imports noth
 of the product, and nothing of the product imports it.
 
 Settings from the environment: PEER_BROKERS, PEER_INPUT, PEER_TRIGGERS, PEER_REDIS
-(host:port/db), PEER_GAP_MS, PEER_TAIL (1, default: wait for new events; 0: stop at
-the topic's end), PEER_WAKE (system, default; or none), PEER_PROCESSES (1, default: one process, one
+(host:port/db), PEER_GAP_MS, PEER_OUT_OF_ORDERNESS_MS (how long the clock waits
+for late events: the product's bound, 5000 by default), PEER_TAIL (1, default: wait
+for new events; 0: stop at the topic's end), PEER_WAKE (system, default; or none), PEER_PROCESSES (1, default: one process, one
 worker; N: a cluster of N processes on loopback, one worker each).
 """
 
@@ -46,7 +47,6 @@ from peer_rules import (AvroDecoder, add_to_cart, merge_carts, new_cart, trigger
                         write_triggers)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-OUT_OF_ORDERNESS = timedelta(seconds=5)  # the product's default bound
 
 
 class _Partition(StatelessSinkPartition):
@@ -109,8 +109,9 @@ def build(env) -> Dataflow:
     profiles = op.stateful_map("profile", by_user, profile_step)
     op.output("profiles", profiles, RedisSink(redis_url, lambda client, items: write_profiles(client, dict(items))))
 
+    wait = timedelta(milliseconds=int(env.get("PEER_OUT_OF_ORDERNESS_MS", "5000")))
     clock = EventClock(ts_getter=lambda e: EPOCH + timedelta(milliseconds=e["event_time"]),
-                       wait_for_system_duration=OUT_OF_ORDERNESS,
+                       wait_for_system_duration=wait,
                        **({"to_system_utc": lambda _: None} if wake == "none" else {}))
     sessions = fold_window("session", by_user, clock, SessionWindower(gap=timedelta(milliseconds=gap_ms - 1)),
                            session_start, session_add, session_merge)

@@ -109,7 +109,8 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict 
     if peer:
         env.update(PEER_BROKERS=settings.bootstrap_servers, PEER_INPUT=topic, PEER_GROUP=f"live-{topic}",
                    PEER_TRIGGERS=settings.topic_triggers, PEER_REDIS=f"127.0.0.1:{settings.redis_port}/9",
-                   PEER_GAP_MS=str(gap_ms), PEER_STATE_DIR=state, **peers.PEERS[peer].live)
+                   PEER_GAP_MS=str(gap_ms), PEER_OUT_OF_ORDERNESS_MS=str(settings.out_of_orderness_ms),
+                   PEER_STATE_DIR=state, **peers.PEERS[peer].live)
         cmd = peers.PEERS[peer].command()
     else:
         env["PERSONALIZE_STATE_DIR"] = state  # a fresh start, no checkpoint of an earlier run

@@ -127,10 +127,11 @@ def committed(settings, group: str, topic: str) -> int:
     return sum(o.offset for tp, o in offsets.items() if tp.topic == topic and o.offset >= 0)
 
 
-def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: int) -> dict | None:
+def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: int) -> dict:
     """A peer from a fresh start until it has read the whole topic (its process ended at
     the topic's end, or its group committed it), or ``timeout_s`` passed (then ``wall_s``
-    is None and ``committed`` says how far it came); its figures."""
+    is None and ``committed`` says how far it came), or it failed (``failure``: the last
+    line it wrote); its figures."""
     from personalize import kafkaio, topics
 
     client.flushdb()
@@ -143,7 +144,8 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: in
     with tempfile.TemporaryDirectory(prefix=f"{peer.key}-state-") as state:
         env = dict(os.environ, PEER_BROKERS=settings.bootstrap_servers, PEER_INPUT=topic, PEER_GROUP=group,
                    PEER_TRIGGERS=triggers, PEER_REDIS=f"127.0.0.1:{settings.redis_port}/{PEER_REDIS_DB}",
-                   PEER_GAP_MS=str(settings.session_gap_ms), PEER_STATE_DIR=state, PEER_PROCESSES=str(processes),
+                   PEER_GAP_MS=str(settings.session_gap_ms), PEER_OUT_OF_ORDERNESS_MS=str(settings.out_of_orderness_ms),
+                   PEER_STATE_DIR=state, PEER_PROCESSES=str(processes),
                    **peer.backfill)
         print(f"bench: the peer {peer.label} over {topic}", file=sys.stderr, flush=True)
         log = open(Path(state) / "peer.log", "w+")
@@ -180,15 +182,18 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: in
                 print(f"progress: {peer.label} {so_far} after {now - started:.0f} s", file=sys.stderr, flush=True)
                 shown = now
             time.sleep(0.2 if peer.exits_at_end else 0.5)
+        ran_s = time.monotonic() - started
         bench.stop(proc, group=True)
         sampler.done.set()
         sampler.join()
         log.seek(0)
         tail = log.read().strip().splitlines()[-20:]
         log.close()
+        failure = None  # the last line it wrote, when it failed: a row of the table all the same
         if done_s is None and proc.returncode not in (0, -15):
             print(f"bench: error: {peer.label} failed:\n" + "\n".join(tail), file=sys.stderr)
-            return None
+            failure = next((line.strip() for line in reversed(tail) if line.strip()),
+                           f"exit status {proc.returncode}")
         # its processes' peaks (the others' the largest of them, each)
         peak = max(sampler.peak["python"], bench.Sampler._rss(proc.pid)) + (processes - 1) * sampler.peak["shards"]
         kafka_ids = {json.loads(r.value)["trigger_id"] for r in kafkaio.read_to_end(settings, triggers)}
@@ -196,6 +201,7 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: in
         late = [(t, c) for t, c in seen if t >= seen[-1][0] - 60] if seen else []
         last_rate = (late[-1][1] - late[0][1]) / (late[-1][0] - late[0][0]) if len(late) > 1 else None
         return {"wall_s": done_s, "committed": count, "total": total, "timeout_s": timeout_s, "rss": peak,
+                "ran_s": ran_s, "failure": failure,
                 "last_minute_rate": last_rate, "cpu_s": sampler.cpu_s(),
                 "redis_peak": sampler.peak["redis"], "kafka_ids": kafka_ids, "log": tail}
 
@@ -253,8 +259,6 @@ def main(argv: list[str]) -> int:
     runs = {}
     for key in chosen:
         run = run_peer(settings, peers.PEERS[key], topic, peer_redis, args.peer_timeout, args.peer_processes)
-        if run is None:
-            return 1
         run["triggers"], run["counts"] = stream_triggers(peer_redis), profile_counts(peer_redis)
         runs[key] = run
 
@@ -282,6 +286,8 @@ def main(argv: list[str]) -> int:
         peer = peers.PEERS[key]
         if run["wall_s"] is not None:
             wall, rate = f"{run['wall_s']:.1f} s", f"{events / run['wall_s']:,.0f}"
+        elif run["failure"] is not None:
+            wall, rate = f"failed after {run['ran_s']:.0f} s ({run['failure']})", "-"
         elif run["committed"] is None:
             wall, rate = f"did not finish in {run['timeout_s']:.0f} s", "-"
         else:
@@ -290,7 +296,7 @@ def main(argv: list[str]) -> int:
             if run["last_minute_rate"] is not None:
                 rate += f" ({run['last_minute_rate']:,.0f} in its last minute)"
         cols.append((f"peer ({peer.label})", [
-            "same topic", wall, rate, "-", _cpu(run["cpu_s"], run["wall_s"] or run["timeout_s"]),
+            "same topic", wall, rate, "-", _cpu(run["cpu_s"], run["wall_s"] or run["ran_s"]),
             f"{run['rss'] / 2**20:,.0f} MiB", f"{run['redis_peak'] / 2**20:,.0f} MiB",
             f"{len(run['triggers']):,}", f"{len(run['counts']):,}", "no", peer.guarantee]))
         if run["wall_s"] is None:
@@ -318,7 +324,8 @@ def main(argv: list[str]) -> int:
     ok = True
     for peer, ratio, same_triggers, differ in verdicts:
         if ratio is None:
-            print(f"\n{peer.label}: outputs NOT COMPARED (it did not finish; --peer-timeout gives it longer)")
+            why = "it failed" if runs[peer.key]["failure"] else "it did not finish; --peer-timeout gives it longer"
+            print(f"\n{peer.label}: outputs NOT COMPARED ({why})")
             continue
         print(f"\n{peer.label}: ratio of events/s over the wall clock, product / peer: {ratio:.2f}")
         print(f"{peer.label}: outputs: triggers (ids, users, starts, carts, values) "
