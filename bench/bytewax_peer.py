@@ -24,8 +24,9 @@ of the product, and nothing of the product imports it.
 Settings from the environment: PEER_BROKERS, PEER_INPUT, PEER_TRIGGERS, PEER_REDIS
 (host:port/db), PEER_GAP_MS, PEER_OUT_OF_ORDERNESS_MS (how long the clock waits
 for late events: the product's bound, 5000 by default), PEER_TAIL (1, default: wait
-for new events; 0: stop at the topic's end), PEER_WAKE (system, default; or none), PEER_PROCESSES (1, default: one process, one
-worker; N: a cluster of N processes on loopback, one worker each).
+for new events; 0: stop at the topic's end), PEER_WAKE (system, default; or none),
+PEER_PROCESSES (1, default: one process, one worker; N: a cluster of N processes on
+loopback, one worker each).
 """
 
 from __future__ import annotations
