@@ -292,7 +292,7 @@ def main(argv: list[str]) -> int:
             wall, rate = f"did not finish in {run['timeout_s']:.0f} s", "-"
         else:
             wall = f"did not finish in {run['timeout_s']:.0f} s ({run['committed']:,} of {run['total']:,} committed)"
-            rate = f"under {run['committed'] / run['timeout_s']:,.0f}"
+            rate = f"under {run['committed'] / run['ran_s']:,.0f}"
             if run["last_minute_rate"] is not None:
                 rate += f" ({run['last_minute_rate']:,.0f} in its last minute)"
         cols.append((f"peer ({peer.label})", [
@@ -335,7 +335,7 @@ def main(argv: list[str]) -> int:
     p99 = {w: q(run["stream"], 0.99) for w, run in latency.items()}
     walls = {"product": product_wall, **{k: r["wall_s"] for k, r in runs.items()}}
     _chart(args.chart, events, walls, p99,
-           {k: r["committed"] / r["timeout_s"] for k, r in runs.items() if r["committed"] is not None})
+           {k: r["committed"] / r["ran_s"] for k, r in runs.items() if r["committed"] is not None})
     if all(ratio is None for _, ratio, _, _ in verdicts):
         return 2  # nothing compared
     return 0 if ok else 1
