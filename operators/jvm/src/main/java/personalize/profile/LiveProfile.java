@@ -1,0 +1,150 @@
+package personalize.profile;
+
+import java.util.List;
+
+import org.apache.flink.table.annotation.ArgumentHint;
+import org.apache.flink.table.annotation.ArgumentTrait;
+import org.apache.flink.table.annotation.DataTypeHint;
+import org.apache.flink.table.annotation.FunctionHint;
+import org.apache.flink.table.annotation.StateHint;
+import org.apache.flink.table.functions.ProcessTableFunction;
+import org.apache.flink.types.Row;
+
+/**
+ * {@code live_profile(input => TABLE events PARTITION BY user_id, on_time => DESCRIPTOR(rowtime))}:
+ * one keyed JVM operator holding each user's whole live state ({@link UserState}), updated per
+ * event (registered by jobs/profile.py; it replaces the totals GROUP BY, the HOP window and
+ * the SESSION window of earlier releases).
+ *
+ * <p>It emits two kinds of rows: {@code live}, the user's profile fields after every change
+ * (an event, or a session closing), with a per-user {@code version} that only grows; and
+ * {@code closed}, one per closed session, its columns packed in one string for the models'
+ * Python step ({@code operators/sessions.py}). Sessions close on event-time timers when the
+ * watermark reaches their last event + gap - 1. Rows at or behind the watermark never reach
+ * {@code eval} (Flink 2.2 drops them before it); the job's late split has sent them to the
+ * dead-letter topic already.
+ */
+@FunctionHint(output = @DataTypeHint(
+        "ROW<kind STRING, version BIGINT, epoch BIGINT, consent BOOLEAN, consent_ms BIGINT, "
+                + "n_events BIGINT, n_page_view BIGINT, n_product_view BIGINT, n_add_to_cart BIGINT, "
+                + "n_remove_from_cart BIGINT, n_checkout BIGINT, n_purchase BIGINT, n_search BIGINT, "
+                + "revenue_cents BIGINT, first_seen_ms BIGINT, last_seen_ms BIGINT, events_by_hour STRING, "
+                + "recent_events BIGINT, recent_product_views BIGINT, recent_window_end_ms BIGINT, "
+                + "session_start_ms BIGINT, session_events BIGINT, session_product_views BIGINT, "
+                + "session_products BIGINT, session_cart STRING, session_cart_value_cents BIGINT, "
+                + "session_last_cart_add_ms BIGINT, session_top_category STRING, session STRING>"))
+public final class LiveProfile extends ProcessTableFunction<Row> {
+    public static final String LIVE = "live";
+    public static final String CLOSED = "closed";
+    private static final String CLOSE_TIMER = "close";
+    /** the output row's width (the columns of the hint above) */
+    static final int WIDTH = 29;
+
+    /** The state: the user's {@link UserState} as bytes, read and written whole per call. */
+    public static final class Stored {
+        public byte[] data;
+    }
+
+    private final long gapMs;
+    private final long slideMs;
+    private final int slices;
+    private final int limit;
+
+    /** Built by jobs/profile.py with the settings: session gap, recent window and slide, list limit. */
+    public LiveProfile(String gapMs, String recentWindowMs, String recentSlideMs, String listLimit) {
+        this.gapMs = Long.parseLong(gapMs);
+        this.slideMs = Long.parseLong(recentSlideMs);
+        long window = Long.parseLong(recentWindowMs);
+        if (this.gapMs < 1 || this.slideMs < 1 || window < slideMs || window % slideMs != 0) {
+            throw new IllegalArgumentException("live_profile needs gap >= 1 ms and a window that is a multiple of "
+                    + "its slide, got gap " + gapMs + ", window " + recentWindowMs + ", slide " + recentSlideMs);
+        }
+        this.slices = (int) (window / slideMs);
+        this.limit = Integer.parseInt(listLimit);
+    }
+
+    public void eval(Context ctx, @StateHint(name = "user") Stored stored,
+                     @ArgumentHint({ArgumentTrait.SET_SEMANTIC_TABLE, ArgumentTrait.REQUIRE_ON_TIME}) Row input) {
+        UserState user = UserState.fromBytes(stored.data);
+        UserState.Event e = new UserState.Event(
+                input.getFieldAs("user_id"), input.getFieldAs("event_type"), input.getFieldAs("product_id"),
+                input.getFieldAs("category"), input.getFieldAs("price_cents"), input.getFieldAs("quantity"),
+                Boolean.TRUE.equals(input.getField("consent_personalization")),
+                Boolean.TRUE.equals(input.getField("consent_marketing")),
+                input.<Long>getFieldAs("event_time_ms"), input.<Long>getFieldAs("epoch"));
+        if (!user.apply(e, gapMs, slideMs, slices, limit)) {
+            return; // of state an erasure superseded
+        }
+        collect(live(user));
+        schedule(ctx, user);
+        stored.data = user.toBytes();
+    }
+
+    public void onTimer(OnTimerContext ctx, Stored stored) {
+        UserState user = UserState.fromBytes(stored.data);
+        TimeContext<Long> time = ctx.timeContext(Long.class);
+        Long watermark = time.currentWatermark();
+        // the timer fires once the watermark reached its time: close all that is due by then
+        long due = Math.max(watermark == null ? Long.MIN_VALUE : watermark, time.time());
+        List<UserState.Session> closed = user.closeDue(due, gapMs);
+        if (closed.isEmpty()) {
+            schedule(ctx, user);
+            return;
+        }
+        for (UserState.Session session : closed) {
+            collect(closedRow(session.packed(user.userId(), user.epoch())));
+        }
+        collect(live(user));
+        schedule(ctx, user);
+        stored.data = user.toBytes();
+    }
+
+    private void schedule(Context ctx, UserState user) {
+        long next = user.nextCloseMs(gapMs);
+        if (next >= 0) {
+            ctx.timeContext(Long.class).registerOnTime(CLOSE_TIMER, next);
+        } else {
+            ctx.timeContext(Long.class).clearTimer(CLOSE_TIMER);
+        }
+    }
+
+    private Row live(UserState u) {
+        Row row = new Row(WIDTH);
+        row.setField(0, LIVE);
+        row.setField(1, u.version());
+        row.setField(2, u.epoch());
+        row.setField(3, u.consent());
+        row.setField(4, u.consentMs());
+        row.setField(5, u.nEvents());
+        for (int t = 0; t < UserState.EVENT_TYPES.length; t++) {
+            row.setField(6 + t, u.count(t));
+        }
+        row.setField(13, u.revenueCents());
+        row.setField(14, u.firstSeenMs());
+        row.setField(15, u.lastSeenMs());
+        row.setField(16, u.eventsByHour());
+        long[] recent = u.recentCounts(slideMs);
+        row.setField(17, recent[0]);
+        row.setField(18, recent[1]);
+        row.setField(19, u.recentWindowEndMs(slideMs));
+        UserState.Session s = u.current();
+        if (s != null) {
+            row.setField(20, s.startMs());
+            row.setField(21, s.nEvents());
+            row.setField(22, s.productViews());
+            row.setField(23, (long) s.distinctProducts());
+            row.setField(24, s.cartJson());
+            row.setField(25, s.cartJson() == null ? null : s.cartValueCents());
+            row.setField(26, s.lastCartAddMs() >= 0 ? s.lastCartAddMs() : null);
+            row.setField(27, s.topCategory());
+        }
+        return row;
+    }
+
+    private static Row closedRow(String packed) {
+        Row row = new Row(WIDTH);
+        row.setField(0, CLOSED);
+        row.setField(WIDTH - 1, packed);
+        return row;
+    }
+}

@@ -1,0 +1,173 @@
+package personalize.profile;
+
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertNull;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.util.List;
+
+import org.junit.jupiter.api.Test;
+
+/** What one user's live state holds after each event and each close (pure logic, no Flink). */
+class UserStateTest {
+    static final long GAP = 30 * 60_000L, SLIDE = 5 * 60_000L;
+    static final int SLICES = 6, LIMIT = 1000;
+    static final long T0 = 1_700_000_000_000L - 1_700_000_000_000L % SLIDE; // a slice boundary
+
+    static UserState.Event ev(String type, long t) {
+        return ev(type, t, true, "p1", "shoes", 1999L, 1);
+    }
+
+    static UserState.Event ev(String type, long t, boolean consent, String product, String category, Long cents,
+                              Integer quantity) {
+        return new UserState.Event("u1", type, product, category, cents, quantity, consent, true, t, 0);
+    }
+
+    static UserState run(UserState.Event... events) {
+        UserState u = new UserState();
+        for (UserState.Event e : events) {
+            assertTrue(u.apply(e, GAP, SLIDE, SLICES, LIMIT));
+            u = UserState.fromBytes(u.toBytes()); // as the function holds it: bytes between calls
+        }
+        return u;
+    }
+
+    @Test
+    void totalsCountOnlyConsentedEventsAndTheNewestEventDecidesConsent() {
+        UserState u = run(ev("product_view", T0), ev("purchase", T0 + 1000, true, "p1", "shoes", 1999L, 3),
+                ev("page_view", T0 + 2000, false, null, null, null, 1));
+        assertEquals(2, u.nEvents());
+        assertEquals(1, u.count(UserState.PRODUCT_VIEW));
+        assertEquals(1, u.count(UserState.PURCHASE));
+        assertEquals(0, u.count(UserState.PAGE_VIEW));
+        assertEquals(3 * 1999, u.revenueCents());
+        assertEquals(T0, u.firstSeenMs());
+        assertEquals(T0 + 1000, u.lastSeenMs());
+        assertFalse(u.consent());
+        assertEquals(T0 + 2000, u.consentMs());
+        long hour = (T0 / 3_600_000L) % 24;
+        assertEquals(2, Long.parseLong(u.eventsByHour().split(",")[(int) hour]));
+        // consent again later: the flag follows the newest event, even one that arrives out of order
+        UserState back = run(ev("page_view", T0 + 5000), ev("page_view", T0 + 3000, false, null, null, null, 1));
+        assertTrue(back.consent());
+    }
+
+    @Test
+    void recentCountsTheSlicesOfTheWindowEndingAtTheSliceBoundaryAfterTheNewestEvent() {
+        UserState u = run(ev("product_view", T0 - 31 * 60_000L), ev("product_view", T0 - 25 * 60_000L),
+                ev("page_view", T0 - 60_000L), ev("product_view", T0 + 10));
+        // window [T0 + SLIDE - 30 min, T0 + SLIDE): the event 31 min before is out, 25 min before is in
+        assertEquals(T0 + SLIDE, u.recentWindowEndMs(SLIDE));
+        assertArrayEquals(new long[] {3, 2}, u.recentCounts(SLIDE));
+        // an hour later only the newest event's slice counts
+        UserState later = run(ev("product_view", T0), ev("page_view", T0 + 3_600_000L));
+        assertArrayEquals(new long[] {1, 0}, later.recentCounts(SLIDE));
+        // an event older than the window counts in the totals, not in recent
+        UserState old = run(ev("page_view", T0 + 3_600_000L), ev("product_view", T0));
+        assertArrayEquals(new long[] {1, 0}, old.recentCounts(SLIDE));
+        assertEquals(2, old.nEvents());
+    }
+
+    @Test
+    void aSessionClosesWhenTheWatermarkReachesItsLastEventPlusTheGapMinusOne() {
+        UserState u = run(ev("page_view", T0), ev("add_to_cart", T0 + 60_000, true, "p9", "bags", 500L, 2));
+        assertEquals(T0 + 60_000 + GAP - 1, u.nextCloseMs(GAP));
+        assertTrue(u.closeDue(T0 + 60_000 + GAP - 2, GAP).isEmpty());
+        List<UserState.Session> closed = u.closeDue(T0 + 60_000 + GAP - 1, GAP);
+        assertEquals(1, closed.size());
+        assertNull(u.current());
+        assertEquals(-1, u.nextCloseMs(GAP));
+        String[] cols = closed.get(0).packed("u1", 0).split("\u001d", -1);
+        assertEquals(19, cols.length);
+        assertEquals("u1", cols[0]);
+        assertEquals(Long.toString(T0), cols[1]);
+        assertEquals(Long.toString(T0 + 60_000), cols[2]);
+        assertEquals("2", cols[3]); // events
+        assertEquals("1", cols[4]); // page views
+        assertEquals("1", cols[7]); // cart adds
+        assertEquals("", cols[12]); // no checkout or purchase
+        assertEquals("+\u001fp9\u001f2\u001f500\u001f" + (T0 + 60_000), cols[13]);
+        assertEquals("shoes\u001ebags", cols[14]);
+        assertEquals("", cols[15]); // no product views
+        assertEquals("1", cols[16]);
+        assertEquals("1", cols[17]);
+        assertEquals("0", cols[18]);
+    }
+
+    @Test
+    void theNextEventAGapLaterStartsANewSessionEvenBeforeTheOldOneCloses() {
+        UserState u = run(ev("page_view", T0), ev("page_view", T0 + GAP - 1), ev("page_view", T0 + 2 * GAP - 1));
+        assertEquals(2, u.open.size());
+        assertEquals(T0 + 2 * GAP - 1, u.current().startMs());
+        List<UserState.Session> closed = u.closeDue(T0 + 2 * GAP - 2, GAP);
+        assertEquals(1, closed.size());
+        assertEquals(2, closed.get(0).nEvents());
+        assertEquals(1, u.current().nEvents());
+    }
+
+    @Test
+    void anOutOfOrderEventThatBridgesTwoOpenSessionsMergesThem() {
+        UserState u = run(ev("page_view", T0), ev("page_view", T0 + GAP + 10 * 60_000L),
+                ev("product_view", T0 + 20 * 60_000L));
+        assertEquals(1, u.open.size());
+        UserState.Session s = u.current();
+        assertEquals(T0, s.startMs());
+        assertEquals(T0 + GAP + 10 * 60_000L, s.endMs());
+        assertEquals(3, s.nEvents());
+    }
+
+    @Test
+    void theLiveSessionHasItsNetCartTopCategoryProductsAndLastCartAdd() {
+        UserState u = run(
+                ev("product_view", T0, true, "p1", "shoes", 1000L, 1),
+                ev("product_view", T0 + 1, true, "p2", "bags", 500L, 1),
+                ev("add_to_cart", T0 + 2, true, "p1", "shoes", 1000L, 2),
+                ev("add_to_cart", T0 + 3, true, "p2", "bags", 500L, 1),
+                ev("add_to_cart", T0 + 4, true, "p1", "shoes", 1100L, 1), // the latest add's price
+                ev("remove_from_cart", T0 + 5, true, "p2", "bags", 500L, 1),
+                ev("remove_from_cart", T0 + 6, true, "p7", "hats", 100L, 5), // never added: nothing
+                ev("product_view", T0 + 7, true, "p3", "shoes", 300L, 1));
+        UserState.Session s = u.current();
+        assertEquals("[{\"product_id\":\"p1\",\"quantity\":3,\"price\":\"11.00\"}]", s.cartJson());
+        assertEquals(3300, s.cartValueCents());
+        assertEquals("shoes", s.topCategory());
+        assertEquals(3, s.productViews());
+        assertEquals(3, s.distinctProducts()); // p1, p2, p3 (p7 was only removed)
+        assertEquals(T0 + 4, s.lastCartAddMs());
+        assertEquals(8, s.nEvents());
+    }
+
+    @Test
+    void theVersionGrowsWithEveryChangeAndAcrossAnErasure() {
+        UserState u = run(ev("page_view", T0));
+        long v1 = u.version();
+        assertTrue(u.apply(ev("page_view", T0 - 10), GAP, SLIDE, SLICES, LIMIT)); // older: still a change
+        long v2 = u.version();
+        assertTrue(v2 > v1);
+        u.closeDue(Long.MAX_VALUE, GAP);
+        long v3 = u.version();
+        assertTrue(v3 > v2);
+        assertTrue(u.apply(new UserState.Event("u1", "page_view", null, null, null, 1, true, true, T0 - 20, 7),
+                GAP, SLIDE, SLICES, LIMIT));
+        assertTrue(u.version() > v3);
+        assertEquals(7, u.epoch());
+        assertEquals(1, u.nEvents()); // the erasure dropped what came before
+        // an event of the superseded epoch changes nothing
+        assertFalse(u.apply(ev("page_view", T0 + 99), GAP, SLIDE, SLICES, LIMIT));
+        assertEquals(1, u.nEvents());
+    }
+
+    @Test
+    void listsKeepTheirFirstItemsUpToTheLimit() {
+        UserState u = new UserState();
+        for (int i = 0; i < 5; i++) {
+            u.apply(ev("add_to_cart", T0 + i, true, "p" + i, "c" + i, 100L, 1), GAP, SLIDE, SLICES, 3);
+        }
+        String[] cols = u.closeDue(Long.MAX_VALUE, GAP).get(0).packed("u1", 0).split("\u001d", -1);
+        assertEquals(3, cols[13].split("\u001e").length);
+        assertEquals("c0\u001ec1\u001ec2", cols[14]);
+        assertEquals("5", cols[7]); // the counts are not bounded
+    }
+}
