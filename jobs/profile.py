@@ -1,10 +1,13 @@
 """The profile job: Avro events -> decode (a Java scalar function in SQL, once per event)
--> JVM windows -> profile changelog, trending products and dead letters on Kafka
-(exactly-once); closed sessions -> session fields, models, segment changes and
-cart-abandonment triggers (Python, once per session) -> Kafka (exactly-once).
+-> each user's live state in one JVM function (``operators.live``) -> the live profile
+changelog on Kafka (at-least-once, per-user versions, no checkpoint wait); trending
+products and dead letters on Kafka (exactly-once); closed sessions -> session fields,
+models, segment changes and cart-abandonment triggers (Python, once per session) ->
+Kafka (exactly-once).
 
-Redis is materialized from the changelog by ``sinks.redis`` (a read_committed
-loader), so every Redis write follows a committed Flink checkpoint.
+Redis is materialized from the changelogs by ``sinks.redis``: the live profile as soon as
+it is written (a change applies only when its version is newer), the rest once its
+checkpoint commits it (read_committed).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from operators import actions, decode, sessions, windows
+from operators import actions, decode, live, windows
 from personalize import credentials
 from personalize.settings import Settings
 from sinks import kafka as kafka_sinks
@@ -21,8 +24,9 @@ SOURCE = "events_source"
 CHECKED_VIEW = "events_checked"
 EVENTS_VIEW = "events_clean"
 DEAD_LETTERS = "dead_letter_sink"
-PROFILE_TOTALS = "profile_totals_sink"
-PROFILE_RECENT = "profile_recent_sink"
+PROFILE_LIVE = "profile_live_sink"
+LIVE_TOMBSTONES = "profile_live_tombstones_sink"
+LIVE_VIEW = "live_changes"
 PROFILE_SESSIONS = "profile_sessions_sink"
 TRENDING = "trending_sink"
 TRIGGERS = "triggers_sink"
@@ -35,7 +39,6 @@ DECODE_FUNCTION = "personalize.decode.DecodeEvent"
 ERASED_SINCE_FUNCTION = "personalize.decode.ErasureFunction$Superseded"
 ERASURE_APPLIED_FUNCTION = "personalize.decode.ErasureFunction$Applied"
 DECODE_ERASURE_FUNCTION = "personalize.decode.ErasureFunction$Decode"
-BOUNDED_LIST_FUNCTION = "personalize.decode.BoundedList"
 
 
 def _row_type(columns):
@@ -106,11 +109,13 @@ def erasure_functions(t_env, settings: Settings) -> None:
     _java_function(t_env, "decode_erasure", DECODE_ERASURE_FUNCTION)
 
 
-def session_functions(t_env, settings: Settings) -> None:
-    """The session windows' ``bounded_list`` (operators/jvm: BoundedList): LISTAGG that keeps
-    the first ``session_list_limit`` items."""
-    _java_function(t_env, sessions.BOUNDED_LIST, BOUNDED_LIST_FUNCTION, sessions.ITEM_SEP,
-                   str(settings.session_list_limit))
+def live_changes(t_env, events_view: str, settings: Settings):
+    """Every user's live state changes (``operators.live``: the JVM function, partitioned by
+    user), behind a barrier: both the live profile sink and the closed sessions for the
+    models read them, and each reader of a SQL query would otherwise plan its own copy of
+    the function, its state and timers."""
+    _java_function(t_env, live.FUNCTION, live.CLASS, *live.function_args(settings))
+    return t_env.from_data_stream(t_env.to_data_stream(t_env.sql_query(live.changes(events_view))))
 
 
 def decoded_events(t_env, source: str, settings: Settings):
@@ -180,10 +185,9 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     configure(t_env, settings, bounded=bounded)
     t_env.execute_sql(kafka_sinks.events_source(SOURCE, settings, bounded=bounded, group_id=group_id))
     t_env.execute_sql(kafka_sinks.dead_letter_sink(DEAD_LETTERS, settings))
-    t_env.execute_sql(kafka_sinks.profile_part_sink(PROFILE_TOTALS, settings, "totals", windows.TOTALS_COLUMNS,
-                                                    bounded=bounded))
-    t_env.execute_sql(kafka_sinks.profile_part_sink(PROFILE_RECENT, settings, "recent", windows.RECENT_COLUMNS,
-                                                    bounded=bounded))
+    t_env.execute_sql(kafka_sinks.profile_live_sink(PROFILE_LIVE, settings, live.LIVE_COLUMNS, bounded=bounded))
+    t_env.execute_sql(kafka_sinks.keyed_bytes_sink(LIVE_TOMBSTONES, settings, settings.topic_profile_live,
+                                                   sink="erasures"))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(PROFILE_SESSIONS, settings, settings.topic_profile_updates,
                                                    sink=actions.PROFILE_PART))
     t_env.execute_sql(kafka_sinks.trending_sink(TRENDING, settings))
@@ -205,11 +209,12 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
         FROM (SELECT decode_erasure(`value`) AS e FROM {ERASURES_SOURCE})
         WHERE e.user_id IS NOT NULL AND erasure_applied(e.user_id, e.requested_ms)"""))
 
+    # each user's live state in one JVM operator: its changes, and its closed sessions
+    t_env.create_temporary_view(LIVE_VIEW, live_changes(t_env, EVENTS_VIEW, settings))
+
     # closed sessions (about one row per nine events) and erasures -> session fields,
     # models and triggers in Python, keyed by a constant: the models are one global object
-    session_functions(t_env, settings)
-    packed = (f"{sessions.session_closes(EVENTS_VIEW, settings)} UNION ALL "
-              f"{actions.erasure_rows(ERASURES_VIEW)}")
+    packed = f"{live.closed_sessions(LIVE_VIEW)} UNION ALL {actions.erasure_rows(ERASURES_VIEW)}"
     acted = (
         keyed_by_constant(t_env, packed)
         .process(actions.actions_function(settings), output_type=_row_type(actions.ACTION_COLUMNS))
@@ -234,19 +239,20 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
                            CASE WHEN reason = '{decode.LATE}' THEN {windows.epoch_ms('wm')} END),
                rowtime
         FROM {CHECKED_VIEW} WHERE reason IS NOT NULL AND reason <> '{decode.ERASED}'""")
-    statements.add_insert_sql(f"INSERT INTO {PROFILE_TOTALS} {windows.totals(EVENTS_VIEW)}")
-    statements.add_insert_sql(f"INSERT INTO {PROFILE_RECENT} {windows.recent(EVENTS_VIEW, settings)}")
+    statements.add_insert_sql(f"INSERT INTO {PROFILE_LIVE} {live.live_rows(LIVE_VIEW)}")
     statements.add_insert_sql(f"INSERT INTO {TRENDING} {windows.trending(EVENTS_VIEW, settings)}")
-    # a forgotten user's tombstones (NULL values): one per profile part, and one on the
-    # triggers and segment changes (the row of the sessions part carries it)
+    # a forgotten user's tombstones (NULL values): one per profile part (the live changelog's
+    # under the user id), and one on the triggers and segment changes (the row of the
+    # sessions part carries it)
     for sink, key, column, tombstones in (
-            (PROFILE_SESSIONS, "profile_key", "profile", "tombstone IS NOT NULL"),
-            (TRIGGERS, "user_id", "trigger", f"tombstone = '{actions.PROFILE_PART}'"),
-            (SEGMENT_CHANGES, "user_id", "segment_change", f"tombstone = '{actions.PROFILE_PART}'"),
-            (MODEL_SNAPSHOTS, "user_id", "snapshot", "FALSE")):
+            (PROFILE_SESSIONS, "`profile_key`", "`profile`", f"tombstone = '{actions.PROFILE_PART}'"),
+            (LIVE_TOMBSTONES, "`user_id`", "CAST(NULL AS BYTES)", f"tombstone = '{actions.LIVE_PART}'"),
+            (TRIGGERS, "`user_id`", "`trigger`", f"tombstone = '{actions.PROFILE_PART}'"),
+            (SEGMENT_CHANGES, "`user_id`", "`segment_change`", f"tombstone = '{actions.PROFILE_PART}'"),
+            (MODEL_SNAPSHOTS, "`user_id`", "`snapshot`", "FALSE")):
         statements.add_insert_sql(
-            f"INSERT INTO {sink} SELECT `{key}`, `{column}`, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM {ACTIONS_VIEW} "
-            f"WHERE `{column}` IS NOT NULL OR {tombstones}")
+            f"INSERT INTO {sink} SELECT {key}, {column}, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM {ACTIONS_VIEW} "
+            f"WHERE {column} IS NOT NULL OR {tombstones}")
     return statements
 
 

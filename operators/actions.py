@@ -38,14 +38,17 @@ ACTION_COLUMNS = (
     ("segment_change", "BYTES"),    # Avro SegmentChange
     ("snapshot", "BYTES"),          # JSON model snapshot (snapshot rows only)
     ("ts_ms", "BIGINT"),            # event time: the record timestamp on Kafka
-    # an erasure's tombstone row: the profile part whose key (profile_key) it deletes;
+    # an erasure's tombstone row: the profile part whose key it deletes (profile_key on the
+    # changelog of this step's part, user_id on the live changelog);
     # the row of the sessions part also deletes the user's key on triggers and segment changes
     ("tombstone", "STRING"),
 )
 SNAPSHOT_KEY = "models"
 END_OF_INPUT = 2**63 - 1
 PROFILE_PART = "sessions"
-PROFILE_PARTS = ("totals", "recent", PROFILE_PART)
+# the live changelog's part (operators/live.py: keyed by the user id alone), then this step's
+LIVE_PART = "live"
+PROFILE_PARTS = (LIVE_PART, PROFILE_PART)
 TOP_CATEGORIES = 3
 # an erasure request among the packed session rows: the mark, then user_id and requested_ms
 # joined by the column separator (``erasure_rows``)

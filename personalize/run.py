@@ -106,7 +106,8 @@ def _committed_since(settings: Settings, topic: str, since: dict[int, int]) -> i
 
 def ensure_topics(settings: Settings) -> None:
     topics.ensure(settings, settings.topics, local_stack=True)
-    topics.ensure(settings, [settings.topic_profile_updates, settings.topic_erasures], local_stack=True,
+    topics.ensure(settings, [settings.topic_profile_updates, settings.topic_profile_live, settings.topic_erasures],
+                  local_stack=True,
                   configs={"cleanup.policy": "compact"})
     topics.ensure(settings, [settings.topic_trending], local_stack=True)
     topics.ensure(settings, [settings.topic_model_snapshots], local_stack=True, partitions=1,

@@ -109,8 +109,10 @@ class Settings:
     # nothing measurable, docs/benchmarks.md; the models learn per segment_batch either way)
     model_batch: int = 256
     model_flush_ms: int = 200
-    # the profile changelog sink keeps the newest row per key for this long / this many keys
-    profile_flush_ms: int = 5_000
+    # the live profile sink keeps the newest row per user for this long / this many users
+    # before it writes them (operators/live.py): a user busier than that is written once
+    # per flush, not per event. Bounded runs write at checkpoints and at the end
+    profile_flush_ms: int = 100
     profile_flush_rows: int = 200_000
     # processes a Redis drain (end of a bounded run, `personalize load`) reads with,
     # each the changelog and trigger partitions with its number modulo this (sinks/redis.py)
@@ -263,6 +265,13 @@ class Settings:
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
+
+    @property
+    def topic_profile_live(self) -> str:
+        """Internal: the live profile changelog (operators/live.py), at-least-once and keyed by
+        user id, beside the exactly-once one: a transaction open on a partition holds back
+        what read_committed readers see of it, non-transactional records included."""
+        return f"{self.topic_profile_updates}-live"
 
     @property
     def topics(self) -> tuple[str, ...]:

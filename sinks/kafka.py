@@ -83,33 +83,34 @@ def dead_letter_sink(table: str, settings: Settings) -> str:
     return keyed_bytes_sink(table, settings, settings.topic_dlq)
 
 
-def profile_part_sink(table: str, settings: Settings, part: str, columns, *, bounded: bool = False) -> str:
-    """One profile part's changelog: an upsert per (user, part), typed JSON, on the compacted
-    profile-updates topic (key ``{"user_id":…,"part":…}``, value the part's fields, NULLs left out).
+def profile_live_sink(table: str, settings: Settings, columns, *, bounded: bool = False) -> str:
+    """The live profile changelog (operators/live.py): an upsert per user, keyed by the user id
+    (its UTF-8 bytes, the partition Kafka's default partitioner gives it), typed JSON values
+    with NULLs left out, at-least-once: written without waiting for a checkpoint.
 
-    The sink keeps only the newest row per key between flushes (and at every
-    checkpoint), so the changelog carries one record per user and part per flush,
-    not one per event or window. Bounded runs flush only at checkpoints (rare
-    there) and at the end: one record per (user, part) for a backfill."""
+    The sink keeps only the newest row per user between flushes (every ``profile_flush_ms``,
+    at every checkpoint and at the end of input), so a busy user is written once per flush,
+    not once per event. Bounded runs flush only at checkpoints and at the end: one record per
+    user for a backfill."""
     flush_ms = 3_600_000 if bounded else settings.profile_flush_ms
     flush_rows = 10_000_000 if bounded else settings.profile_flush_rows
     typed = ",\n            ".join(f"`{name}` {sql}" for name, sql in columns)
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
             `user_id` STRING,
-            `part` STRING,
             {typed},
-            PRIMARY KEY (`user_id`, `part`) NOT ENFORCED
+            PRIMARY KEY (`user_id`) NOT ENFORCED
         ) WITH (
             'connector' = 'upsert-kafka',
-            'topic' = '{settings.topic_profile_updates}',
+            'topic' = '{settings.topic_profile_live}',
             {_brokers(settings)},
-            'key.format' = 'json',
+            'key.format' = 'raw',
             'value.format' = 'json',
             'value.json.encode.ignore-null-fields' = 'true',
             'value.fields-include' = 'EXCEPT_KEY',
             'sink.buffer-flush.max-rows' = '{flush_rows}',
-            'sink.buffer-flush.interval' = '{flush_ms} ms',{_exactly_once(settings, settings.topic_profile_updates, part)}
+            'sink.buffer-flush.interval' = '{flush_ms} ms',
+            'sink.delivery-guarantee' = 'at-least-once'
         )"""
 
 

@@ -58,11 +58,13 @@ import redis as redis_lib
 from personalize import credentials, logs
 from personalize.errors import ServiceUnavailable
 from personalize.settings import Settings, project_root
+from operators import live
 from operators.triggers import format_cents
 
 log = logs.get(__name__)
 
 PROFILE_PREFIX = "profile:"
+LIVE_PART = "live"  # the live changelog's records (operators/live.py): one part, the user's whole live state
 TRENDING_PREFIX = "trending:"
 INTERNAL = "personalize:"
 TRENDING_WINDOWS = INTERNAL + "trending:window_end_ms"
@@ -133,6 +135,39 @@ end
 return out
 """
 PROFILES_PER_SCRIPT = 1_000
+# apply one live profile change (operators/live.py) only when it is newer than the profile:
+# its version above the one the profile holds (versions are decimal strings: compared by
+# length, then as text, since Lua's numbers are doubles), and its consent flag from after
+# any withdrawal marked. A withdrawal marks the user (the newest event time it is from) and
+# deletes the profile; consent given again clears the mark. KEYS: the profile, the
+# no-consent marks; ARGV: user, version, consent ('1'/'0'), consent_ms, ttl ms (0: none),
+# n, the n fields to delete (the session in progress's, when none is open), then field,
+# value, ... Reply: 1 written, -1 deleted (consent withdrawn), 0 not newer (skipped)
+_APPLY_LIVE = """
+local function newer(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local stored = redis.call('HGET', KEYS[1], 'version')
+if stored and not newer(ARGV[2], stored) then return 0 end
+local mark = redis.call('HGET', KEYS[2], ARGV[1])
+if mark == '1' then mark = '9223372036854775807' end
+local at = tonumber(ARGV[4])
+if ARGV[3] == '0' then
+  if (not mark) or tonumber(mark) < at then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
+  redis.call('DEL', KEYS[1])
+  return -1
+end
+if mark then
+  if tonumber(mark) >= at then return 0 end
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+local n = tonumber(ARGV[6])
+if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 7, 6 + n)) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7 + n))
+if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
 # add a stream entry only for a trigger id never seen, and index it under its user
 # (KEYS: stream, id set, the user's index; ARGV: id, field, value, ...)
 _ADD_ONCE = """
@@ -211,14 +246,25 @@ def profile_fields(part: str, fields: dict) -> dict[str, str]:
     A field the part lacks (a NULL the job left out, an older job's record) leaves
     its derived fields out; it never stops the loader."""
     out = {k: str(v) for k, v in fields.items() if k not in ("consent", "consent_ms", "epoch") and v is not None}
-    if part == "totals":
+    if part in (LIVE_PART, "totals"):
         if "revenue_cents" in out:
             out["revenue"] = format_cents(int(out["revenue_cents"]))
         if "last_seen_ms" in out:
             out["updated_ms"] = out["last_seen_ms"]  # event time, so a replay writes the same value
         if "events_by_hour" in out:
             out["active_hours"] = active_hours(out["events_by_hour"])
+        if "session_cart_value_cents" in out:
+            out["session_cart_value"] = format_cents(int(out.pop("session_cart_value_cents")))
     return out
+
+
+def live_args(user: str, fields: dict, ttl_ms: int) -> list:
+    """``_APPLY_LIVE``'s ARGV for one live change of ``user``."""
+    mapping = profile_fields(LIVE_PART, fields)
+    mapping["version"] = str(fields.get("version") or 0)
+    gone = [name for name in live.SESSION_FIELDS if name not in mapping]
+    return [user, mapping["version"], "1" if consents(fields) else "0", max(consent_ms(fields), 0), ttl_ms,
+            len(gone), *gone, *(x for kv in mapping.items() for x in kv)]
 
 
 def _dead_letter(rec, exc: Exception) -> dict:
@@ -312,6 +358,7 @@ class Materializer:
         self._add_once = self.redis.register_script(_ADD_ONCE)  # EVALSHA, the script sent once
         self._erase = self.redis.register_script(_ERASE)
         self._drop_withdrawn = self.redis.register_script(_DROP_WITHDRAWN)
+        self._apply_live = self.redis.register_script(_APPLY_LIVE)
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._release = self.redis.register_script(_RELEASE)
         self.holder = _holder()
@@ -322,7 +369,8 @@ class Materializer:
 
     def _owns(self, topic: str, partition: int) -> bool:
         number, count = self.shard
-        if topic in (self.settings.topic_profile_updates, self.settings.topic_triggers, self.settings.topic_erasures):
+        if topic in (self.settings.topic_profile_updates, self.settings.topic_profile_live, self.settings.topic_triggers,
+                     self.settings.topic_erasures):
             return partition % count == number
         return number == 0
 
@@ -344,7 +392,7 @@ class Materializer:
             **credentials.kafka_python(self.settings),
         )
         tps = []
-        for topic in (self.settings.topic_profile_updates, self.settings.topic_trending,
+        for topic in (self.settings.topic_profile_live, self.settings.topic_profile_updates, self.settings.topic_trending,
                       self.settings.topic_triggers, self.settings.topic_model_snapshots, self.settings.topic_erasures):
             for p in sorted(consumer.partitions_for_topic(topic) or ()):
                 if self._owns(topic, p):
@@ -503,6 +551,17 @@ class Materializer:
                         unreadable.append(_dead_letter(rec, exc))
                         continue
                     latest[part] = value
+            elif tp.topic == topics.topic_profile_live:
+                for rec in records:
+                    try:
+                        part = (rec.key.decode(), LIVE_PART)
+                        value = orjson.loads(rec.value) if rec.value is not None else None
+                        if value is not None and not isinstance(value, dict):
+                            raise ValueError(f"a live profile change is a JSON object, not {type(value).__name__}")
+                    except Exception as exc:  # noqa: BLE001 - any unreadable record is skipped with its reason
+                        unreadable.append(_dead_letter(rec, exc))
+                        continue
+                    latest[part] = value
             elif tp.topic == topics.topic_trending:
                 for rec in records:
                     try:
@@ -557,6 +616,7 @@ class Materializer:
             log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
         self.stats.dead_letters += len(unreadable)
         self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
+        self._live_at: list[tuple[int, str]] = []  # live change scripts: position, user
         self._dropped_at: list[tuple[int, list[tuple[str, int]]]] = []  # drop scripts: position, (user, parts)
         self._profiles(pipe, latest.items())
         self._trending(pipe, trending)
@@ -571,6 +631,7 @@ class Materializer:
         replies = pipe.execute(raise_on_error=False)
         self._renewed = time.monotonic()
         refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
+        self._count_live(replies)
         for at, checked in self._dropped_at:
             flags = replies[at - 1]
             for (user, parts), dropped in zip(checked, flags if isinstance(flags, list) else ()):
@@ -620,43 +681,35 @@ class Materializer:
     def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
         """Write profile parts, but none from before the user's consent was withdrawn.
 
-        The ``totals`` part carries the flag of the user's latest event of all and its
-        time (the other parts only those of the latest of their own input), so it
-        decides: false deletes the profile and marks the user in ``no_consent`` with
-        that time, true clears the mark. A part of a marked user is written only if it
-        gives consent at a later event time (consent given again; its ``totals`` may sit
-        in another partition, applied later or by another process). The marks are read
-        before the transaction, and ``_DROP_WITHDRAWN`` checks them again in it: a
-        user's parts sit in different partitions, which other loader processes apply
-        at the same time."""
+        The ``live`` part (operators/live.py) carries the flag of the user's latest event
+        and its time, so it decides: ``_APPLY_LIVE`` writes it only when its version is
+        newer than the profile's, deletes the profile and marks the user in
+        ``no_consent`` with that time when the flag is false, and clears the mark when a
+        later event gives consent again. The other parts (the models step's ``sessions``)
+        of a marked user are written only if they give consent at a later event time.
+        Their marks are read before the transaction, and ``_DROP_WITHDRAWN`` checks them
+        again in it, after this batch's live changes: a user's parts sit on different
+        topics, which other loader processes may apply at the same time."""
         # nothing of state begun before the user's newest erasure
         updates = [(key, fields) for key, fields in updates
                    if fields is None or epoch(fields) >= self._erased.get(key[0], 0)]
-        decided = {user: fields for (user, part), fields in updates if part == "totals" and fields is not None}
-        consenting = [user for user, fields in decided.items() if consents(fields)]
-        if consenting:
-            pipe.hdel(NO_CONSENT_KEY, *consenting)  # one command for the batch
+        ttl = self.settings.state_ttl_ms
+        for (user, part), fields in updates:
+            if part == LIVE_PART and fields is not None:
+                self._apply_live(keys=[PROFILE_PREFIX + user, NO_CONSENT_KEY], args=live_args(user, fields, ttl),
+                                 client=pipe)
+                self._live_at.append((len(pipe), user))
+        updates = [(key, fields) for key, fields in updates if key[1] != LIVE_PART and fields is not None]
         marked: dict[str, int] = {}  # user -> event time its consent was withdrawn at
-        for user, fields in decided.items():
-            if not consents(fields):
-                at = consent_ms(fields)
-                marked[user] = NO_TIME if at < 0 else at
-                pipe.hset(NO_CONSENT_KEY, user, marked[user])
-                pipe.delete(PROFILE_PREFIX + user)  # no profile without personalization consent
-                self.stats.profiles_deleted += 1
-                self.stats.users.discard(user)
-                self.stats.deleted.add(user)
-        undecided = sorted({user for (user, _), fields in updates if fields is not None and user not in decided})
-        if undecided:
-            for user, mark in zip(undecided, self.redis.hmget(NO_CONSENT_KEY, undecided)):
+        users = sorted({user for (user, _), _ in updates})
+        if users:
+            for user, mark in zip(users, self.redis.hmget(NO_CONSENT_KEY, users)):
                 if mark is not None:
                     marked[user] = withdrawn_at(mark)
         merged: dict[str, dict[str, str]] = {}  # one HSET per user per batch
         parts: dict[str, int] = {}
         oldest: dict[str, int] = {}
         for (user, part), fields in updates:
-            if fields is None:
-                continue
             at = consent_ms(fields)
             if user in marked and (not consents(fields) or at <= marked[user]):
                 continue  # from before the withdrawal
@@ -666,17 +719,30 @@ class Materializer:
         for user, mapping in merged.items():
             if mapping:
                 pipe.hset(PROFILE_PREFIX + user, mapping=mapping)
-                if self.settings.state_ttl_ms:  # gone with the user's state in the job (state_ttl_ms)
-                    pipe.pexpire(PROFILE_PREFIX + user, self.settings.state_ttl_ms)
+                if ttl:  # gone with the user's state in the job (state_ttl_ms)
+                    pipe.pexpire(PROFILE_PREFIX + user, ttl)
                 self.stats.users.add(user)
                 self.stats.deleted.discard(user)
                 self.stats.profile_writes += parts[user]
-        checked = [user for user, mapping in merged.items() if mapping and user not in decided]
+        checked = [user for user, mapping in merged.items() if mapping]
         for start in range(0, len(checked), PROFILES_PER_SCRIPT):
             chunk = checked[start:start + PROFILES_PER_SCRIPT]
             args = [x for user in chunk for x in (user, oldest[user])]
             self._drop_withdrawn(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + u for u in chunk)], args=args, client=pipe)
             self._dropped_at.append((len(pipe), [(user, parts[user]) for user in chunk]))
+
+    def _count_live(self, replies) -> None:
+        """The stats of this batch's live changes, from their scripts' replies."""
+        for at, user in self._live_at:
+            reply = replies[at - 1]
+            if reply == 1:
+                self.stats.profile_writes += 1
+                self.stats.users.add(user)
+                self.stats.deleted.discard(user)
+            elif reply == -1:
+                self.stats.profiles_deleted += 1
+                self.stats.users.discard(user)
+                self.stats.deleted.add(user)
 
     def _trending(self, pipe, rows: list[dict]) -> None:
         if not rows:

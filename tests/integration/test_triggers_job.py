@@ -348,15 +348,16 @@ def expected_profile_fields(events: list[dict], recent_ms: int, slide_ms: int) -
         revenue = sum(cents(e) for e in evs if e["event_type"] == "purchase")
         hours = Counter(dt.datetime.fromtimestamp(e["event_time"] / 1000, dt.timezone.utc).hour for e in evs)
         last = evs[-1]["event_time"]
-        window_start = last - last % slide_ms  # the newest sliding window holding the user's last event
-        recent = [e for e in evs if e["event_time"] >= window_start]
+        # the recent window ends at the slide boundary after the user's newest event
+        window_end = last - last % slide_ms + slide_ms
+        recent = [e for e in evs if e["event_time"] >= window_end - recent_ms]
         p.update(n_events=str(len(evs)), revenue_cents=str(revenue), revenue=fmt(revenue),
                  first_seen_ms=str(evs[0]["event_time"]), last_seen_ms=str(last), updated_ms=str(last),
                  events_by_hour=",".join(str(hours[h]) for h in range(24)),
                  active_hours=",".join(str(h) for h in sorted(hours, key=lambda h: (-hours[h], h))[:3]),
                  recent_events=str(len(recent)),
                  recent_product_views=str(sum(e["event_type"] == "product_view" for e in recent)),
-                 recent_window_end_ms=str(window_start + recent_ms))
+                 recent_window_end_ms=str(window_end))
         closed = sessions[user]
         total_ms = sum(s[-1]["event_time"] - s[0]["event_time"] for s in closed)
         avg_ms = total_ms // len(closed)
@@ -398,7 +399,11 @@ def test_every_profile_field_and_the_trending_keys_equal_an_independent_computat
     want = expected_profile_fields(events, s.recent_window_ms, s.recent_slide_ms)
     got = profiles(own)
     assert set(got) == set(want)
-    models_fields = {"propensity", "segment", "segment_name"}
+    models_fields = {"propensity", "segment", "segment_name", "version"}
+    # the version: the newest event time x 10,000 + the changes since (closes, older events)
+    newest = {u: max(e["event_time"] for e in events if e["user_id"] == u) for u in want}
+    assert {u: int(p["version"]) // 10_000 for u, p in got.items()} == newest
+    assert all(int(p["version"]) % 10_000 >= 1 for p in got.values())  # the last session closed after it
     mismatches = [(u, f, got[u].get(f), v) for u, p in want.items() for f, v in p.items() if got[u].get(f) != v]
     assert not mismatches, (sorted({f for _, f, _, _ in mismatches}), mismatches[:10])
     extra = {u: set(got[u]) - set(p) - models_fields for u, p in want.items() if set(got[u]) - set(p) - models_fields}

@@ -152,10 +152,11 @@ def test_an_erasure_drops_the_user_s_sessions_of_before_it_wherever_they_sit_in_
 
 def test_tombstones_delete_every_profile_part_under_flink_s_json_key_and_the_user_s_output_keys():
     rows = [dict(zip([c for c, _ in actions.ACTION_COLUMNS], out)) for out in actions.tombstones("ü 1", 42)]
-    assert [r["tombstone"] for r in rows] == ["totals", "recent", "sessions"]
-    # the same bytes as Flink's JSON key format writes for the SQL parts (field order, no
-    # spaces, UTF-8 unescaped): compaction keeps only the tombstone
-    assert [r["profile_key"] for r in rows] == ['{"user_id":"ü 1","part":"%s"}' % p for p in ("totals", "recent", "sessions")]
+    assert [r["tombstone"] for r in rows] == ["live", "sessions"]
+    # the sessions part's key is the same bytes as Flink's JSON key format writes (field
+    # order, no spaces, UTF-8 unescaped): compaction keeps only the tombstone. The live
+    # changelog is keyed by the user id (user_id) alone
+    assert rows[1]["profile_key"] == '{"user_id":"ü 1","part":"sessions"}'
     assert all(r["profile"] is r["trigger"] is r["segment_change"] is r["snapshot"] is None for r in rows)
     assert {(r["user_id"], r["ts_ms"]) for r in rows} == {("ü 1", 42)}
 

@@ -51,7 +51,7 @@ def test_every_kafka_table_of_the_job_carries_the_credentials_sql_quoted():
     s = Settings.from_env(SASL)
     ddl = [kafka_sinks.events_source("t", s, bounded=True, group_id="g"),
            kafka_sinks.keyed_bytes_sink("t", s, "topic"), kafka_sinks.dead_letter_sink("t", s),
-           kafka_sinks.profile_part_sink("t", s, "totals", (("n", "BIGINT"),)), kafka_sinks.trending_sink("t", s)]
+           kafka_sinks.profile_live_sink("t", s, (("n", "BIGINT"),)), kafka_sinks.trending_sink("t", s)]
     for text in ddl:
         assert "'properties.security.protocol' = 'SASL_PLAINTEXT'" in text
         assert "'properties.sasl.mechanism' = 'PLAIN'" in text

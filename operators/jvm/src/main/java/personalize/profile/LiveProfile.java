@@ -64,7 +64,7 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
     }
 
     public void eval(Context ctx, @StateHint(name = "user") Stored stored,
-                     @ArgumentHint({ArgumentTrait.SET_SEMANTIC_TABLE, ArgumentTrait.REQUIRE_ON_TIME}) Row input) {
+                     @ArgumentHint(value = {ArgumentTrait.SET_SEMANTIC_TABLE, ArgumentTrait.REQUIRE_ON_TIME}, name = "input") Row input) {
         UserState user = UserState.fromBytes(stored.data);
         UserState.Event e = new UserState.Event(
                 input.getFieldAs("user_id"), input.getFieldAs("event_type"), input.getFieldAs("product_id"),
@@ -92,7 +92,7 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
             return;
         }
         for (UserState.Session session : closed) {
-            collect(closedRow(session.packed(user.userId(), user.epoch())));
+            collect(closedRow(session.packed(user.userId(), user.epoch()), user.epoch()));
         }
         collect(live(user));
         schedule(ctx, user);
@@ -141,9 +141,10 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
         return row;
     }
 
-    private static Row closedRow(String packed) {
+    private static Row closedRow(String packed, long epoch) {
         Row row = new Row(WIDTH);
         row.setField(0, CLOSED);
+        row.setField(2, epoch);
         row.setField(WIDTH - 1, packed);
         return row;
     }

@@ -1,0 +1,87 @@
+"""The live profile: each user's whole state in one keyed JVM operator, updated per event.
+
+``live_profile`` (operators/jvm: personalize.profile.LiveProfile, a process table
+function called from the job's SQL, partitioned by user) holds per user the totals of
+the events with personalization consent, events by hour, the sliding "recent" window
+as slices, and the sessions still open, with their net cart. After every change (an
+event, or a session closing on its event-time timer) it emits a ``live`` row: the
+user's profile fields with a ``version`` that only grows (the newest event time x
+10,000 + the changes since). Each closed session also comes out as a ``closed`` row,
+its SESSION_COLUMNS packed in one string for the models' Python step
+(``operators.sessions.unpack``): Python sees closed sessions only.
+
+The live rows go to the live changelog topic at-least-once, without waiting for a
+checkpoint (``sinks.kafka.profile_live_sink`` keeps the newest row per user for
+``profile_flush_ms``); the Redis loader applies a row only when its version is newer
+than the profile's, so a replay after a failure repeats values but never leaves a
+profile older than the newest event applied.
+
+Recent window: the consented events (and product views) of the ``recent_window_ms``
+ending at the slice boundary (``recent_slide_ms``) after the user's newest event.
+"""
+
+from __future__ import annotations
+
+from operators.windows import EVENT_TYPES, not_erased
+from personalize.settings import Settings
+
+FUNCTION = "live_profile"
+CLASS = "personalize.profile.LiveProfile"
+LIVE, CLOSED = "live", "closed"
+UID = "live-profile"
+
+# the function's output after the partition key (user_id): see LiveProfile's output hint
+LIVE_COLUMNS = (
+    ("version", "BIGINT"),
+    ("epoch", "BIGINT"),
+    ("consent", "BOOLEAN"),
+    ("consent_ms", "BIGINT"),
+    ("n_events", "BIGINT"),
+    *((f"n_{t}", "BIGINT") for t in EVENT_TYPES),
+    ("revenue_cents", "BIGINT"),
+    ("first_seen_ms", "BIGINT"),
+    ("last_seen_ms", "BIGINT"),
+    ("events_by_hour", "STRING"),
+    ("recent_events", "BIGINT"),
+    ("recent_product_views", "BIGINT"),
+    ("recent_window_end_ms", "BIGINT"),
+    # the session in progress (absent when none is open)
+    ("session_start_ms", "BIGINT"),
+    ("session_events", "BIGINT"),
+    ("session_product_views", "BIGINT"),
+    ("session_products", "BIGINT"),
+    ("session_cart", "STRING"),
+    ("session_cart_value_cents", "BIGINT"),
+    ("session_last_cart_add_ms", "BIGINT"),
+    ("session_top_category", "STRING"),
+)
+# the fields of the session in progress as Redis holds them: a change without a session
+# open deletes them from the profile
+SESSION_FIELDS = ("session_start_ms", "session_events", "session_product_views", "session_products",
+                  "session_cart", "session_cart_value", "session_last_cart_add_ms", "session_top_category")
+
+
+def function_args(settings: Settings) -> tuple[str, ...]:
+    """LiveProfile's constructor arguments: gap, recent window and slide, list limit."""
+    return (str(settings.session_gap_ms), str(settings.recent_window_ms), str(settings.recent_slide_ms),
+            str(settings.session_list_limit))
+
+
+def changes(view: str) -> str:
+    """Every change of every user's live state (both kinds of rows), from the events of ``view``."""
+    return (f"SELECT * FROM {FUNCTION}(input => TABLE {view} PARTITION BY user_id, "
+            f"on_time => DESCRIPTOR(rowtime), uid => '{UID}')")
+
+
+def live_rows(view: str, erasure_filter: bool = True) -> str:
+    """The live rows of ``view`` (``changes``), but none of state an erasure superseded since."""
+    columns = ", ".join(name for name, _ in LIVE_COLUMNS)
+    where = not_erased(erasure_filter)
+    return (f"SELECT user_id, {columns} FROM {view} "
+            f"{where + ' AND' if where else 'WHERE'} kind = '{LIVE}'")
+
+
+def closed_sessions(view: str, erasure_filter: bool = True) -> str:
+    """The packed closed-session rows of ``view`` (one STRING column, ``session``)."""
+    where = not_erased(erasure_filter)
+    return f"SELECT session FROM {view} {where + ' AND' if where else 'WHERE'} kind = '{CLOSED}'"
