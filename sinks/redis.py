@@ -258,6 +258,11 @@ def profile_fields(part: str, fields: dict) -> dict[str, str]:
     return out
 
 
+def _version(fields: dict) -> int:
+    value = fields.get("version")
+    return value if isinstance(value, int) else 0
+
+
 def live_args(user: str, fields: dict, ttl_ms: int) -> list:
     """``_APPLY_LIVE``'s ARGV for one live change of ``user``."""
     mapping = profile_fields(LIVE_PART, fields)
@@ -561,7 +566,11 @@ class Materializer:
                     except Exception as exc:  # noqa: BLE001 - any unreadable record is skipped with its reason
                         unreadable.append(_dead_letter(rec, exc))
                         continue
-                    latest[part] = value
+                    # the newest version of the batch, not the last record: after a failure
+                    # the job replays changes older than those it wrote before
+                    held = latest.get(part)
+                    if value is None or held is None or _version(value) > _version(held):
+                        latest[part] = value
             elif tp.topic == topics.topic_trending:
                 for rec in records:
                     try:

@@ -25,21 +25,30 @@ def _key(user: str, part: str) -> bytes:
     return orjson.dumps({"user_id": user, "part": part})
 
 
+def _live(user: str, version: int, **fields) -> tuple:
+    """A record of the live changelog (operators/live.py): keyed by the user id."""
+    return (user.encode(), orjson.dumps({"version": version, **fields}), 1_000)
+
+
+def _ensure(s, partitions: int) -> None:
+    topics.ensure(s, [s.topic_profile_updates, s.topic_profile_live, s.topic_trending, s.topic_triggers,
+                      s.topic_model_snapshots], local_stack=True, partitions=partitions)
+
+
 def test_unreadable_records_and_refused_writes_are_dead_letters_and_the_rest_is_applied(stack):
     own = job_stack(stack, redis_db=11)
     s = own.settings
-    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
-                  local_stack=True, partitions=1)
+    _ensure(s, partitions=1)
     client = credentials.redis_client(s, decode_responses=True)
     client.set("profile:clash", "not a hash")  # another writer's key of the wrong type
 
     profiles = [
-        (_key("u1", "totals"), orjson.dumps({"n_events": 3, "consent": True}), 1_000),
-        (b"not json", orjson.dumps({"n_events": 1}), 1_000),                     # unreadable key
-        (_key("u2", "totals"), b"{broken", 1_000),                             # unreadable value
-        (_key("u3", "totals"), orjson.dumps([1, 2]), 1_000),                   # not an object
-        (_key("clash", "totals"), orjson.dumps({"n_events": 1, "consent": True}), 1_000),  # Redis refuses
-        (_key("u4", "totals"), orjson.dumps({"n_events": 7, "consent": True}), 1_000),
+        _live("u1", 1, n_events=3, consent=True),
+        (b"\xff\xfe", orjson.dumps({"version": 1, "n_events": 1}), 1_000),  # unreadable key (not UTF-8)
+        (b"u2", b"{broken", 1_000),                                            # unreadable value
+        (b"u3", orjson.dumps([1, 2]), 1_000),                                  # not an object
+        _live("clash", 1, n_events=1, consent=True),                           # Redis refuses
+        _live("u4", 5, n_events=7, consent=True),
     ]
     trending = [
         (None, orjson.dumps({"category": "window_end_ms", "product_id": "p1", "views": 5,
@@ -50,21 +59,21 @@ def test_unreadable_records_and_refused_writes_are_dead_letters_and_the_rest_is_
                "session_end_ms": 2, "cart": [], "cart_value": Decimal("0.00"), "propensity": None, "segment": None,
                "emitted_ms": 3}
     triggers = [(b"u1", b"\xc3\x01 not a trigger", 1_000), (b"u1", schemas.codec("trigger").encode(trigger), 1_000)]
-    assert kafkaio.produce(s, s.topic_profile_updates, profiles) == 6
+    assert kafkaio.produce(s, s.topic_profile_live, profiles) == 6
     assert kafkaio.produce(s, s.topic_trending, trending) == 2
     assert kafkaio.produce(s, s.topic_triggers, triggers) == 2
 
     stats = Materializer(s).drain(timeout_s=60)
 
-    assert client.hgetall("profile:u1") == {"n_events": "3"}
-    assert client.hgetall("profile:u4") == {"n_events": "7"}
+    assert client.hgetall("profile:u1") == {"n_events": "3", "version": "1"}
+    assert client.hgetall("profile:u4") == {"n_events": "7", "version": "5"}
     assert not client.exists("profile:u2") and not client.exists("profile:u3")
     assert client.get("profile:clash") == "not a hash"
     assert client.zrange("trending:window_end_ms", 0, -1, withscores=True) == [("p1", 5.0)]
     letters = client.xrange(DEAD_LETTERS_KEY)
     where = sorted((f["topic"], int(f["offset"])) for _, f in letters if "topic" in f)
-    assert where == sorted([(s.topic_profile_updates, 1), (s.topic_profile_updates, 2),
-                            (s.topic_profile_updates, 3), (s.topic_trending, 1), (s.topic_triggers, 0)])
+    assert where == sorted([(s.topic_profile_live, 1), (s.topic_profile_live, 2),
+                            (s.topic_profile_live, 3), (s.topic_trending, 1), (s.topic_triggers, 0)])
     refused = [f["reason"] for _, f in letters if "topic" not in f]
     assert len(refused) == 1 and "WRONGTYPE" in refused[0]
     assert stats.dead_letters == 6
@@ -97,36 +106,33 @@ def _dump(client: redis.Redis) -> dict:
 
 def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
     """The drain at the end of a bounded run reads with one process per shard of the
-    partitions; a user's parts sit in different partitions, so consent withdrawn by one
-    process must hold against the other's writes. Users 0-299 give consent, 300-349
-    withdraw it (their totals false, their other parts still written by the job), 350-399
-    withdraw and give it again later."""
+    partitions; a user's live changes and session parts sit on different topics, so consent
+    withdrawn by one process must hold against the other's writes. Users 0-299 give consent,
+    300-349 withdraw it (their live change false, their sessions part still written by the
+    job), 350-399 withdraw and give it again later."""
     own = job_stack(stack, redis_db=14)
     s = own.settings
-    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
-                  local_stack=True, partitions=2)
+    _ensure(s, partitions=2)
     codec = schemas.codec("trigger")
-    first, later = [], []
+    first, later, live_first, live_later = [], [], [], []
     for i in range(400):
         user = f"u{i}"
         withdrawn = i >= 300
-        first += [(_key(user, "totals"), orjson.dumps({"n_events": i, "consent": not withdrawn,
-                                                       "consent_ms": 1_000}), 1_000),
-                  (_key(user, "recent"), orjson.dumps({"recent_events": i % 7, "consent": True,
-                                                       "consent_ms": 900}), 1_000),
-                  (_key(user, "sessions"), orjson.dumps({"n_sessions": 1 + i % 3, "consent": True,
-                                                         "consent_ms": 800}), 1_000)]
-        if i >= 350:  # consent given again: a newer totals part, then a newer sessions part
-            later += [(_key(user, "totals"), orjson.dumps({"n_events": i + 1, "consent": True,
-                                                           "consent_ms": 2_000}), 2_000),
-                      (_key(user, "sessions"), orjson.dumps({"n_sessions": 9, "consent": True,
-                                                             "consent_ms": 1_900}), 2_000)]
+        live_first.append(_live(user, 10, n_events=i, recent_events=i % 7, consent=not withdrawn, consent_ms=1_000))
+        first.append((_key(user, "sessions"), orjson.dumps({"n_sessions": 1 + i % 3, "consent": True,
+                                                            "consent_ms": 800}), 1_000))
+        if i >= 350:  # consent given again: a newer live change, then a newer sessions part
+            live_later.append(_live(user, 20, n_events=i + 1, consent=True, consent_ms=2_000))
+            later.append((_key(user, "sessions"), orjson.dumps({"n_sessions": 9, "consent": True,
+                                                                "consent_ms": 1_900}), 2_000))
     triggers = [(f"u{i}".encode(), codec.encode({
         "trigger_id": f"t-{i}", "kind": "cart_abandonment", "user_id": f"u{i}", "session_start_ms": i,
         "session_end_ms": i + 1, "cart": [], "cart_value": Decimal("0.00"), "propensity": None, "segment": None,
         "emitted_ms": i + 2}), 1_000) for i in range(0, 400, 4)]
+    assert kafkaio.produce(s, s.topic_profile_live, live_first) == len(live_first)
     assert kafkaio.produce(s, s.topic_profile_updates, first) == len(first)
     assert kafkaio.produce(s, s.topic_triggers, triggers) == len(triggers)
+    assert kafkaio.produce(s, s.topic_profile_live, live_later) == len(live_later)
     assert kafkaio.produce(s, s.topic_profile_updates, later) == len(later)
 
     one = dataclasses.replace(s, redis_url=s.redis_url.rsplit("/", 1)[0] + "/15")
@@ -137,29 +143,30 @@ def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
     client = credentials.redis_client(s, decode_responses=True)
     profiles = {k.removeprefix("profile:") for k in client.scan_iter("profile:*")}
     assert profiles == {f"u{i}" for i in range(400) if not 300 <= i < 350}
-    assert client.hgetall("profile:u12") == {"n_events": "12", "recent_events": "5", "n_sessions": "1"}
+    assert client.hgetall("profile:u12") == {"n_events": "12", "recent_events": "5", "n_sessions": "1",
+                                             "version": "10"}
+    assert client.hget("profile:u360", "n_events") == "361"
     assert client.hgetall("profile:u360")["n_sessions"] == "9"
     assert _dump(client) == _dump(credentials.redis_client(one, decode_responses=True))
     assert len(sharded.users) == len(single.users) == 350
-    assert sharded.records == single.records == len(first) + len(later) + len(triggers)
+    assert sharded.records == single.records == len(first) + len(later) + len(triggers) + 400 + len(live_later)
     assert sharded.stream_added == single.stream_added == 100
 
 
 def test_a_part_from_before_a_withdrawal_another_loader_applied_leaves_no_profile_and_a_later_one_stands(stack):
     """The interleavings the sharded drain must survive, made on purpose: another loader
-    process has just applied a user's totals part (marked the user with the event time
+    process has just applied a user's live change (marked the user with the event time
     consent was withdrawn at, deleted the profile, or cleared the mark later); this
     loader's batch holds only the user's sessions parts.
 
     u1: withdrawn at 5,000, its session ended at 4,000: no profile. u3: withdrawn at
     5,000, then consent given again and a session ending at 6,000 closed: its part is
-    written although the totals that clear the mark are not applied yet (the race a
+    written although the live change that clears the mark is not applied yet (the race a
     bare mark lost: the session fields stayed missing until the next session). u4: a mark
     of an older loader (no time): nothing written. u2: never withdrawn."""
     own = job_stack(stack, redis_db=14)
     s = own.settings
-    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
-                  local_stack=True, partitions=1)
+    _ensure(s, partitions=1)
     client = credentials.redis_client(s, decode_responses=True)
     client.hset(NO_CONSENT_KEY, mapping={"u1": 5_000, "u3": 5_000, "u4": 1})
     session = lambda n, end: orjson.dumps({"n_sessions": n, "consent": True, "consent_ms": end})  # noqa: E731
@@ -182,8 +189,7 @@ def test_a_mark_set_between_the_read_and_the_write_deletes_an_older_part_in_the_
     mark appears after this loader read the marks (the script sees it, Python did not)."""
     own = job_stack(stack, redis_db=14)
     s = own.settings
-    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
-                  local_stack=True, partitions=1)
+    _ensure(s, partitions=1)
     client = credentials.redis_client(s, decode_responses=True)
     assert kafkaio.produce(s, s.topic_profile_updates, [
         (_key("u1", "sessions"), orjson.dumps({"n_sessions": 2, "consent": True, "consent_ms": 4_000}), 1_000),
@@ -206,7 +212,7 @@ def test_a_mark_set_between_the_read_and_the_write_deletes_an_older_part_in_the_
 
 
 def _profile_record(user: str, n_events: int) -> tuple:
-    return (_key(user, "totals"), orjson.dumps({"n_events": n_events, "consent": True}), 1_000)
+    return (_key(user, "sessions"), orjson.dumps({"n_events": n_events, "consent": True}), 1_000)
 
 
 def test_a_second_loader_waits_for_the_lease_and_fails_naming_the_live_holder(stack):
@@ -218,8 +224,7 @@ def test_a_second_loader_waits_for_the_lease_and_fails_naming_the_live_holder(st
 
     own = job_stack(stack, redis_db=11, PERSONALIZE_LOADER_LEASE_MS="1000")
     s = own.settings
-    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
-                  local_stack=True, partitions=1)
+    _ensure(s, partitions=1)
     assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
     first = Materializer(s)
     stop, thread, failures = following(first)
@@ -254,8 +259,7 @@ def test_a_loader_whose_lease_another_took_over_writes_nothing_stale(stack):
     writes nothing, re-reads the offsets Redis holds and goes on from there."""
     own = job_stack(stack, redis_db=11, PERSONALIZE_LOADER_LEASE_MS="500")
     s = own.settings
-    topics.ensure(s, [s.topic_profile_updates, s.topic_trending, s.topic_triggers, s.topic_model_snapshots],
-                  local_stack=True, partitions=1)
+    _ensure(s, partitions=1)
     client = credentials.redis_client(s, decode_responses=True)
     assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
     paused = Materializer(s)
@@ -282,3 +286,44 @@ def test_a_loader_whose_lease_another_took_over_writes_nothing_stale(stack):
     finally:
         paused._give_up_lease()
         consumer.close()
+
+
+def test_a_live_change_applies_only_when_newer_so_a_replay_never_leaves_a_profile_older(stack):
+    """The live changelog is at-least-once: after a failure the job replays changes Redis
+    already holds, in any batch. A change writes only when its version is newer than the
+    profile's; the session in progress's fields go when a change comes without them (the
+    session closed); a withdrawal deletes the profile and marks its time, so a replayed
+    older change that consents writes nothing, and only consent given at a later event
+    time writes again."""
+    own = job_stack(stack, redis_db=12)
+    s = own.settings
+    _ensure(s, partitions=1)
+    client = credentials.redis_client(s, decode_responses=True)
+
+    def drain(*records) -> None:
+        assert kafkaio.produce(s, s.topic_profile_live, list(records)) == len(records)
+        Materializer(s).drain(timeout_s=60)
+
+    open_session = dict(session_start_ms=100, session_events=2, session_cart='[{"product_id":"p1"}]',
+                        session_cart_value_cents=1999)
+    drain(_live("u1", 30, n_events=2, consent=True, consent_ms=200, **open_session))
+    assert client.hgetall("profile:u1") == {"version": "30", "n_events": "2", "session_start_ms": "100",
+                                            "session_events": "2", "session_cart": '[{"product_id":"p1"}]',
+                                            "session_cart_value": "19.99"}
+    drain(_live("u1", 20, n_events=1, consent=True, consent_ms=100, **open_session))  # a replay: older
+    assert client.hget("profile:u1", "n_events") == "2" and client.hget("profile:u1", "version") == "30"
+    drain(_live("u1", 31, n_events=2, consent=True, consent_ms=200))  # the session closed
+    assert client.hgetall("profile:u1") == {"version": "31", "n_events": "2"}
+    # versions are compared as whole numbers however long (newest event time x 10,000 + changes)
+    drain(_live("u1", 17_000_000_000_000_001, n_events=3, consent=True, consent_ms=1_700_000_000_000),
+          _live("u1", 17_000_000_000_000_000, n_events=9, consent=True, consent_ms=1_700_000_000_000))
+    assert client.hget("profile:u1", "n_events") == "3"
+
+    drain(_live("u1", 17_000_000_000_000_002, n_events=3, consent=False, consent_ms=1_700_000_000_001))
+    assert not client.exists("profile:u1")
+    assert client.hget(NO_CONSENT_KEY, "u1") == "1700000000001"
+    drain(_live("u1", 17_000_000_000_000_001, n_events=3, consent=True, consent_ms=1_700_000_000_000))  # replay
+    assert not client.exists("profile:u1")
+    drain(_live("u1", 17_000_000_000_100_000, n_events=4, consent=True, consent_ms=1_700_000_000_010))
+    assert client.hgetall("profile:u1") == {"version": "17000000000100000", "n_events": "4"}
+    assert client.hget(NO_CONSENT_KEY, "u1") is None

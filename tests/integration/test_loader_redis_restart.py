@@ -50,7 +50,7 @@ def until(condition, what: str, timeout_s: float = 60) -> None:
 
 def batch(s: Settings, users: range, n_events: int) -> None:
     codec = schemas.codec("trigger")
-    profiles = [(orjson.dumps({"user_id": f"u{i}", "part": "totals"}),
+    profiles = [(orjson.dumps({"user_id": f"u{i}", "part": "sessions"}),
                  orjson.dumps({"n_events": n_events, "consent": True}), 1_000) for i in users]
     triggers = [(f"u{i}".encode(), codec.encode({
         "trigger_id": f"t-{i}", "kind": "cart_abandonment", "user_id": f"u{i}", "session_start_ms": i,
