@@ -386,7 +386,8 @@ def _drop_outputs(settings) -> None:
     """Delete this run's output topics (about 0.5 GB a run otherwise stays in the local Kafka)."""
     from personalize import topics
 
-    mine = [settings.topic_dlq, settings.topic_profile_updates, settings.topic_trending, settings.topic_triggers,
+    mine = [settings.topic_dlq, settings.topic_profile_updates, settings.topic_profile_live, settings.topic_trending,
+            settings.topic_triggers,
             settings.topic_segment_changes, settings.topic_model_snapshots, settings.topic_erasures]
     topics.delete(settings, mine)
 

@@ -1,5 +1,5 @@
-"""Live trigger latency (a benchmark, not a test): how soon a trigger arrives after its
-session's gap expired.
+"""Live latency (a benchmark, not a test): how soon a trigger arrives after its session's
+gap expired, or (``--profile-rate``) how soon an event is in its user's profile.
 
 A live run (``personalize run``, unbounded, fresh state; or ``--peer quix|bytewax``:
 a peer of `make bench-peers`, bench/) is fed abandoned sessions at a fixed rate, each
@@ -13,7 +13,14 @@ The gap is short (``--gap-ms``, 10 s) so a run takes minutes: the delay after th
 expires does not depend on the gap's length. Any PERSONALIZE_* setting in the
 environment applies to the product (e.g. PERSONALIZE_CHECKPOINT_INTERVAL_MS).
 
+Profile freshness (``--profile-rate EVENTS_PER_S``): the product is fed page and product
+views of ``--users`` users at that rate, event time = now; a probe user among them gets
+every ``PROBE_EVERY``-th event, and a reader polls the probes' ``n_events`` in Redis every
+few milliseconds: per probe event, the wall-clock delay from its send to the moment its
+count shows in ``profile:{user}``. Prints p50/p95/p99/max and the rate actually sent.
+
 Usage: python scripts/bench_latency.py [--rate SESSIONS_PER_S] [--seconds S] [--gap-ms MS] [--peer quix|bytewax]
+       python scripts/bench_latency.py --profile-rate EVENTS_PER_S [--users N] [--seconds S]
 """
 
 from __future__ import annotations
@@ -68,7 +75,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long sessions are sent")
     parser.add_argument("--gap-ms", type=int, default=10_000)
     parser.add_argument("--peer", choices=sorted(peers.PEERS), help="a peer instead of the product")
+    parser.add_argument("--profile-rate", type=float, help="measure profile freshness at this many events per second")
+    parser.add_argument("--users", type=int, default=100_000, help="users of the profile freshness traffic")
     args = parser.parse_args(argv)
+    if args.profile_rate:
+        fresh = measure_profile(args.profile_rate, args.seconds, args.users)
+        if fresh is None:
+            return 1
+        print(f"\nproduct: {fresh['sent']:,} events sent in {fresh['send_s']:.1f} s ({fresh['sent'] / fresh['send_s']:,.0f}/s, "
+              f"asked {args.profile_rate:,.0f}/s) over {args.users:,} users; {fresh['knobs']}")
+        print("| event in profile:{user} after its send | product |\n|---|---|")
+        print(f"| n_events of {len(fresh['delays']):,} probe events | {percentiles(fresh['delays'])} |")
+        missing = fresh["probes"] - len(fresh["delays"])
+        if missing:
+            print(f"bench-latency: {missing:,} of {fresh['probes']:,} probe events never showed", file=sys.stderr)
+        return 0 if not missing else 1
     result = measure(args.rate, args.seconds, args.gap_ms, args.peer)
     if result is None:
         return 1
@@ -81,6 +102,123 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"bench-latency: {missing:,} of {result['sent']:,} triggers never reached the Redis stream", file=sys.stderr)
     return 0 if not missing else 1
+
+
+PROBE_EVERY = 20  # every this many events is a probe's (the reader polls the probes only)
+PROBES = 200
+
+
+def _start_product(settings_env: dict, topic: str):
+    """A fresh unbounded ``personalize run`` over ``topic`` (its log in a temporary folder)."""
+    state = tempfile.mkdtemp(prefix="bench-live-")
+    settings_env["PERSONALIZE_STATE_DIR"] = state
+    log = open(Path(state) / "run.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "personalize.cli", "run"], env=settings_env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def _wait_reading(proc, log, producer, topic: str, client, codec) -> bool:
+    """Heartbeats until the job writes their profile (the whole path runs); False when it never does."""
+    ready_by = time.monotonic() + 180
+    while True:
+        now_ms = int(time.time() * 1000)
+        producer.send(topic, key=b"heartbeat", value=codec.encode(event("heartbeat", "page_view", now_ms)),
+                      timestamp_ms=now_ms)
+        producer.flush()
+        if client.exists("profile:heartbeat"):
+            return True
+        if proc.poll() is not None or time.monotonic() > ready_by:
+            log.seek(0)
+            print("bench-latency: the run never wrote a profile:\n" + log.read()[-3000:], file=sys.stderr)
+            return False
+        time.sleep(0.5)
+
+
+def measure_profile(rate: float, seconds: float, users: int) -> dict | None:
+    """One live run of the product fed ``rate`` events/s (see the module's doc): per probe
+    event, seconds from its send to its count in the profile (``delays``)."""
+    import redis
+
+    import schemas
+    from personalize import kafkaio, topics
+    from personalize.settings import Settings
+
+    base = Settings.from_env()
+    topic = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+    env = bench.bench_env(base, topic)
+    if bench.cli("stack", "up", env=env).returncode != 0:
+        print("bench-latency: `personalize stack up` failed", file=sys.stderr)
+        return None
+    settings = Settings.from_env(env)
+    topics.ensure(settings, [topic], local_stack=True)
+    client = redis.Redis.from_url(env["PERSONALIZE_REDIS_URL"])
+    client.flushdb()
+    proc, log = _start_product(env, topic)
+    codec = schemas.codec("user_event")
+    producer = kafkaio.producer(settings, linger_ms=2)
+    try:
+        if not _wait_reading(proc, log, producer, topic, client, codec):
+            return None
+        print(f"bench-latency: product reading; {rate:,.0f} events/s for {seconds:g} s over {users:,} users",
+              file=sys.stderr, flush=True)
+        sent_at: dict[tuple[str, int], float] = {}  # (probe, its n_events after the event) -> wall time sent
+        shown: dict[tuple[str, int], float] = {}
+        counts = [0] * PROBES
+        stop = threading.Event()
+
+        def read() -> None:
+            reader = redis.Redis.from_url(env["PERSONALIZE_REDIS_URL"])
+            keys = [f"profile:probe-{i}" for i in range(PROBES)]
+            while not stop.is_set():
+                with reader.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.hget(key, "n_events")
+                    values = pipe.execute()
+                now = time.time()
+                for i, value in enumerate(values):
+                    n = int(value) if value is not None else 0
+                    for k in range(n, 0, -1):  # every count up to the one read has shown
+                        if (f"probe-{i}", k) in shown:
+                            break
+                        shown[(f"probe-{i}", k)] = now
+                time.sleep(0.005)
+
+        poller = threading.Thread(target=read, daemon=True)
+        poller.start()
+        started = time.monotonic()
+        sent = 0
+        while (elapsed := time.monotonic() - started) < seconds:
+            while sent < elapsed * rate:
+                now_ms = int(time.time() * 1000)
+                if sent % PROBE_EVERY == 0:
+                    probe = (sent // PROBE_EVERY) % PROBES
+                    user = f"probe-{probe}"
+                    counts[probe] += 1
+                    sent_at[(user, counts[probe])] = time.time()
+                else:
+                    user = f"u-{sent % users}"
+                kind = "product_view" if sent % 3 else "page_view"
+                producer.send(topic, key=user.encode(), timestamp_ms=now_ms,
+                              value=codec.encode(event(user, kind, now_ms, "p1" if kind == "product_view" else None)))
+                sent += 1
+            time.sleep(0.001)
+        send_s = time.monotonic() - started
+        producer.flush()
+        deadline = time.monotonic() + 60
+        while len(sent_at.keys() & shown.keys()) < len(sent_at) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        poller.join(timeout=5)
+        delays = [shown[k] - t for k, t in sent_at.items() if k in shown]
+        knobs = (f"live changelog flush {settings.profile_flush_ms} ms, checkpoint every "
+                 f"{settings.checkpoint_interval_ms} ms (not waited for), Redis polled every ~5 ms")
+        return {"sent": sent, "send_s": send_s, "probes": len(sent_at), "delays": delays, "knobs": knobs}
+    finally:
+        producer.close()
+        bench.stop(proc, timeout_s=120)
+        topics.delete(settings, [topic])
+        bench._drop_outputs(settings)
 
 
 def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict | None:

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from personalize import topics
+from personalize import credentials, topics
 from tests.conftest import start_stack
 from tests.integration.test_profile_job import _interrupt, _start, job_stack, profiles, wait_until
 from tests.integration.test_triggers_job import (
@@ -171,6 +171,46 @@ def _streaming_run(stack, tmp_path, redis_db: int, seed: int):
     return own, events, proc, stream
 
 
+class VersionWatch:
+    """Reads every profile's version and event count over and over, from a thread, and keeps
+    what it saw go back: the live changelog is at-least-once, so after a failure the job
+    replays changes Redis already holds, and the loader must apply none of them."""
+
+    def __init__(self, own):
+        self.redis = credentials.redis_client(own.settings, decode_responses=True)
+        self.newest: dict[str, tuple[int, int]] = {}
+        self.backwards: list[tuple] = []
+        self.reads = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            keys = list(self.redis.scan_iter("profile:*", count=1000))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, "version", "n_events")
+                seen = pipe.execute()
+            for key, (version, n_events) in zip(keys, seen):
+                if version is None:
+                    continue
+                now = (int(version), int(n_events or 0))
+                before = self.newest.get(key, (-1, -1))
+                if now[0] < before[0] or now[1] < before[1]:
+                    self.backwards.append((key, before, now))
+                self.newest[key] = max(before, now)
+            self.reads += 1
+            time.sleep(0.05)
+
+    def __enter__(self) -> VersionWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
 def _children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
@@ -182,6 +222,7 @@ def test_the_embedded_run_killed_mid_stream_resumes_from_its_newest_checkpoint(s
     transactions the dead job left open are aborted, its committed output stands, and the
     loader waits for the dead loader's lease, then goes on from the offsets in Redis."""
     own, events, proc, stream = _streaming_run(stack, tmp_path, 3, 51)
+    watch = VersionWatch(own).__enter__()
     try:
         jvms = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
@@ -195,9 +236,15 @@ def test_the_embedded_run_killed_mid_stream_resumes_from_its_newest_checkpoint(s
         assert restored.group(1).startswith(str(own.settings.state_dir))
         _finish(own, events, proc, stream)
     finally:
+        watch.__exit__()
         if proc.poll() is None:
             proc.kill()
     tally(own, events, stream.sent, "embedded run killed with SIGKILL mid-stream")
+    # no profile ever went back to an older version or fewer events, across the kill and the
+    # replay of the live changes the dead job had written; no closed session left live fields
+    print(f"versions read {watch.reads} times over {len(watch.newest)} profiles, {len(watch.backwards)} went back")
+    assert watch.reads > 10 and not watch.backwards, watch.backwards[:5]
+    assert not [u for u, p in profiles(own).items() if "session_start_ms" in p]
 
 
 def test_redis_stopped_and_started_again_mid_stream_the_loader_waits_and_resumes(tmp_path):

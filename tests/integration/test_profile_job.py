@@ -384,10 +384,14 @@ def test_late_events_in_a_live_run_over_two_partitions_one_idle_and_exactly_at_t
         _wait_for_events(own, proc, 14)
         # only partition 0 moves on, to 20 minutes; partition 1 falls idle after 2 s
         newest = t0 + 20 * 60_000
-        deliver(0, [ev("a", 10 + i, t0 + (i + 1) * 60_000) for i in range(19)] + [ev("a", 29, newest)])
-        # the 5-minute sliding windows of user a close only once partition 1 no longer holds the watermark
+        viewed = dict(ev("a", 23, t0 + 14 * 60_000), event_type="product_view", product_id="p1", category="c1",
+                      consent_analytics=True)
+        deliver(0, [ev("a", 10 + i, t0 + (i + 1) * 60_000) if i != 13 else viewed for i in range(19)]
+                + [ev("a", 29, newest)])
+        # the trending window of a's product view (after t0 + 14 min) closes only once partition 1
+        # no longer holds the watermark
         wait_until("the watermark passes the idle partition",
-                   lambda: int(r.hget("profile:a", "recent_window_end_ms") or 0) >= t0 + 15 * 60_000, proc, 60)
+                   lambda: int(r.hget("personalize:trending:window_end_ms", "c1") or 0) > t0 + 14 * 60_000, proc, 60)
         watermark = newest - s.out_of_orderness_ms
         deliver(1, [ev("b", 100, t0 + 10 * 60_000)], are_late=True)  # behind the watermark of partition 0
         deliver(0, [ev("a", 100, watermark)], are_late=True)  # exactly at the watermark
@@ -403,7 +407,7 @@ def test_late_events_in_a_live_run_over_two_partitions_one_idle_and_exactly_at_t
     dead = [schemas.codec("dead_letter").decode(x.value) for x in kafkaio.read_to_end(s, s.topic_dlq)]
     assert sorted(codec.decode(d["original"])["event_id"] for d in dead) == sorted(e["event_id"] for e in late)
     assert {d["reason"] for d in dead} == {"late"}
-    assert all(t0 + 15 * 60_000 <= d["watermark"] and d["record_timestamp"] <= d["watermark"] for d in dead), dead
+    assert all(t0 + 14 * 60_000 < d["watermark"] and d["record_timestamp"] <= d["watermark"] for d in dead), dead
     got = profiles(own)
     for user, events in sent.items():
         assert int(got[user]["n_events"]) == len(events), (user, got[user])
