@@ -6,7 +6,8 @@ stopped: the models keep counting from their sample count at the stop, users'
 histories, totals and windows go on (every profile field equals an independent
 computation over both halves of the traffic), and only the sessions after the stop
 trigger, each once. A savepoint of a release this one cannot map (tests/fixtures/
-savepoints-refused: the release before the models issue) is refused in one line that
+savepoints-refused: the release before the models issue, and the last one before the
+live profile) is refused in one line that
 says to start without it, and starting without it (the README's migration) rebuilds
 every profile from the topic."""
 
@@ -31,9 +32,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = sorted((ROOT / "tests" / "fixtures" / "savepoints").glob("*/meta.json"))
-FIXTURES_BY_NAME = {p.parent.name: p for p in FIXTURES}
 # savepoints of releases this one cannot restore (their meta.json says why)
 REFUSED = sorted((ROOT / "tests" / "fixtures" / "savepoints-refused").glob("*/meta.json"))
+# the fixtures holding the events their savepoints were taken over (before.jsonl.gz, after.jsonl.gz)
+FIXTURES_BY_NAME = {p.parent.name: p for p in FIXTURES + REFUSED if (p.parent / "before.jsonl.gz").exists()}
 
 
 def read(path: Path) -> list[dict]:
