@@ -1,30 +1,16 @@
-"""The windows, as Flink SQL over the decoded event view: they run in the JVM.
+"""The windows left in Flink SQL over the decoded event view (they run in the JVM), and
+the SQL helpers the job's queries share.
 
-Per-event stateful work stays in Flink's JVM operators, and there it is the number
-and shape of operators that costs (DESIGN.md): each query here is written once,
-emits typed rows, and nothing re-aggregates a window's results (no retraction
-chain, no string map). Per event, four keyed JVM operators:
+Each user's own state (totals, hours, the sliding "recent" window, sessions) lives in one
+keyed JVM function, ``operators.live``; what stays here is global:
 
-- ``totals``   continuous GROUP BY user: counts per event type, revenue (integer
-               cents), first/last seen, events per hour of day (UTC), of the
-               events with personalization consent, and the flag of the user's
-               latest event
-- ``recent``   sliding (HOP) window per user: events and product views in each
-               window; the profile keeps the newest (the upsert sink keeps the
-               last row per user, and windows fire in end order)
-- sessions     one SESSION window per user (``operators.sessions``), shared by the
-               profile's session fields and the models: its closed sessions are
-               folded per user once, in ``operators.actions``
 - ``trending`` global tumbling window: top products per category (Window Top-N)
 
-Each profile part is an upsert keyed by (user_id, part) on the profile changelog
-topic, which the Redis loader merges into ``profile:{user_id}``.
-
-Erasure (``personalize forget``): every per-user query groups by (user_id, epoch), the
-time of the user's newest erasure the decode knew when it read the event (0: none), so a
+Erasure (``personalize forget``): every per-user output row carries ``epoch``, the time
+of the user's newest erasure the decode knew when it read the event (0: none), so a
 forgotten user's next event starts from nothing; a row of state older than the user's
 newest erasure is not written (``erased_since``, a JVM function over the erasures the
-TaskManager knows) and that state is never read again: it expires (state TTL).
+TaskManager knows).
 """
 
 from __future__ import annotations
@@ -58,98 +44,9 @@ def epoch_ms(column: str) -> str:
             f" + CAST(TIMESTAMPDIFF(SECOND, {day}, {ts}) AS BIGINT) * 1000 + EXTRACT(MILLISECOND FROM {ts}))")
 
 
-def _count_of(event_type: str, where: str = "") -> str:
-    return f"COUNT(*) FILTER (WHERE event_type = '{event_type}'{where})"
-
-
-def revenue(where: str = "") -> str:
-    """Revenue in cents of the purchases (that meet ``where``); a purchase without a price
-    (Taobao logs carry none) adds 0, so the sum is never NULL."""
-    return f"SUM(CASE WHEN event_type = 'purchase'{where} THEN COALESCE(price_cents, 0) * quantity ELSE 0 END)"
-
-
-REVENUE = revenue()
-# the profile counts only events that carry personalization consent: what a user did
-# while consent was withdrawn is never written, not even after consent is given again
-CONSENTED = " AND consent_personalization"
-# the consent flag of the user's latest event by event time, as a mergeable MAX
-# (LAST_VALUE cannot merge, so it cannot run in session windows): the event time
-# shifted left one bit with the flag in the low bit; MAX of these keeps the newest
-CONSENT_KEY = "MAX(event_time_ms * 2 + CASE WHEN consent_personalization THEN 1 ELSE 0 END)"
-
-
-def _consent(key: str) -> str:
-    return f"MOD({key}, 2) = 1"
-
-
-def _consent_ms(key: str) -> str:
-    """The event time of the latest event (event times are never negative: Kafka's are not)."""
-    return f"{key} / 2"
-
-
-# the typed columns of each SQL profile part (besides user_id and part): (name, SQL type)
-TOTALS_COLUMNS = (
-    ("n_events", "BIGINT"),
-    *((f"n_{t}", "BIGINT") for t in EVENT_TYPES),
-    ("revenue_cents", "BIGINT"),
-    ("first_seen_ms", "BIGINT"),
-    ("last_seen_ms", "BIGINT"),
-    ("events_by_hour", "STRING"),
-    ("consent", "BOOLEAN"),
-    # the time of the event the flag is from: the Redis loader orders consent changes
-    # and parts by it (not a profile field)
-    ("consent_ms", "BIGINT"),
-    # the user's erasure this state began after (0: none); the loader drops a part of
-    # before the user's newest erasure (not a profile field)
-    ("epoch", "BIGINT"),
-)
-RECENT_COLUMNS = (
-    ("recent_events", "BIGINT"),
-    ("recent_product_views", "BIGINT"),
-    ("recent_window_end_ms", "BIGINT"),
-    ("consent", "BOOLEAN"),
-    ("consent_ms", "BIGINT"),
-    ("epoch", "BIGINT"),
-)
-
-
 def not_erased(erasure_filter: bool) -> str:
     """The WHERE clause that keeps rows of state no erasure has superseded since."""
     return f"WHERE NOT {ERASED_SINCE}(user_id, epoch)" if erasure_filter else ""
-
-
-def totals(view: str, erasure_filter: bool = True) -> str:
-    """One continuous aggregate per user and epoch (mini-batched: one update per user per batch)."""
-    counts = ", ".join(f"{_count_of(t, CONSENTED)} AS n_{t}" for t in EVENT_TYPES)
-    hours = ", ".join(f"COUNT(*) FILTER (WHERE hour_of_day = {h}{CONSENTED}) AS h{h}" for h in range(24))
-    seen = "CASE WHEN consent_personalization THEN event_time_ms END"
-    per_user = f"""
-        SELECT user_id, epoch, COUNT(*) FILTER (WHERE consent_personalization) AS n_events, {counts},
-               {revenue(CONSENTED)} AS revenue_cents, MIN({seen}) AS first_seen_ms, MAX({seen}) AS last_seen_ms,
-               {hours}, {CONSENT_KEY} AS consent_key
-        FROM {view} GROUP BY user_id, epoch"""
-    by_hour = ", ".join(f"CAST(h{h} AS STRING)" for h in range(24))
-    return f"""
-        SELECT user_id, 'totals' AS part, n_events, {', '.join(f'n_{t}' for t in EVENT_TYPES)}, revenue_cents,
-               first_seen_ms, last_seen_ms, CONCAT_WS(',', {by_hour}) AS events_by_hour,
-               {_consent('consent_key')} AS consent, {_consent_ms('consent_key')} AS consent_ms, epoch
-        FROM ({per_user}) {not_erased(erasure_filter)}"""
-
-
-def recent(view: str, settings: Settings, erasure_filter: bool = True) -> str:
-    """Sliding windows per user, straight to the changelog: the newest window wins per user.
-
-    Each event lands in ``recent_window_ms / recent_slide_ms`` windows; that ratio
-    is what the window costs (``scripts/bench_windows.py recent``)."""
-    per_window = f"""
-        SELECT user_id, 'recent' AS part, COUNT(*) FILTER (WHERE consent_personalization) AS recent_events,
-               {_count_of('product_view', CONSENTED)} AS recent_product_views,
-               {epoch_ms('window_end')} AS recent_window_end_ms,
-               {_consent(CONSENT_KEY)} AS consent, {_consent_ms(CONSENT_KEY)} AS consent_ms, epoch
-        FROM TABLE(HOP(TABLE {view}, DESCRIPTOR(rowtime),
-                       {interval(settings.recent_slide_ms)}, {interval(settings.recent_window_ms)}))
-        GROUP BY user_id, epoch, window_start, window_end"""
-    return f"SELECT * FROM ({per_window}) {not_erased(erasure_filter)}"
 
 
 def trending(view: str, settings: Settings) -> str:

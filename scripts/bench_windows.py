@@ -1,15 +1,16 @@
-"""The JVM-only ceiling of the profile job's windows (a benchmark, not a test).
+"""The JVM-only ceiling of the profile job's per-event operators (a benchmark, not a test).
 
 Rows shaped like decoded events come from Flink's ``datagen`` (no Kafka, no Python
-per event) and go through the job's own window queries (``operators.windows``,
-configured by ``jobs.profile.configure``) into blackhole sinks. What this takes is
+per event) and go through the job's own live function (``operators.live``: every
+user's state, both kinds of rows) and trending window (``operators.windows``),
+configured by ``jobs.profile.configure``, into blackhole sinks. What this takes is
 what the windows alone cost on this machine: the job can be no faster. No user is
 ever forgotten here (epoch 0), so the erasure filter, which reads the erasures topic
 from Kafka, is left out (it runs once per output row, not per event).
 
 Usage: python scripts/bench_windows.py [EVENTS] [USERS] [PART,...]
   EVENTS default 1000000, USERS default 100000; PART any of
-  totals recent sessions trending (default: all, one job)
+  live trending (default: both, one job)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PARTS = ("totals", "recent", "sessions", "trending")
+PARTS = ("live", "trending")
 # one event a minute per user on average, spread over ~17 hours: several sessions,
 # hours and sliding windows per user, as in the synthetic traffic
 EVENT_SPACING_MS = 60
@@ -35,8 +36,8 @@ def main(argv: list[str]) -> int:
         print(f"bench_windows: unknown part {', '.join(unknown)} (choose from {', '.join(PARTS)})", file=sys.stderr)
         return 2
 
-    from jobs.profile import configure, session_functions
-    from operators import sessions, windows
+    from jobs.profile import _java_function, configure
+    from operators import live, windows
     from personalize.flink import environments
     from personalize.settings import Settings
     from pyflink.table import Schema
@@ -75,17 +76,12 @@ def main(argv: list[str]) -> int:
         typed = ", ".join(f"`{c}` {t}" for c, t in columns)
         t_env.execute_sql(f"CREATE TEMPORARY TABLE {name} ({typed}) WITH ('connector' = 'blackhole')")
 
-    keyed = (("user_id", "STRING"), ("part", "STRING"))
-    if "totals" in parts:
-        blackhole("totals_bh", (*keyed, *windows.TOTALS_COLUMNS))
-        statements.add_insert_sql("INSERT INTO totals_bh " + windows.totals("bench_events", erasure_filter=False))
-    if "recent" in parts:
-        blackhole("recent_bh", (*keyed, *windows.RECENT_COLUMNS))
-        statements.add_insert_sql("INSERT INTO recent_bh " + windows.recent("bench_events", settings, erasure_filter=False))
-    if "sessions" in parts:
-        session_functions(t_env, settings)
-        blackhole("sessions_bh", sessions.PACKED)
-        statements.add_insert_sql("INSERT INTO sessions_bh " + sessions.session_closes("bench_events", settings, erasure_filter=False))
+    if "live" in parts:
+        _java_function(t_env, live.FUNCTION, live.CLASS, *live.function_args(settings))
+        blackhole("live_bh", (("user_id", "STRING"), ("kind", "STRING"), *live.LIVE_COLUMNS, ("session", "STRING")))
+        columns = ", ".join(name for name, _ in live.LIVE_COLUMNS)
+        statements.add_insert_sql(f"INSERT INTO live_bh SELECT user_id, kind, {columns}, session "
+                                  f"FROM ({live.changes('bench_events')})")
     if "trending" in parts:
         blackhole("trending_bh", (("category", "STRING"), ("product_id", "STRING"), ("views", "BIGINT"),
                                   ("window_end_ms", "BIGINT"), ("rank", "BIGINT")))
