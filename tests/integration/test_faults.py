@@ -166,8 +166,12 @@ def _streaming_run(stack, tmp_path, redis_db: int, seed: int):
     events = traffic(150, seed)
     proc = _start(own)
     stream = SteadyStream(own, events, seconds=40).start()
-    wait_until("a third of the stream sent and profiles written",
-               lambda: stream.share_sent > 0.33 and profiles(own), proc, 180)
+    # profiles come before any checkpoint (the live changelog): wait for one, so the fault
+    # meets a job with committed state to resume from
+    checkpoints = own.settings.state_dir / "checkpoints"
+    wait_until("a third of the stream sent, profiles written and a checkpoint completed",
+               lambda: stream.share_sent > 0.33 and profiles(own) and any(checkpoints.glob("*/chk-*/_metadata")),
+               proc, 180)
     return own, events, proc, stream
 
 
