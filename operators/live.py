@@ -5,10 +5,12 @@ function called from the job's SQL, partitioned by user) holds per user the tota
 the events with personalization consent, events by hour, the sliding "recent" window
 as slices, and the sessions still open, with their net cart. After every change (an
 event, or a session closing on its event-time timer) it emits a ``live`` row: the
-user's profile fields with a ``version`` that only grows (the newest event time x
-10,000 + the changes since). Each closed session also comes out as a ``closed`` row,
-its SESSION_COLUMNS packed in one string for the models' Python step
-(``operators.sessions.unpack``): Python sees closed sessions only.
+user's profile fields, with the score of the session so far under the newest propensity
+model (``session_propensity``: the models step publishes its weights and scaler on the
+model-snapshots topic, which a thread in the JVM follows), and a ``version`` that only
+grows (the newest event time x 10,000 + the changes since). Each closed session also
+comes out as a ``closed`` row, its SESSION_COLUMNS packed in one string for the models'
+Python step (``operators.sessions.unpack``): Python sees closed sessions only.
 
 The live rows go to the live changelog topic at-least-once, without waiting for a
 checkpoint (``sinks.kafka.profile_live_sink`` keeps the newest row per user for
@@ -54,17 +56,24 @@ LIVE_COLUMNS = (
     ("session_cart_value_cents", "BIGINT"),
     ("session_last_cart_add_ms", "BIGINT"),
     ("session_top_category", "STRING"),
+    # the newest propensity model's score of the session so far (no model published yet: absent)
+    ("session_propensity", "STRING"),
 )
 # the fields of the session in progress as Redis holds them: a change without a session
 # open deletes them from the profile
 SESSION_FIELDS = ("session_start_ms", "session_events", "session_product_views", "session_products",
-                  "session_cart", "session_cart_value", "session_last_cart_add_ms", "session_top_category")
+                  "session_cart", "session_cart_value", "session_last_cart_add_ms", "session_top_category",
+                  "session_propensity")
 
 
-def function_args(settings: Settings) -> tuple[str, ...]:
-    """LiveProfile's constructor arguments: gap, recent window and slide, list limit."""
+def function_args(settings: Settings) -> tuple:
+    """LiveProfile's constructor arguments: gap, recent window and slide, list limit, and the
+    models' snapshot topic with the Kafka properties to read it (the job's credentials)."""
+    from personalize import credentials
+
+    kafka = {"bootstrap.servers": settings.bootstrap_servers, **credentials.kafka_java(settings)}
     return (str(settings.session_gap_ms), str(settings.recent_window_ms), str(settings.recent_slide_ms),
-            str(settings.session_list_limit))
+            str(settings.session_list_limit), settings.topic_model_snapshots, kafka)
 
 
 def changes(view: str) -> str:

@@ -348,6 +348,18 @@ class Propensity:
         self.scaler.learn_many(X)
         self.model.learn_many(self._frame(X), pd.Series(y))
 
+    def scoring(self) -> dict:
+        """What scoring needs, in PROPENSITY_FEATURES order (the JVM scores the session in
+        progress with it: operators/jvm, PropensityModel): p = sigmoid(intercept +
+        sum(weight * (x - mean) / scale))."""
+        n = self.scaler.n
+        mean = self.scaler.sum / n if n else np.zeros(len(PROPENSITY_FEATURES))
+        std = np.sqrt(np.maximum(self.scaler.sumsq / n - mean * mean, 0.0)) if n else np.ones(len(PROPENSITY_FEATURES))
+        return {"features": list(PROPENSITY_FEATURES), "mean": mean.tolist(),
+                "scale": np.where(std > 1e-9, std, 1.0).tolist(),
+                "weights": [float(self.model.weights.get(f, 0.0)) for f in PROPENSITY_FEATURES],
+                "intercept": float(self.model.intercept)}
+
     def to_state(self) -> dict:
         return {"learning_rate": self.learning_rate, "scaler": self.scaler.to_state(),
                 "weights": {k: float(v) for k, v in self.model.weights.items()},
@@ -644,6 +656,8 @@ class Models:
             "segment_moves_per_1000_sessions": round(1000 * self.segment_moves / self.scored, 3) if self.scored else None,
             "segments_reseeded": seg.reseeded,
             "model_version": seg.version,
+            # the propensity model itself, for scoring the session in progress in the JVM
+            "propensity_model": self.propensity.scoring(),
             "sessions_seen": self.sessions,
             "updated_ms": self.updated_ms,
         }

@@ -23,7 +23,8 @@ def log_dir(settings: Settings):
 # JVM options of the embedded Flink (the PyFlink gateway JVM), measured on the benchmark
 # (885,427 events, p1): G1 (the default) 62 s, Parallel GC 56 s, plus fewer C2
 # compilations (the planner's generated code kept two cores' worth of C2 threads busy
-# for ~20 s) 54 s; C1 only 69 s. JVM_ARGS, when set, replaces them.
+# for ~20 s) 54 s; C1 only 69 s. The heap's maximum is PERSONALIZE_JVM_HEAP. JVM_ARGS,
+# when set, replaces them all.
 EMBEDDED_JVM_ARGS = ("-XX:+UseParallelGC -XX:CICompilerCount=2 "
                      "-XX:Tier4InvocationThreshold=50000 -XX:Tier4CompileThreshold=60000")
 
@@ -58,7 +59,7 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     # the embedded Flink's log goes to the stack folder, not into site-packages
     log_dir(settings).mkdir(parents=True, exist_ok=True)
     os.environ["FLINK_LOG_DIR"] = str(log_dir(settings))
-    os.environ.setdefault("JVM_ARGS", EMBEDDED_JVM_ARGS)
+    os.environ.setdefault("JVM_ARGS", f"{EMBEDDED_JVM_ARGS} -Xmx{settings.jvm_heap}")
 
     config = Configuration()
     config.set_string("pipeline.jars", ";".join(j.resolve().as_uri() for j in connector_jars))

@@ -145,6 +145,10 @@ class Settings:
     # or "rocksdb" (native memory and local disk, incremental checkpoints: for state that
     # outgrows the heap; docs/benchmarks.md, "State backend": 100k users 5-6x slower on RocksDB)
     state_backend: str = "hashmap"
+    # the embedded Flink's JVM heap (-Xmx): what the job's state and its working set need,
+    # not Java's default of a quarter of the machine (docs/benchmarks.md, "Memory": 100,000
+    # users need well under 1 GB; 1,000,000 users want 3g)
+    jvm_heap: str = "1g"
     # bounded runs commit at the end; a checkpoint in between only costs time (and
     # must come before the sink's 10 min transaction timeout)
     bounded_checkpoint_interval_ms: int = 300_000
@@ -199,8 +203,10 @@ class Settings:
             raise ConfigError(f"PERSONALIZE_WATERMARK_EMIT must be 'on-periodic' or 'on-event', got {self.watermark_emit!r}")
         if self.log_format not in ("console", "json"):
             raise ConfigError(f"PERSONALIZE_LOG_FORMAT must be 'console' or 'json', got {self.log_format!r}")
-        if not self.kafka_heap or not self.kafka_heap[:-1].isdigit() or self.kafka_heap[-1] not in "mMgG":
-            raise ConfigError(f"PERSONALIZE_KAFKA_HEAP must look like 512m or 1g, got {self.kafka_heap!r}")
+        for name in ("kafka_heap", "jvm_heap"):
+            heap = getattr(self, name)
+            if not heap or not heap[:-1].isdigit() or heap[-1] not in "mMgG":
+                raise ConfigError(f"{env_name(name)} must look like 512m or 1g, got {heap!r}")
         if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
             raise ConfigError(f"PERSONALIZE_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_PROTOCOLS)}, "
                               f"got {self.kafka_security_protocol!r}")

@@ -66,6 +66,10 @@ def expected_session(events: list[dict]) -> dict[str, str]:
 
 SESSION_FIELDS = ("session_start_ms", "session_events", "session_product_views", "session_products",
                   "session_cart", "session_cart_value", "session_last_cart_add_ms", "session_top_category")
+SHOPPING = [("page_view", None, None, None, 1), ("product_view", "p1", "shoes", 10.0, 1),
+            ("product_view", "p2", "bags", 5.5, 1), ("add_to_cart", "p1", "shoes", 10.0, 2),
+            ("add_to_cart", "p2", "bags", 5.5, 1), ("remove_from_cart", "p2", "bags", 5.5, 1),
+            ("add_to_cart", "p1", "shoes", 9.5, 1), ("product_view", "p3", "shoes", 3.0, 1)]
 
 
 def test_each_event_shows_in_the_live_profile_without_a_checkpoint_and_the_closed_session_leaves_it(stack, tmp_path):
@@ -85,10 +89,7 @@ def test_each_event_shows_in_the_live_profile_without_a_checkpoint_and_the_close
     proc = _start(own)
     try:
         wait_until("the job reads (a first profile)", lambda: r.exists("profile:warm-up"), proc, 240)
-        steps = [("page_view", None, None, None, 1), ("product_view", "p1", "shoes", 10.0, 1),
-                 ("product_view", "p2", "bags", 5.5, 1), ("add_to_cart", "p1", "shoes", 10.0, 2),
-                 ("add_to_cart", "p2", "bags", 5.5, 1), ("remove_from_cart", "p2", "bags", 5.5, 1),
-                 ("add_to_cart", "p1", "shoes", 9.5, 1), ("product_view", "p3", "shoes", 3.0, 1)]
+        steps = SHOPPING
         sent: list[dict] = []
         versions, waited = [], []
         for n, (kind, product, category, price, quantity) in enumerate(steps):
@@ -121,3 +122,55 @@ def test_each_event_shows_in_the_live_profile_without_a_checkpoint_and_the_close
         assert got["n_events"] == str(len(sent)) and int(got["version"]) > versions[-1]
     finally:
         _interrupt(proc)
+
+
+def test_the_session_in_progress_is_scored_by_the_newest_published_propensity_model(stack, tmp_path):
+    """Once the models step has published a model (its snapshot, committed at a checkpoint),
+    every live change of a session in progress carries ``session_propensity``: the score the
+    Python model gives the session's features so far (operators.models), from the JVM."""
+    import numpy as np
+
+    from operators import models as m
+
+    own = job_stack(stack, redis_db=10, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_SESSION_GAP_MS=str(GAP_MS),
+                    PERSONALIZE_OUT_OF_ORDERNESS_MS="0", PERSONALIZE_WATERMARK_EMIT="on-event")
+    s = own.settings
+    topics.ensure(s, [s.topic_events], partitions=1, local_stack=True)
+    codec = schemas.codec("user_event")
+    r = credentials.redis_client(s, decode_responses=True)
+    now = lambda: int(time.time() * 1000)  # noqa: E731
+
+    def send(e: dict) -> None:
+        assert kafkaio.produce(s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"])]) == 1
+
+    send(event("first", 0, now(), "add_to_cart", "p9", "toys", 4.0, 1))
+    proc = _start(own)
+    try:
+        wait_until("the job reads (a first profile)", lambda: r.exists("profile:first"), proc, 240)
+        time.sleep(GAP_MS / 1000)
+        send(event("clock", 0, now(), "page_view"))  # closes the first session: the models publish
+        wait_until("a model snapshot", lambda: r.get("models:snapshot"), proc, 60)
+        model = orjson.loads(r.get("models:snapshot"))["propensity_model"]
+        assert model["features"] == list(m.PROPENSITY_FEATURES)
+        sent: list[dict] = []
+        for n, (kind, product, category, price, quantity) in enumerate(SHOPPING[:5]):
+            sent.append(event("shopper", n, now(), kind, product, category, price, quantity))
+            send(sent[-1])
+        wait_until("the shopper's five events, scored",
+                   lambda: r.hget("profile:shopper", "session_events") == "5"
+                   and r.hget("profile:shopper", "session_propensity"), proc, 60)
+        got = r.hgetall("profile:shopper")
+    finally:
+        _interrupt(proc)
+    # the Python model the snapshot describes, on the features computed in Python
+    cents = lambda e: int(round(e["price"] * 100)) if e["price"] is not None else None  # noqa: E731
+    moves = [f"{'+' if e['event_type'] == 'add_to_cart' else '-'}\x1f{e['product_id']}\x1f{e['quantity']}\x1f"
+             f"{cents(e)}\x1f{e['event_time']}" for e in sent if e["event_type"] in ("add_to_cart", "remove_from_cart")]
+    viewed = [f"{e['product_id']}\x1f{e['category']}\x1f{e['event_time']}" for e in sent
+              if e["event_type"] == "product_view"]
+    session = {"start_ms": sent[0]["event_time"], "outcome_ms": None, "viewed": "\x1e".join(viewed),
+               "cart_moves": "\x1e".join(moves)}
+    x = np.array(m.propensity_features(session, m.UserHistory()))
+    z = model["intercept"] + float(np.dot(model["weights"], (x - model["mean"]) / np.array(model["scale"])))
+    assert abs(float(got["session_propensity"]) - 1 / (1 + np.exp(-z))) <= 5e-7, (got, z)

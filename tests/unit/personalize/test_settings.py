@@ -52,6 +52,7 @@ def test_settings_are_frozen():
         ({"PERSONALIZE_LOG_FORMAT": "xml"}, "PERSONALIZE_LOG_FORMAT must be 'console' or 'json'"),
         ({"PERSONALIZE_STATE_BACKEND": "memory"}, "PERSONALIZE_STATE_BACKEND must be 'hashmap' or 'rocksdb'"),
         ({"PERSONALIZE_KAFKA_HEAP": "lots"}, "PERSONALIZE_KAFKA_HEAP must look like 512m"),
+        ({"PERSONALIZE_JVM_HEAP": "2 GB"}, "PERSONALIZE_JVM_HEAP must look like 512m"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env, message):

@@ -1,12 +1,14 @@
 package personalize.profile;
 
 import java.util.List;
+import java.util.Map;
 
 import org.apache.flink.table.annotation.ArgumentHint;
 import org.apache.flink.table.annotation.ArgumentTrait;
 import org.apache.flink.table.annotation.DataTypeHint;
 import org.apache.flink.table.annotation.FunctionHint;
 import org.apache.flink.table.annotation.StateHint;
+import org.apache.flink.table.functions.FunctionContext;
 import org.apache.flink.table.functions.ProcessTableFunction;
 import org.apache.flink.types.Row;
 
@@ -32,13 +34,14 @@ import org.apache.flink.types.Row;
                 + "recent_events BIGINT, recent_product_views BIGINT, recent_window_end_ms BIGINT, "
                 + "session_start_ms BIGINT, session_events BIGINT, session_product_views BIGINT, "
                 + "session_products BIGINT, session_cart STRING, session_cart_value_cents BIGINT, "
-                + "session_last_cart_add_ms BIGINT, session_top_category STRING, session STRING>"))
+                + "session_last_cart_add_ms BIGINT, session_top_category STRING, session_propensity STRING, "
+                + "session STRING>"))
 public final class LiveProfile extends ProcessTableFunction<Row> {
     public static final String LIVE = "live";
     public static final String CLOSED = "closed";
     private static final String CLOSE_TIMER = "close";
     /** the output row's width (the columns of the hint above) */
-    static final int WIDTH = 29;
+    static final int WIDTH = 30;
 
     /** The state: the user's {@link UserState} as bytes, read and written whole per call. */
     public static final class Stored {
@@ -49,9 +52,16 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
     private final long slideMs;
     private final int slices;
     private final int limit;
+    private final String snapshotsTopic;
+    private final Map<String, String> kafka;
+    private transient PropensityModel.Registry models;
 
-    /** Built by jobs/profile.py with the settings: session gap, recent window and slide, list limit. */
-    public LiveProfile(String gapMs, String recentWindowMs, String recentSlideMs, String listLimit) {
+    /**
+     * Built by jobs/profile.py with the settings: session gap, recent window and slide, list
+     * limit, and where the models' snapshots are (topic, Kafka connection properties).
+     */
+    public LiveProfile(String gapMs, String recentWindowMs, String recentSlideMs, String listLimit,
+                       String snapshotsTopic, Map<String, String> kafka) {
         this.gapMs = Long.parseLong(gapMs);
         this.slideMs = Long.parseLong(recentSlideMs);
         long window = Long.parseLong(recentWindowMs);
@@ -61,6 +71,21 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
         }
         this.slices = (int) (window / slideMs);
         this.limit = Integer.parseInt(listLimit);
+        this.snapshotsTopic = snapshotsTopic;
+        this.kafka = Map.copyOf(kafka);
+    }
+
+    @Override
+    public void open(FunctionContext context) {
+        models = PropensityModel.open(snapshotsTopic, kafka);
+    }
+
+    @Override
+    public void close() {
+        if (models != null) {
+            PropensityModel.release(models);
+            models = null;
+        }
     }
 
     public void eval(Context ctx, @StateHint(name = "user") Stored stored,
@@ -137,8 +162,17 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
             row.setField(25, s.cartJson() == null ? null : s.cartValueCents());
             row.setField(26, s.lastCartAddMs() >= 0 ? s.lastCartAddMs() : null);
             row.setField(27, s.topCategory());
+            PropensityModel model = models == null ? null : models.model();
+            if (model != null) {
+                row.setField(28, sixDecimals(model.score(Features.propensity(s, u.history()))));
+            }
         }
         return row;
+    }
+
+    /** A probability with six decimals, as the models step writes propensity. */
+    static String sixDecimals(double p) {
+        return new java.math.BigDecimal(p).setScale(6, java.math.RoundingMode.HALF_EVEN).toPlainString();
     }
 
     private static Row closedRow(String packed, long epoch) {

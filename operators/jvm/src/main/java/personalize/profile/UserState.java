@@ -30,7 +30,8 @@ public final class UserState {
     static final int PAGE_VIEW = 0, PRODUCT_VIEW = 1, ADD = 2, REMOVE = 3, CHECKOUT = 4, PURCHASE = 5, SEARCH = 6;
     /** changes a version counts within one newest event time (version = newest time * this + changes). */
     public static final long CHANGES_PER_MS = 10_000L;
-    private static final int FORMAT = 1;
+    /** 2: with the closed-session history; 1 (the first release) is read with an empty one. */
+    private static final int FORMAT = 2;
     static final char FIELD_SEP = '\u001f', ITEM_SEP = '\u001e', COLUMN_SEP = '\u001d';
 
     /** One decoded event, as the job's SQL hands it to the function. */
@@ -66,6 +67,9 @@ public final class UserState {
     long[] sliceViews = new long[0];
     // -- open sessions, by start
     final List<Session> open = new ArrayList<>();
+    // -- closed sessions with personalization consent, as the models fold them (Features.History)
+    long histSessions, histPurchaseSessions, histRevenueCents;
+    long histLastEndMs = -1;
 
     /** The version of the state: the newest event time, then the changes made since. */
     public long version() {
@@ -523,7 +527,21 @@ public final class UserState {
         if (!closed.isEmpty()) {
             changes++;
         }
+        for (Session s : closed) {
+            if (s.consentPKey % 2 == 1) { // the models keep only consented sessions in a user's history
+                histSessions++;
+                histPurchaseSessions += s.byType[PURCHASE] > 0 ? 1 : 0;
+                histRevenueCents += s.revenueCents;
+                histLastEndMs = s.endMs;
+            }
+        }
         return closed;
+    }
+
+    /** The history of closed sessions the propensity's features read. */
+    public Features.History history() {
+        return new Features.History(histSessions, histPurchaseSessions, histRevenueCents,
+                histLastEndMs >= 0 ? histLastEndMs : null);
     }
 
     private void reset() {
@@ -538,6 +556,10 @@ public final class UserState {
         sliceEvents = new long[0];
         sliceViews = new long[0];
         open.clear();
+        histSessions = 0;
+        histPurchaseSessions = 0;
+        histRevenueCents = 0;
+        histLastEndMs = -1;
     }
 
     // ---------------------------------------------------------------- fields read by the function
@@ -605,6 +627,10 @@ public final class UserState {
             for (Session s : open) {
                 s.write(out);
             }
+            out.writeLong(histSessions);
+            out.writeLong(histPurchaseSessions);
+            out.writeLong(histRevenueCents);
+            out.writeLong(histLastEndMs);
         } catch (IOException e) {
             throw new UncheckedIOException(e);
         }
@@ -618,7 +644,7 @@ public final class UserState {
         }
         try (DataInputStream in = new DataInputStream(new ByteArrayInputStream(data))) {
             int format = in.readByte();
-            if (format != FORMAT) {
+            if (format != FORMAT && format != 1) {
                 throw new IllegalStateException("user state of format " + format + ", this release reads " + FORMAT);
             }
             u.userId = in.readUTF();
@@ -647,6 +673,12 @@ public final class UserState {
             }
             for (int i = 0, n = in.readInt(); i < n; i++) {
                 u.open.add(Session.read(in));
+            }
+            if (format >= 2) {
+                u.histSessions = in.readLong();
+                u.histPurchaseSessions = in.readLong();
+                u.histRevenueCents = in.readLong();
+                u.histLastEndMs = in.readLong();
             }
         } catch (IOException e) {
             throw new UncheckedIOException(e);

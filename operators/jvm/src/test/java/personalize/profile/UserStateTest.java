@@ -170,4 +170,29 @@ class UserStateTest {
         assertEquals("c0\u001ec1\u001ec2", cols[14]);
         assertEquals("5", cols[7]); // the counts are not bounded
     }
+
+    @Test
+    void theHistoryFoldsOnlyClosedSessionsWithPersonalizationConsent() {
+        UserState u = run(ev("purchase", T0, true, "p1", "c", 250L, 2), ev("page_view", T0 + GAP, false, null, null,
+                null, 1), ev("page_view", T0 + 2 * GAP + 5));
+        u.closeDue(T0 + 2 * GAP, GAP); // the first two sessions close, the second without consent
+        Features.History h = u.history();
+        assertEquals(new Features.History(1, 1, 500, T0), h);
+        u.closeDue(Long.MAX_VALUE, GAP);
+        assertEquals(new Features.History(2, 1, 500, T0 + 2 * GAP + 5), UserState.fromBytes(u.toBytes()).history());
+    }
+
+    @Test
+    void stateOfTheFirstFormatIsReadWithAnEmptyHistory() {
+        UserState u = run(ev("page_view", T0), ev("add_to_cart", T0 + 1));
+        u.closeDue(Long.MAX_VALUE, GAP);
+        u.apply(ev("page_view", T0 + 3 * GAP), GAP, SLIDE, SLICES, LIMIT);
+        byte[] now = u.toBytes();
+        byte[] first = java.util.Arrays.copyOf(now, now.length - 32); // format 1 ended before the history
+        first[0] = 1;
+        UserState old = UserState.fromBytes(first);
+        assertEquals(new Features.History(0, 0, 0, null), old.history());
+        assertEquals(u.nEvents(), old.nEvents());
+        assertEquals(u.current().startMs(), old.current().startMs());
+    }
 }
