@@ -39,7 +39,6 @@ import org.apache.flink.types.Row;
 public final class LiveProfile extends ProcessTableFunction<Row> {
     public static final String LIVE = "live";
     public static final String CLOSED = "closed";
-    private static final String CLOSE_TIMER = "close";
     /** the output row's width (the columns of the hint above) */
     static final int WIDTH = 30;
 
@@ -97,40 +96,63 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
                 Boolean.TRUE.equals(input.getField("consent_personalization")),
                 Boolean.TRUE.equals(input.getField("consent_marketing")),
                 input.<Long>getFieldAs("event_time_ms"), input.<Long>getFieldAs("epoch"));
+        long[] before = user.closeTimes(gapMs);
         if (!user.apply(e, gapMs, slideMs, slices, limit)) {
             return; // of state an erasure superseded
         }
         collect(live(user));
-        schedule(ctx, user);
+        retime(ctx.timeContext(Long.class), before, user.closeTimes(gapMs));
         stored.data = user.toBytes();
     }
 
+    /**
+     * A timer per open session, at its close time: each session closes when the watermark
+     * reaches it, in close-time order across users, even when one watermark step passes
+     * several sessions of a user (a bounded replay's watermark lags hours behind its reads).
+     * A named timer ("close") is the first release's single timer per user: it closes all
+     * that is due and gives the sessions left a timer each.
+     */
     public void onTimer(OnTimerContext ctx, Stored stored) {
         UserState user = UserState.fromBytes(stored.data);
         TimeContext<Long> time = ctx.timeContext(Long.class);
+        boolean firstRelease = ctx.currentTimer() != null;
         Long watermark = time.currentWatermark();
-        // the timer fires once the watermark reached its time: close all that is due by then
-        long due = Math.max(watermark == null ? Long.MIN_VALUE : watermark, time.time());
+        long due = firstRelease ? Math.max(watermark == null ? Long.MIN_VALUE : watermark, time.time()) : time.time();
         List<UserState.Session> closed = user.closeDue(due, gapMs);
+        if (firstRelease) {
+            retime(time, new long[0], user.closeTimes(gapMs));
+        }
         if (closed.isEmpty()) {
-            schedule(ctx, user);
-            return;
+            return; // a session that grew since this timer was set has a later one
         }
         for (UserState.Session session : closed) {
             collect(closedRow(session.packed(user.userId(), user.epoch()), user.epoch()));
         }
         collect(live(user));
-        schedule(ctx, user);
         stored.data = user.toBytes();
     }
 
-    private void schedule(Context ctx, UserState user) {
-        long next = user.nextCloseMs(gapMs);
-        if (next >= 0) {
-            ctx.timeContext(Long.class).registerOnTime(CLOSE_TIMER, next);
-        } else {
-            ctx.timeContext(Long.class).clearTimer(CLOSE_TIMER);
+    /** Timers follow the open sessions' close times: stale ones deleted, new ones set. */
+    private static void retime(TimeContext<Long> time, long[] before, long[] after) {
+        for (long t : before) {
+            if (!contains(after, t)) {
+                time.clearTimer(t);
+            }
         }
+        for (long t : after) {
+            if (!contains(before, t)) {
+                time.registerOnTime(t);
+            }
+        }
+    }
+
+    private static boolean contains(long[] times, long t) {
+        for (long x : times) {
+            if (x == t) {
+                return true;
+            }
+        }
+        return false;
     }
 
     private Row live(UserState u) {

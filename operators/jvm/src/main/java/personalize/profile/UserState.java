@@ -506,6 +506,15 @@ public final class UserState {
         return newest;
     }
 
+    /** When each open session closes (the watermark at which it does), by start. */
+    public long[] closeTimes(long gapMs) {
+        long[] times = new long[open.size()];
+        for (int i = 0; i < times.length; i++) {
+            times[i] = open.get(i).endMs + gapMs - 1;
+        }
+        return times;
+    }
+
     /** The earliest time a close is due (the watermark at which it closes), or -1 with none open. */
     public long nextCloseMs(long gapMs) {
         long next = -1;
