@@ -66,14 +66,17 @@ SESSION_FIELDS = ("session_start_ms", "session_events", "session_product_views",
                   "session_propensity")
 
 
-def function_args(settings: Settings) -> tuple:
-    """LiveProfile's constructor arguments: gap, recent window and slide, list limit, and the
-    models' snapshot topic with the Kafka properties to read it (the job's credentials)."""
+def function_args(settings: Settings, *, bounded: bool = False) -> tuple:
+    """LiveProfile's constructor arguments: gap, recent window and slide, list limit, state TTL,
+    whether the run is bounded (a backfill's live rows come at session closes only: its sink
+    keeps each user's newest row until the end anyway), and the models' snapshot topic with
+    the Kafka properties to read it (the job's credentials)."""
     from personalize import credentials
 
     kafka = {"bootstrap.servers": settings.bootstrap_servers, **credentials.kafka_java(settings)}
     return (str(settings.session_gap_ms), str(settings.recent_window_ms), str(settings.recent_slide_ms),
-            str(settings.session_list_limit), settings.topic_model_snapshots, kafka)
+            str(settings.session_list_limit), str(settings.state_ttl_ms), str(bounded).lower(),
+            settings.topic_model_snapshots, kafka)
 
 
 def changes(view: str) -> str:

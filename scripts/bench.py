@@ -279,6 +279,9 @@ def main(argv: list[str]) -> int:
     triggers, stream, sampler, redis_peak = run["triggers"], run["stream"], run["sampler"], run["redis_peak"]
     known = known_abandonments(args.users, base.session_gap_ms)
 
+    if os.environ.get("BENCH_THREADS"):  # the JVM's busiest threads by name, for finding where "other" goes
+        for key, seconds in sorted(sampler.threads.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"bench: thread {key.split(':', 1)[1]!r} {seconds:.1f} core-s", file=sys.stderr)
     if args.no_ceiling:
         print(f"bench: end to end {e2e_s:.1f} s, {events / e2e_s:,.0f} events/s; start-up {startup_s:.1f} s, "
               f"job {job_s:.1f} s, Redis catch-up {catchup_s:.1f} s; triggers {triggers:,} / {stream:,} / {known:,}; "

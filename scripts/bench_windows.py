@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
         t_env.execute_sql(f"CREATE TEMPORARY TABLE {name} ({typed}) WITH ('connector' = 'blackhole')")
 
     if "live" in parts:
-        _java_function(t_env, live.FUNCTION, live.CLASS, *live.function_args(settings))
+        _java_function(t_env, live.FUNCTION, live.CLASS, *live.function_args(settings, bounded=True))
         blackhole("live_bh", (("user_id", "STRING"), ("kind", "STRING"), *live.LIVE_COLUMNS, ("session", "STRING")))
         columns = ", ".join(name for name, _ in live.LIVE_COLUMNS)
         statements.add_insert_sql(f"INSERT INTO live_bh SELECT user_id, kind, {columns}, session "

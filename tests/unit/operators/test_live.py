@@ -36,6 +36,8 @@ def test_the_live_rows_select_every_live_column_and_skip_superseded_state():
 def test_the_function_is_built_with_the_session_and_window_settings():
     s = Settings.from_env({"PERSONALIZE_SESSION_GAP_MS": "60000", "PERSONALIZE_RECENT_WINDOW_MS": "600000",
                            "PERSONALIZE_RECENT_SLIDE_MS": "120000", "PERSONALIZE_SESSION_LIST_LIMIT": "7"})
-    assert live.function_args(s)[:5] == ("60000", "600000", "120000", "7", s.topic_model_snapshots)
-    assert live.function_args(s)[5]["bootstrap.servers"] == s.bootstrap_servers
+    assert live.function_args(s)[:7] == ("60000", "600000", "120000", "7", str(s.state_ttl_ms), "false",
+                                         s.topic_model_snapshots)
+    assert live.function_args(s, bounded=True)[5] == "true"
+    assert live.function_args(s)[7]["bootstrap.servers"] == s.bootstrap_servers
     assert "PARTITION BY user_id" in live.changes("v") and "on_time => DESCRIPTOR(rowtime)" in live.changes("v")

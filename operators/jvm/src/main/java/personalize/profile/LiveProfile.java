@@ -51,16 +51,24 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
     private final long slideMs;
     private final int slices;
     private final int limit;
+    private final long ttlMs;
+    /**
+     * Unbounded runs emit a live row per change; a bounded run (a backfill, whose sink keeps
+     * only each user's newest row until the end anyway) only at each session close: every
+     * session closes at the end of input, so each user's last row is its final state.
+     */
+    private final boolean everyChange;
     private final String snapshotsTopic;
     private final Map<String, String> kafka;
     private transient PropensityModel.Registry models;
 
     /**
      * Built by jobs/profile.py with the settings: session gap, recent window and slide, list
-     * limit, and where the models' snapshots are (topic, Kafka connection properties).
+     * limit, state TTL (0: none), whether the run is bounded, and where the models' snapshots
+     * are (topic, Kafka connection properties).
      */
     public LiveProfile(String gapMs, String recentWindowMs, String recentSlideMs, String listLimit,
-                       String snapshotsTopic, Map<String, String> kafka) {
+                       String stateTtlMs, String bounded, String snapshotsTopic, Map<String, String> kafka) {
         this.gapMs = Long.parseLong(gapMs);
         this.slideMs = Long.parseLong(recentSlideMs);
         long window = Long.parseLong(recentWindowMs);
@@ -70,6 +78,8 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
         }
         this.slices = (int) (window / slideMs);
         this.limit = Integer.parseInt(listLimit);
+        this.ttlMs = Long.parseLong(stateTtlMs);
+        this.everyChange = !Boolean.parseBoolean(bounded);
         this.snapshotsTopic = snapshotsTopic;
         this.kafka = Map.copyOf(kafka);
     }
@@ -87,7 +97,7 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
         }
     }
 
-    public void eval(Context ctx, @StateHint(name = "user") Stored stored,
+    public void eval(Context ctx, @StateHint(name = "user", ttl = "0") Stored stored,
                      @ArgumentHint(value = {ArgumentTrait.SET_SEMANTIC_TABLE, ArgumentTrait.REQUIRE_ON_TIME}, name = "input") Row input) {
         UserState user = UserState.fromBytes(stored.data);
         UserState.Event e = new UserState.Event(
@@ -97,11 +107,18 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
                 Boolean.TRUE.equals(input.getField("consent_marketing")),
                 input.<Long>getFieldAs("event_time_ms"), input.<Long>getFieldAs("epoch"));
         long[] before = user.closeTimes(gapMs);
-        if (!user.apply(e, gapMs, slideMs, slices, limit)) {
+        if (!user.apply(e, gapMs, slideMs, slices, limit, ttlMs)) {
             return; // of state an erasure superseded
         }
-        collect(live(user));
-        retime(ctx.timeContext(Long.class), before, user.closeTimes(gapMs));
+        if (everyChange) {
+            collect(live(user));
+        }
+        TimeContext<Long> time = ctx.timeContext(Long.class);
+        retime(time, before, user.closeTimes(gapMs));
+        if (ttlMs > 0 && user.expiryTimerMs < 0) {
+            user.expiryTimerMs = user.newestMs + ttlMs;
+            time.registerOnTime(user.expiryTimerMs);
+        }
         stored.data = user.toBytes();
     }
 
@@ -109,27 +126,38 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
      * A timer per open session, at its close time: each session closes when the watermark
      * reaches it, in close-time order across users, even when one watermark step passes
      * several sessions of a user (a bounded replay's watermark lags hours behind its reads).
-     * A named timer ("close") is the first release's single timer per user: it closes all
-     * that is due and gives the sessions left a timer each.
+     * One more timer per user expires the state of a user inactive for the state TTL (event
+     * time; Flink's own TTL cleanup of heap state cost a quarter of the function's time): at
+     * its time the state goes, or the timer moves to the newest event + TTL.
      */
     public void onTimer(OnTimerContext ctx, Stored stored) {
         UserState user = UserState.fromBytes(stored.data);
         TimeContext<Long> time = ctx.timeContext(Long.class);
-        boolean firstRelease = ctx.currentTimer() != null;
+        long at = time.time();
         Long watermark = time.currentWatermark();
-        long due = firstRelease ? Math.max(watermark == null ? Long.MIN_VALUE : watermark, time.time()) : time.time();
-        List<UserState.Session> closed = user.closeDue(due, gapMs);
-        if (firstRelease) {
-            retime(time, new long[0], user.closeTimes(gapMs));
+        boolean expiry = at == user.expiryTimerMs;
+        boolean expired = expiry && user.newestMs + ttlMs <= Math.max(at, watermark == null ? at : watermark);
+        if (expired) {
+            retime(time, user.closeTimes(gapMs), new long[0]); // (clearAll visits every key's timers)
         }
-        if (closed.isEmpty()) {
-            return; // a session that grew since this timer was set has a later one
-        }
+        List<UserState.Session> closed = user.closeDue(expired ? Long.MAX_VALUE : at, gapMs);
         for (UserState.Session session : closed) {
             collect(closedRow(session.packed(user.userId(), user.epoch()), user.epoch()));
         }
-        collect(live(user));
-        stored.data = user.toBytes();
+        if (expired) {
+            ctx.clearAllState(); // the profile in Redis expires by its own TTL
+            return;
+        }
+        if (expiry) {
+            user.expiryTimerMs = user.newestMs + ttlMs;
+            time.registerOnTime(user.expiryTimerMs);
+        }
+        if (!closed.isEmpty()) {
+            collect(live(user));
+        }
+        if (expiry || !closed.isEmpty()) {
+            stored.data = user.toBytes();
+        }
     }
 
     /** Timers follow the open sessions' close times: stale ones deleted, new ones set. */
@@ -180,8 +208,9 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
             row.setField(21, s.nEvents());
             row.setField(22, s.productViews());
             row.setField(23, (long) s.distinctProducts());
-            row.setField(24, s.cartJson());
-            row.setField(25, s.cartJson() == null ? null : s.cartValueCents());
+            String cart = s.cartJson();
+            row.setField(24, cart);
+            row.setField(25, cart == null ? null : s.cartValueCents());
             row.setField(26, s.lastCartAddMs() >= 0 ? s.lastCartAddMs() : null);
             row.setField(27, s.topCategory());
             PropensityModel model = models == null ? null : models.model();

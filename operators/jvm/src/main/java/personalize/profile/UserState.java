@@ -1,11 +1,5 @@
 package personalize.profile;
 
-import java.io.ByteArrayInputStream;
-import java.io.ByteArrayOutputStream;
-import java.io.DataInputStream;
-import java.io.DataOutputStream;
-import java.io.IOException;
-import java.io.UncheckedIOException;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
@@ -30,8 +24,7 @@ public final class UserState {
     static final int PAGE_VIEW = 0, PRODUCT_VIEW = 1, ADD = 2, REMOVE = 3, CHECKOUT = 4, PURCHASE = 5, SEARCH = 6;
     /** changes a version counts within one newest event time (version = newest time * this + changes). */
     public static final long CHANGES_PER_MS = 10_000L;
-    /** 2: with the closed-session history; 1 (the first release) is read with an empty one. */
-    private static final int FORMAT = 2;
+    private static final int FORMAT = 1;
     static final char FIELD_SEP = '\u001f', ITEM_SEP = '\u001e', COLUMN_SEP = '\u001d';
 
     /** One decoded event, as the job's SQL hands it to the function. */
@@ -53,6 +46,7 @@ public final class UserState {
     long epoch;
     long newestMs = Long.MIN_VALUE; // the newest event time of any event (consented or not)
     long changes;                  // changes since newestMs last moved
+    long expiryTimerMs = -1;       // the time of the timer that expires an inactive user's state (-1: none)
     // -- totals, of events with personalization consent
     long nEvents;
     final long[] byType = new long[EVENT_TYPES.length];
@@ -309,71 +303,59 @@ public final class UserState {
             return out.toString();
         }
 
-        void write(DataOutputStream out) throws IOException {
-            out.writeLong(startMs);
-            out.writeLong(endMs);
-            out.writeLong(nEvents);
-            out.writeLong(revenueCents);
-            out.writeLong(outcomeMs);
-            out.writeLong(lastAddMs);
+        void write(StateBytes.Writer out) {
+            out.i64(startMs).i64(endMs).i64(nEvents).i64(revenueCents).i64(outcomeMs).i64(lastAddMs);
             for (long n : byType) {
-                out.writeLong(n);
+                out.i64(n);
             }
-            out.writeLong(consentPKey);
-            out.writeLong(consentMKey);
-            out.writeInt(nMoves);
-            out.writeUTF(moves.toString());
-            out.writeInt(nCategories);
-            out.writeUTF(categories.toString());
-            out.writeInt(nViewed);
-            out.writeUTF(viewed.toString());
-            out.writeInt(cart.size());
+            out.i64(consentPKey).i64(consentMKey);
+            out.i32(nMoves).str(moves).i32(nCategories).str(categories).i32(nViewed).str(viewed);
+            out.i32(cart.size());
             for (Map.Entry<String, long[]> e : cart.entrySet()) {
-                out.writeUTF(e.getKey());
+                out.str(e.getKey());
                 for (long v : e.getValue()) {
-                    out.writeLong(v);
+                    out.i64(v);
                 }
             }
-            out.writeInt(categoryCounts.size());
+            out.i32(categoryCounts.size());
             for (Map.Entry<String, long[]> e : categoryCounts.entrySet()) {
-                out.writeUTF(e.getKey());
-                out.writeLong(e.getValue()[0]);
+                out.str(e.getKey()).i64(e.getValue()[0]);
             }
-            out.writeInt(products.size());
+            out.i32(products.size());
             for (String p : products.keySet()) {
-                out.writeUTF(p);
+                out.str(p);
             }
         }
 
-        static Session read(DataInputStream in) throws IOException {
+        static Session read(StateBytes.Reader in) {
             Session s = new Session();
-            s.startMs = in.readLong();
-            s.endMs = in.readLong();
-            s.nEvents = in.readLong();
-            s.revenueCents = in.readLong();
-            s.outcomeMs = in.readLong();
-            s.lastAddMs = in.readLong();
+            s.startMs = in.i64();
+            s.endMs = in.i64();
+            s.nEvents = in.i64();
+            s.revenueCents = in.i64();
+            s.outcomeMs = in.i64();
+            s.lastAddMs = in.i64();
             for (int i = 0; i < s.byType.length; i++) {
-                s.byType[i] = in.readLong();
+                s.byType[i] = in.i64();
             }
-            s.consentPKey = in.readLong();
-            s.consentMKey = in.readLong();
-            s.nMoves = in.readInt();
-            s.moves.append(in.readUTF());
-            s.nCategories = in.readInt();
-            s.categories.append(in.readUTF());
-            s.nViewed = in.readInt();
-            s.viewed.append(in.readUTF());
-            for (int i = 0, n = in.readInt(); i < n; i++) {
-                String k = in.readUTF();
-                s.cart.put(k, new long[] {in.readLong(), in.readLong(), in.readLong(), in.readLong()});
+            s.consentPKey = in.i64();
+            s.consentMKey = in.i64();
+            s.nMoves = in.i32();
+            s.moves.append(in.str());
+            s.nCategories = in.i32();
+            s.categories.append(in.str());
+            s.nViewed = in.i32();
+            s.viewed.append(in.str());
+            for (int i = 0, n = in.i32(); i < n; i++) {
+                String k = in.str();
+                s.cart.put(k, new long[] {in.i64(), in.i64(), in.i64(), in.i64()});
             }
-            for (int i = 0, n = in.readInt(); i < n; i++) {
-                String k = in.readUTF();
-                s.categoryCounts.put(k, new long[] {in.readLong()});
+            for (int i = 0, n = in.i32(); i < n; i++) {
+                String k = in.str();
+                s.categoryCounts.put(k, new long[] {in.i64()});
             }
-            for (int i = 0, n = in.readInt(); i < n; i++) {
-                s.products.put(in.readUTF(), Boolean.TRUE);
+            for (int i = 0, n = in.i32(); i < n; i++) {
+                s.products.put(in.str(), Boolean.TRUE);
             }
             return s;
         }
@@ -386,8 +368,22 @@ public final class UserState {
      * erasure of the user superseded (an older epoch than the state's).
      */
     public boolean apply(Event e, long gapMs, long slideMs, int slices, int limit) {
+        return apply(e, gapMs, slideMs, slices, limit, 0);
+    }
+
+    /**
+     * Apply one on-time event; a user whose newest event is {@code ttlMs} or more older (event
+     * time; 0: never) comes back as a new one, as if the state had expired meanwhile.
+     */
+    public boolean apply(Event e, long gapMs, long slideMs, int slices, int limit, long ttlMs) {
         if (e.epoch() < epoch) {
             return false;
+        }
+        if (ttlMs > 0 && newestMs != Long.MIN_VALUE && e.timeMs() - newestMs >= ttlMs) {
+            long keepNewest = newestMs, keepChanges = changes;
+            reset();
+            newestMs = keepNewest; // the version keeps growing
+            changes = keepChanges;
         }
         if (e.epoch() > epoch) { // the user was forgotten: nothing of before carries over
             long keepNewest = newestMs, keepChanges = changes;
@@ -608,42 +604,26 @@ public final class UserState {
     // ---------------------------------------------------------------- state bytes
 
     public byte[] toBytes() {
-        ByteArrayOutputStream bytes = new ByteArrayOutputStream(256);
-        try (DataOutputStream out = new DataOutputStream(bytes)) {
-            out.writeByte(FORMAT);
-            out.writeUTF(userId);
-            out.writeLong(epoch);
-            out.writeLong(newestMs);
-            out.writeLong(changes);
-            out.writeLong(nEvents);
-            for (long n : byType) {
-                out.writeLong(n);
-            }
-            out.writeLong(revenueCents);
-            out.writeLong(firstSeenMs);
-            out.writeLong(lastSeenMs);
-            for (long n : byHour) {
-                out.writeLong(n);
-            }
-            out.writeLong(consentKey);
-            out.writeInt(sliceIndex.length);
-            for (int i = 0; i < sliceIndex.length; i++) {
-                out.writeLong(sliceIndex[i]);
-                out.writeLong(sliceEvents[i]);
-                out.writeLong(sliceViews[i]);
-            }
-            out.writeInt(open.size());
-            for (Session s : open) {
-                s.write(out);
-            }
-            out.writeLong(histSessions);
-            out.writeLong(histPurchaseSessions);
-            out.writeLong(histRevenueCents);
-            out.writeLong(histLastEndMs);
-        } catch (IOException e) {
-            throw new UncheckedIOException(e);
+        StateBytes.Writer out = new StateBytes.Writer(512);
+        out.u8(FORMAT).str(userId).i64(epoch).i64(newestMs).i64(changes).i64(expiryTimerMs).i64(nEvents);
+        for (long n : byType) {
+            out.i64(n);
         }
-        return bytes.toByteArray();
+        out.i64(revenueCents).i64(firstSeenMs).i64(lastSeenMs);
+        for (long n : byHour) {
+            out.i64(n);
+        }
+        out.i64(consentKey);
+        out.i32(sliceIndex.length);
+        for (int i = 0; i < sliceIndex.length; i++) {
+            out.i64(sliceIndex[i]).i64(sliceEvents[i]).i64(sliceViews[i]);
+        }
+        out.i32(open.size());
+        for (Session s : open) {
+            s.write(out);
+        }
+        out.i64(histSessions).i64(histPurchaseSessions).i64(histRevenueCents).i64(histLastEndMs);
+        return out.bytes();
     }
 
     public static UserState fromBytes(byte[] data) {
@@ -651,47 +631,43 @@ public final class UserState {
         if (data == null || data.length == 0) {
             return u;
         }
-        try (DataInputStream in = new DataInputStream(new ByteArrayInputStream(data))) {
-            int format = in.readByte();
-            if (format != FORMAT && format != 1) {
-                throw new IllegalStateException("user state of format " + format + ", this release reads " + FORMAT);
-            }
-            u.userId = in.readUTF();
-            u.epoch = in.readLong();
-            u.newestMs = in.readLong();
-            u.changes = in.readLong();
-            u.nEvents = in.readLong();
-            for (int i = 0; i < u.byType.length; i++) {
-                u.byType[i] = in.readLong();
-            }
-            u.revenueCents = in.readLong();
-            u.firstSeenMs = in.readLong();
-            u.lastSeenMs = in.readLong();
-            for (int i = 0; i < 24; i++) {
-                u.byHour[i] = in.readLong();
-            }
-            u.consentKey = in.readLong();
-            int slices = in.readInt();
-            u.sliceIndex = new long[slices];
-            u.sliceEvents = new long[slices];
-            u.sliceViews = new long[slices];
-            for (int i = 0; i < slices; i++) {
-                u.sliceIndex[i] = in.readLong();
-                u.sliceEvents[i] = in.readLong();
-                u.sliceViews[i] = in.readLong();
-            }
-            for (int i = 0, n = in.readInt(); i < n; i++) {
-                u.open.add(Session.read(in));
-            }
-            if (format >= 2) {
-                u.histSessions = in.readLong();
-                u.histPurchaseSessions = in.readLong();
-                u.histRevenueCents = in.readLong();
-                u.histLastEndMs = in.readLong();
-            }
-        } catch (IOException e) {
-            throw new UncheckedIOException(e);
+        StateBytes.Reader in = new StateBytes.Reader(data);
+        int format = in.u8();
+        if (format != FORMAT) {
+            throw new IllegalStateException("user state of format " + format + ", this release reads " + FORMAT);
         }
+        u.userId = in.str();
+        u.epoch = in.i64();
+        u.newestMs = in.i64();
+        u.changes = in.i64();
+        u.expiryTimerMs = in.i64();
+        u.nEvents = in.i64();
+        for (int i = 0; i < u.byType.length; i++) {
+            u.byType[i] = in.i64();
+        }
+        u.revenueCents = in.i64();
+        u.firstSeenMs = in.i64();
+        u.lastSeenMs = in.i64();
+        for (int i = 0; i < 24; i++) {
+            u.byHour[i] = in.i64();
+        }
+        u.consentKey = in.i64();
+        int slices = in.i32();
+        u.sliceIndex = new long[slices];
+        u.sliceEvents = new long[slices];
+        u.sliceViews = new long[slices];
+        for (int i = 0; i < slices; i++) {
+            u.sliceIndex[i] = in.i64();
+            u.sliceEvents[i] = in.i64();
+            u.sliceViews[i] = in.i64();
+        }
+        for (int i = 0, n = in.i32(); i < n; i++) {
+            u.open.add(Session.read(in));
+        }
+        u.histSessions = in.i64();
+        u.histPurchaseSessions = in.i64();
+        u.histRevenueCents = in.i64();
+        u.histLastEndMs = in.i64();
         return u;
     }
 

@@ -183,16 +183,18 @@ class UserStateTest {
     }
 
     @Test
-    void stateOfTheFirstFormatIsReadWithAnEmptyHistory() {
-        UserState u = run(ev("page_view", T0), ev("add_to_cart", T0 + 1));
+    void aUserInactiveForTheStateTtlComesBackAsANewOneWithAVersionThatStillGrows() {
+        long ttl = 6 * GAP;
+        UserState u = new UserState();
+        assertTrue(u.apply(ev("purchase", T0, true, "p1", "c", 250L, 2), GAP, SLIDE, SLICES, LIMIT, ttl));
         u.closeDue(Long.MAX_VALUE, GAP);
-        u.apply(ev("page_view", T0 + 3 * GAP), GAP, SLIDE, SLICES, LIMIT);
-        byte[] now = u.toBytes();
-        byte[] first = java.util.Arrays.copyOf(now, now.length - 32); // format 1 ended before the history
-        first[0] = 1;
-        UserState old = UserState.fromBytes(first);
-        assertEquals(new Features.History(0, 0, 0, null), old.history());
-        assertEquals(u.nEvents(), old.nEvents());
-        assertEquals(u.current().startMs(), old.current().startMs());
+        assertTrue(u.apply(ev("page_view", T0 + ttl - 1), GAP, SLIDE, SLICES, LIMIT, ttl)); // within: kept
+        assertEquals(2, u.nEvents());
+        long before = u.version();
+        assertTrue(u.apply(ev("page_view", T0 + 2 * ttl - 1), GAP, SLIDE, SLICES, LIMIT, ttl)); // inactive ttl
+        assertEquals(1, u.nEvents());
+        assertEquals(0, u.revenueCents());
+        assertEquals(new Features.History(0, 0, 0, null), u.history());
+        assertTrue(u.version() > before);
     }
 }
