@@ -292,20 +292,9 @@ def measure(rate: float, seconds: float, gap_ms: int, peer: str | None) -> dict 
     # wait until the job reads: a heartbeat makes a profile once the whole path runs
     codec = schemas.codec("user_event")
     producer = kafkaio.producer(settings, linger_ms=5)
-    ready_by = time.monotonic() + 180
-    while True:
-        now_ms = int(time.time() * 1000)
-        producer.send(topic, key=b"heartbeat", value=codec.encode(event("heartbeat", "page_view", now_ms)),
-                      timestamp_ms=now_ms)
-        producer.flush()
-        if client.exists("profile:heartbeat"):
-            break
-        if proc.poll() is not None or time.monotonic() > ready_by:
-            log.seek(0)
-            print("bench-latency: the run never wrote a profile:\n" + log.read()[-3000:], file=sys.stderr)
-            bench.stop(proc, timeout_s=5, group=bool(peer))
-            return None
-        time.sleep(0.5)
+    if not _wait_reading(proc, log, producer, topic, client, codec):
+        bench.stop(proc, timeout_s=5, group=bool(peer))
+        return None
     print(f"bench-latency: {peer or 'product'} reading; {rate:g} sessions/s for "
           f"{seconds:g} s, gap {gap_ms} ms", file=sys.stderr, flush=True)
 
