@@ -1,13 +1,17 @@
-"""Redis, materialized from the job's committed Kafka outputs (read_committed loader).
+"""Redis, materialized from the job's Kafka outputs (a read_committed loader).
 
 Python functions in Flink get no checkpoint hook, so a Redis write from inside
 the job could be lost or repeated at a failure (DESIGN.md). The job therefore
-writes the profile changelog and trending windows to transactional Kafka topics;
-this loader reads them under read_committed, keeps the newest value per key in a
-batch, and writes absolute values to Redis together with its next offsets in one
-MULTI/EXEC transaction (``loader:offsets``). Writes and offsets land together or
-not at all, so a crash or restart neither loses nor re-applies a batch; and since
-the values are absolute, even a replay would leave Redis identical.
+writes its outputs to Kafka: the live profile changelog at-least-once, as each
+change happens (``operators.live``: each record carries the user's ``version``,
+and ``_APPLY_LIVE`` applies it only when newer than the profile's, so a replay
+after a failure never leaves a profile older), and the sessions part, trending
+windows, triggers and model snapshots exactly-once, visible at the checkpoint that
+commits them. This loader reads them under read_committed, keeps the newest value
+per key in a batch, and writes absolute values to Redis together with its next
+offsets in one MULTI/EXEC transaction (``loader:offsets``). Writes and offsets land
+together or not at all, so a crash or restart neither loses nor re-applies a
+batch; and since the values are absolute, even a replay would leave Redis identical.
 (Offsets live in Redis, not in a Kafka consumer group, for that atomicity.)
 
 Keys written:
