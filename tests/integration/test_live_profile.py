@@ -72,18 +72,28 @@ SHOPPING = [("page_view", None, None, None, 1), ("product_view", "p1", "shoes", 
             ("add_to_cart", "p1", "shoes", 9.5, 1), ("product_view", "p3", "shoes", 3.0, 1)]
 
 
-def test_each_event_shows_in_the_live_profile_without_a_checkpoint_and_the_closed_session_leaves_it(stack, tmp_path):
+def now() -> int:
+    return int(time.time() * 1000)
+
+
+def live_run(stack, tmp_path, checkpoint_ms: int):
+    """A stack of the test's own for a live run (one partition, watermark per event, no
+    out-of-orderness, a short gap): its settings, a Redis client, and a send of one event."""
     own = job_stack(stack, redis_db=10, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
-                    PERSONALIZE_CHECKPOINT_INTERVAL_MS=str(CHECKPOINT_MS), PERSONALIZE_SESSION_GAP_MS=str(GAP_MS),
+                    PERSONALIZE_CHECKPOINT_INTERVAL_MS=str(checkpoint_ms), PERSONALIZE_SESSION_GAP_MS=str(GAP_MS),
                     PERSONALIZE_OUT_OF_ORDERNESS_MS="0", PERSONALIZE_WATERMARK_EMIT="on-event")
     s = own.settings
     topics.ensure(s, [s.topic_events], partitions=1, local_stack=True)
     codec = schemas.codec("user_event")
-    r = credentials.redis_client(s, decode_responses=True)
-    now = lambda: int(time.time() * 1000)  # noqa: E731
 
     def send(e: dict) -> None:
         assert kafkaio.produce(s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"])]) == 1
+
+    return own, credentials.redis_client(s, decode_responses=True), send
+
+
+def test_each_event_shows_in_the_live_profile_without_a_checkpoint_and_the_closed_session_leaves_it(stack, tmp_path):
+    own, r, send = live_run(stack, tmp_path, CHECKPOINT_MS)
 
     send(event("warm-up", 0, now(), "page_view"))
     proc = _start(own)
@@ -132,17 +142,7 @@ def test_the_session_in_progress_is_scored_by_the_newest_published_propensity_mo
 
     from operators import models as m
 
-    own = job_stack(stack, redis_db=10, PERSONALIZE_STATE_DIR=str(tmp_path / "state"),
-                    PERSONALIZE_CHECKPOINT_INTERVAL_MS="1000", PERSONALIZE_SESSION_GAP_MS=str(GAP_MS),
-                    PERSONALIZE_OUT_OF_ORDERNESS_MS="0", PERSONALIZE_WATERMARK_EMIT="on-event")
-    s = own.settings
-    topics.ensure(s, [s.topic_events], partitions=1, local_stack=True)
-    codec = schemas.codec("user_event")
-    r = credentials.redis_client(s, decode_responses=True)
-    now = lambda: int(time.time() * 1000)  # noqa: E731
-
-    def send(e: dict) -> None:
-        assert kafkaio.produce(s, s.topic_events, [(e["user_id"].encode(), codec.encode(e), e["event_time"])]) == 1
+    own, r, send = live_run(stack, tmp_path, 1000)
 
     send(event("first", 0, now(), "add_to_cart", "p9", "toys", 4.0, 1))
     proc = _start(own)
