@@ -241,11 +241,11 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
         FROM {CHECKED_VIEW} WHERE reason IS NOT NULL AND reason <> '{decode.ERASED}'""")
     statements.add_insert_sql(f"INSERT INTO {PROFILE_LIVE} {live.live_rows(LIVE_VIEW)}")
     statements.add_insert_sql(f"INSERT INTO {TRENDING} {windows.trending(EVENTS_VIEW, settings)}")
-    # a forgotten user's tombstones (NULL values): one per profile part (the live changelog's
-    # under the user id), and one on the triggers and segment changes (the row of the
-    # sessions part carries it)
+    # every record about a user keyed by the user id (one partition per user on every topic);
+    # a forgotten user's tombstones (NULL values): one per profile topic, and one on the
+    # triggers and segment changes (the row of the sessions part carries it)
     for sink, key, column, tombstones in (
-            (PROFILE_SESSIONS, "`profile_key`", "`profile`", f"tombstone = '{actions.PROFILE_PART}'"),
+            (PROFILE_SESSIONS, "`user_id`", "`profile`", f"tombstone = '{actions.PROFILE_PART}'"),
             (LIVE_TOMBSTONES, "`user_id`", "CAST(NULL AS BYTES)", f"tombstone = '{actions.LIVE_PART}'"),
             (TRIGGERS, "`user_id`", "`trigger`", f"tombstone = '{actions.PROFILE_PART}'"),
             (SEGMENT_CHANGES, "`user_id`", "`segment_change`", f"tombstone = '{actions.PROFILE_PART}'"),

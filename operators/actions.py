@@ -31,16 +31,15 @@ from personalize.settings import Settings
 # SQL splits them to their sinks. One row rather than one per output halves the
 # rows that cross back from Python.
 ACTION_COLUMNS = (
-    ("user_id", "STRING"),          # the Kafka key of the trigger and the segment change
-    ("profile_key", "STRING"),      # the changelog's JSON key of this step's profile part
+    ("user_id", "STRING"),          # the Kafka key of every output about the user
     ("profile", "BYTES"),           # JSON profile fields
     ("trigger", "BYTES"),           # Avro Trigger
     ("segment_change", "BYTES"),    # Avro SegmentChange
     ("snapshot", "BYTES"),          # JSON model snapshot (snapshot rows only)
     ("ts_ms", "BIGINT"),            # event time: the record timestamp on Kafka
-    # an erasure's tombstone row: the profile part whose key it deletes (profile_key on the
-    # changelog of this step's part, user_id on the live changelog);
-    # the row of the sessions part also deletes the user's key on triggers and segment changes
+    # an erasure's tombstone row: the profile part whose key (the user id) it deletes, on
+    # this step's changelog or the live one; the row of the sessions part also deletes the
+    # user's key on triggers and segment changes
     ("tombstone", "STRING"),
 )
 SNAPSHOT_KEY = "models"
@@ -53,12 +52,6 @@ TOP_CATEGORIES = 3
 # an erasure request among the packed session rows: the mark, then user_id and requested_ms
 # joined by the column separator (``erasure_rows``)
 ERASURE_MARK = "\x1c"
-
-
-def profile_key(user_id: str, part: str = PROFILE_PART) -> str:
-    """The changelog key of a profile part: this step's, or the SQL parts' (the same bytes
-    as Flink's JSON key format writes: a tombstone must replace them under compaction)."""
-    return orjson.dumps({"user_id": user_id, "part": part}).decode()
 
 
 def erasure_rows(view: str) -> str:
@@ -87,7 +80,7 @@ def split_erasures(rows: list[str]) -> tuple[list[dict], dict[str, int]]:
 
 def tombstones(user: str, requested_ms: int) -> list[tuple]:
     """The ACTION_COLUMNS rows that delete a forgotten user's keys on the keyed outputs."""
-    return [(user, profile_key(user, part), None, None, None, None, requested_ms, part) for part in PROFILE_PARTS]
+    return [(user, None, None, None, None, requested_ms, part) for part in PROFILE_PARTS]
 
 
 def session_fields(after: m.UserHistory, end_ms: int, epoch: int = 0) -> dict:
@@ -207,12 +200,12 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
         models.sessions += 1
         models.updated_ms = max(models.updated_ms, closed_ms)
         profile = orjson.dumps(fields) if fields is not None else None
-        rows.append((user, profile_key(user), profile, trigger, change, None, closed_ms, None))
+        rows.append((user, profile, trigger, change, None, closed_ms, None))
     return rows
 
 
 def snapshot_row(models: m.Models) -> tuple:
-    return (SNAPSHOT_KEY, None, None, None, None, orjson.dumps(models.snapshot()), models.updated_ms, None)
+    return (SNAPSHOT_KEY, None, None, None, orjson.dumps(models.snapshot()), models.updated_ms, None)
 
 
 def actions_function(settings: Settings):

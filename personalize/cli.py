@@ -179,10 +179,10 @@ def _stop(args: argparse.Namespace, settings: Settings) -> int:
 def _load(args: argparse.Namespace, settings: Settings) -> int:
     import threading
 
-    from sinks.redis import Materializer, drain_parallel
+    from sinks.redis import Materializer
 
+    loader = Materializer(settings)
     if args.follow:
-        loader = Materializer(settings)
         stop = threading.Event()
         try:
             loader.follow(stop.is_set)
@@ -190,7 +190,7 @@ def _load(args: argparse.Namespace, settings: Settings) -> int:
             pass
         s = loader.stats
     else:
-        s = drain_parallel(settings)
+        s = loader.drain()
     print(f"loaded {s.records} records: {s.profile_writes} profile writes for {len(s.users)} users, "
           f"{s.stream_added} new triggers in the Redis stream")
     return 0

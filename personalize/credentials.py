@@ -1,5 +1,5 @@
-"""The settings' credentials as each client takes them: kafka-python (CLI, loader,
-tests), the Java Kafka client inside Flink's connector (the job's source and sinks)
+"""The settings' credentials as each client takes them: kafka-python (CLI, tests),
+confluent-kafka (the Redis loader), the Java Kafka client inside Flink's connector (the job's source and sinks)
 and the broker of the local stack, and redis-py.
 
 Flink's SQL Kafka connector shades the Kafka client: its JAAS login modules live under
@@ -39,6 +39,23 @@ def kafka_python(settings: Settings) -> dict[str, object]:
             config["ssl_cafile"] = str(settings.kafka_ssl_cafile)
         if settings.kafka_ssl_certfile:
             config["ssl_certfile"] = str(settings.kafka_ssl_certfile)
+    return config
+
+
+def librdkafka(settings: Settings) -> dict[str, object]:
+    """confluent-kafka (librdkafka) properties for the configured security protocol (the
+    Redis loader's consumer). The client certificate file holds its key too, as for kafka-python."""
+    config: dict[str, object] = {"security.protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl:
+        config.update({"sasl.mechanism": settings.kafka_sasl_mechanism,
+                       "sasl.username": settings.kafka_sasl_username,
+                       "sasl.password": settings.kafka_sasl_password})
+    if settings.kafka_tls:
+        if settings.kafka_ssl_cafile:
+            config["ssl.ca.location"] = str(settings.kafka_ssl_cafile)
+        if settings.kafka_ssl_certfile:
+            config["ssl.certificate.location"] = str(settings.kafka_ssl_certfile)
+            config["ssl.key.location"] = str(settings.kafka_ssl_certfile)
     return config
 
 

@@ -168,7 +168,7 @@ def run_bounded(settings: Settings) -> RunSummary:
     commit every output, bring Redis up to date, and report."""
     from jobs import profile
     from personalize.flink import environments, free_port
-    from sinks.redis import LoadStats, Materializer, drain_parallel
+    from sinks.redis import Materializer
 
     started = time.monotonic()
     ensure_topics(settings)
@@ -184,9 +184,9 @@ def run_bounded(settings: Settings) -> RunSummary:
     failures: list[BaseException] = []
 
     def follow() -> None:
-        try:
-            loader.follow(stop.is_set)
-        except BaseException as exc:  # surfaced after the job: the drain below would meet it again
+        try:  # applies what the job commits while it runs, then the rest once it has finished
+            loader.follow(stop.is_set, drain_after=True)
+        except BaseException as exc:  # surfaced after the job
             failures.append(exc)
             log.error("redis loader stopped", error=f"{type(exc).__name__}: {exc}")
 
@@ -215,12 +215,12 @@ def run_bounded(settings: Settings) -> RunSummary:
             raise PersonalizeError(f"the Flink job failed: {job_failure(exc)}") from None
         job_seconds = time.monotonic() - job_started
     finally:
+        load_started = time.monotonic()
         stop.set()
-        follower.join(timeout=60)
+        follower.join()  # its drain ends on its own (or fails after its timeout)
     if failures:
         raise failures[0]
-    load_started = time.monotonic()
-    stats = LoadStats.merged([loader.stats, drain_parallel(settings)], in_order=True)
+    stats = loader.stats
     loaded = time.monotonic()
     load_seconds = loaded - load_started
 
@@ -304,7 +304,7 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
 
     from jobs import profile
     from personalize.flink import environments, restore_refused
-    from sinks.redis import LoadStats, Materializer, drain_parallel
+    from sinks.redis import Materializer
 
     started = time.monotonic()
     ensure_topics(settings)
@@ -333,8 +333,8 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
     failures: list[BaseException] = []
 
     def follow() -> None:
-        try:
-            loader.follow(loader_stop.is_set)
+        try:  # then what the savepoint's stop committed last
+            loader.follow(loader_stop.is_set, drain_after=True)
         except BaseException as exc:
             failures.append(exc)
             stop.set()
@@ -364,10 +364,10 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
         for s, handler in previous.items():
             signal.signal(s, handler)
         loader_stop.set()
-        follower.join(timeout=60)
+        follower.join()
     if failures:
         raise failures[0]
-    stats = LoadStats.merged([loader.stats, drain_parallel(settings)], in_order=True)
+    stats = loader.stats
     models = _models(loader)
     return StopReport(job_id, restore, savepoint, stats.profile_writes, len(stats.users),
                       time.monotonic() - started, stats.stream_added, models)

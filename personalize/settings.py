@@ -114,14 +114,10 @@ class Settings:
     # per flush, not per event. Bounded runs write at checkpoints and at the end
     profile_flush_ms: int = 100
     profile_flush_rows: int = 200_000
-    # processes a Redis drain (end of a bounded run, `personalize load`) reads with,
-    # each the changelog and trigger partitions with its number modulo this (sinks/redis.py)
-    loader_workers: int = 2
-    # a loader holds a lease on its partitions in Redis, renewed as it works; a second
-    # loader waits for it (a killed loader's lease runs out after this long) and a loader
-    # whose lease another took over writes nothing more (its token is checked in each
-    # transaction)
-    loader_lease_ms: int = 15_000
+    # the Kafka consumer group of the Redis loaders (sinks/redis.py); empty: one named after
+    # the Redis database and the live changelog topic, so every loader writing one
+    # database from one job's topics shares it (a loader per process, any number)
+    loader_group: str = ""
     # per-user state expires after this long without a write for the user (processing
     # time): the profile aggregate's state in Flink (table.exec.state.ttl), the user's
     # history in the models step, and profile:{user} in Redis (PEXPIRE), so a user
@@ -183,9 +179,9 @@ class Settings:
         for name in ("partitions", "parallelism", "checkpoint_interval_ms", "bounded_checkpoint_interval_ms", "idle_timeout_ms", "session_gap_ms",
                      "activity_window_ms", "recent_window_ms", "recent_slide_ms", "trending_window_ms",
                      "trending_top_n", "profile_flush_ms", "profile_flush_rows", "segment_count", "segment_batch",
-                     "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots", "loader_workers",
+                     "segment_debounce", "model_batch", "model_flush_ms", "cluster_slots",
                      "restart_attempts", "restart_max_delay_ms", "transaction_timeout_ms", "max_ahead_ms",
-                     "loader_lease_ms", "session_list_limit"):
+                     "session_list_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be at least 1, got {getattr(self, name)}")
         if self.state_ttl_ms < 0:

@@ -6,7 +6,7 @@
 2. ``personalize run --bounded`` over them into fresh output topics and a Redis
    database of its own, sampled every second: peak memory of the JVM (the embedded
    Flink, with the Python functions it runs in thread mode), of the CLI's Python
-   process (the Redis loader, shard 0), the loader's other shard processes and Redis's
+   process (the Redis loader), of the two together (sampled at the same second) and Redis's
    ``used_memory`` (the whole server); CPU seconds by
    stage from the JVM's threads.
 3. ``scripts/bench_windows.py``: the same window queries over as many rows from
@@ -136,7 +136,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.root_pid, self.redis, self.heap_every_s = root_pid, redis_client, heap_every_s
         # heap_*: the JVM's heap by `jstat -gc` every heap_every_s (used = survivors + eden + old)
-        self.peak = {"jvm": 0, "python": 0, "shards": 0, "redis": 0, "heap_used": 0, "heap_old": 0, "heap_capacity": 0}
+        self.peak = {"jvm": 0, "python": 0, "total": 0, "redis": 0, "heap_used": 0, "heap_old": 0, "heap_capacity": 0}
         self.heap_samples, self.heap_error = 0, ""
         self.cpu: dict[int, float] = {}  # pid -> its user + system CPU seconds at the last sample
         self.threads: dict[str, float] = {}
@@ -212,7 +212,9 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         last_heap = 0.0
         while not self.done.wait(1.0):
-            self.peak["python"] = max(self.peak["python"], self._rss(self.root_pid))
+            python_rss = self._rss(self.root_pid)
+            total = python_rss
+            self.peak["python"] = max(self.peak["python"], python_rss)
             self._cpu(self.root_pid)
             try:  # the server's own used_memory_peak is since its start (CONFIG RESETSTAT keeps it)
                 self.peak["redis"] = max(self.peak["redis"], int(self.redis.info("memory")["used_memory"]))
@@ -222,16 +224,17 @@ class Sampler(threading.Thread):
                 self._cpu(child)
                 comm = Path(f"/proc/{child}/comm")
                 kind = comm.read_text().strip() if comm.exists() else ""
-                if kind.startswith("python"):  # the loader's other shard processes (drain)
-                    self.peak["shards"] = max(self.peak["shards"], self._rss(child))
+                rss = self._rss(child)
+                total += rss
                 if kind == "java":
-                    self.peak["jvm"] = max(self.peak["jvm"], self._rss(child))
+                    self.peak["jvm"] = max(self.peak["jvm"], rss)
                     sample = self._thread_cpu(child)
                     if sample:
                         self.threads.update(sample)  # threads that ended keep their last figure
                     if self.heap_every_s and time.monotonic() - last_heap >= self.heap_every_s:
                         last_heap = time.monotonic()
                         self._heap(child)
+            self.peak["total"] = max(self.peak["total"], total)
 
     def stages(self) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -288,7 +291,7 @@ def main(argv: list[str]) -> int:
               "JVM CPU " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in sorted(sampler.stages().items(),
                                                                            key=lambda kv: -kv[1]))
               + f"; peak memory MiB: JVM {sampler.peak['jvm'] / 2**20:,.0f} RSS, loader {sampler.peak['python'] / 2**20:,.0f}"
-              f" RSS, other shards {sampler.peak['shards'] / 2**20:,.0f} RSS, Redis {redis_peak / 2**20:,.0f} used"
+              f" RSS, together {sampler.peak['total'] / 2**20:,.0f} RSS, Redis {redis_peak / 2**20:,.0f} used"
               + (heap_figures(sampler) if args.heap_every else ""))
         return 0 if triggers == stream == known else 1
     print(f"bench: JVM-only ceiling over {events:,} rows (scripts/bench_windows.py)", file=sys.stderr, flush=True)
@@ -316,8 +319,9 @@ def main(argv: list[str]) -> int:
         ("ratio end to end / ceiling", f"{e2e_rate / ceiling_rate:.2f}"),
         ("peak memory: JVM (embedded Flink + thread-mode Python)", f"{sampler.peak['jvm'] / 2**20:,.0f} MiB RSS"),
         *([("peak memory: JVM heap (jstat -gc)", heap_figures(sampler)[2:])] if args.heap_every else []),
-        ("peak memory: CLI Python (loader, shard 0)", f"{sampler.peak['python'] / 2**20:,.0f} MiB RSS"),
-        ("peak memory: each other loader shard process", f"{sampler.peak['shards'] / 2**20:,.0f} MiB RSS"),
+        ("peak memory: CLI Python (the Redis loader)", f"{sampler.peak['python'] / 2**20:,.0f} MiB RSS"),
+        ("peak memory: the product's processes together (JVM + CLI, same second)",
+         f"{sampler.peak['total'] / 2**20:,.0f} MiB RSS"),
         ("peak memory: Redis used_memory, sampled every second (the whole server)",
          f"{redis_peak / 2**20:,.0f} MiB"),
         ("triggers in Kafka / new in the Redis stream / generator's abandoned sessions",

@@ -194,8 +194,8 @@ def run_peer(settings, peer, topic: str, client, timeout_s: float, processes: in
             print(f"bench: error: {peer.label} failed:\n" + "\n".join(tail), file=sys.stderr)
             failure = next((line.strip() for line in reversed(tail) if line.strip()),
                            f"exit status {proc.returncode}")
-        # its processes' peaks (the others' the largest of them, each)
-        peak = max(sampler.peak["python"], bench.Sampler._rss(proc.pid)) + (processes - 1) * sampler.peak["shards"]
+        # its processes' RSS summed at each sample, the largest sum
+        peak = max(sampler.peak["total"], bench.Sampler._rss(proc.pid))
         kafka_ids = {json.loads(r.value)["trigger_id"] for r in kafkaio.read_to_end(settings, triggers)}
         topics.delete(settings, [triggers])
         late = [(t, c) for t, c in seen if t >= seen[-1][0] - 60] if seen else []
@@ -274,7 +274,7 @@ def main(argv: list[str]) -> int:
     known = bench.known_abandonments(args.users, base.session_gap_ms)
     events = product["events"]
     product_wall = product["startup_s"] + product["e2e_s"]
-    product_rss = product["sampler"].peak["jvm"] + product["sampler"].peak["python"] + product["sampler"].peak["shards"]
+    product_rss = product["sampler"].peak["total"]
     product_col = [
         f"{events:,} ({args.users:,})", f"{product_wall:.1f} s", f"{events / product_wall:,.0f}",
         f"{events / product['e2e_s']:,.0f}", _cpu(product["cpu_s"], product_wall), f"{product_rss / 2**20:,.0f} MiB",

@@ -192,7 +192,7 @@ def evaluate(sessions: list[dict], settings: Settings) -> dict:
         batch = sessions[i:i + settings.model_batch]
         for s, row in zip(batch, actions.close_sessions(models, histories, batch, settings, codecs)):
             if s["consent_personalization"]:
-                scores.append(float(orjson.loads(row[2])["propensity"]))
+                scores.append(float(orjson.loads(row[1])["propensity"]))  # ACTION_COLUMNS: profile
     cost_us = (time.perf_counter() - started) / len(sessions) * 1e6
     y = np.array(labels)
     cut = int(len(y) * 0.7)

@@ -12,7 +12,14 @@ per key in a batch, and writes absolute values to Redis together with its next
 offsets in one MULTI/EXEC transaction (``loader:offsets``). Writes and offsets land
 together or not at all, so a crash or restart neither loses nor re-applies a
 batch; and since the values are absolute, even a replay would leave Redis identical.
-(Offsets live in Redis, not in a Kafka consumer group, for that atomicity.)
+(The offsets that count live in Redis for that atomicity; the loaders' Kafka consumer
+group only assigns the partitions, and gets the offsets committed after, for monitoring.)
+
+Every record about a user (live changes, the sessions part, triggers, segment changes,
+erasures) is keyed by the user id, on topics of as many partitions, so it lands on the
+partition Kafka's default partitioner gives that key on each topic; the group's range
+assignor gives one loader the same partition number of every topic: one loader applies
+all of a user's records.
 
 Keys written:
 - ``profile:{user_id}`` HASH: the profile fields of DESIGN.md (and window extras),
@@ -37,17 +44,13 @@ that ended by then is written afterwards, in whatever order the topics are read.
 
 The loader's own keys live under ``personalize:`` (no category or user id can name
 one of them): its offsets, the users whose consent is withdrawn, the trending window
-ends, its leases, and ``personalize:loader:dead_letters``, a STREAM of the records it
+ends, its partitions' owner tokens, and ``personalize:loader:dead_letters``, a STREAM of the records it
 could not read (topic, partition, offset, reason; the newest 10,000), which it skips
 instead of stopping. (The trigger id set keeps its name beside the stream it guards.)
 
-Fencing: a loader holds a lease per partition it reads (``personalize:loader:lease:
-{topic}:{partition}``, "token holder", expiring after ``loader_lease_ms``), renewed in
-every transaction it writes and while it waits for records. A second loader waits for
-a lease until it runs out (a killed loader's does) and fails with the holder's name if
-it is still renewed. Every transaction WATCHes the batch's leases and checks they still
-carry this loader's token, so a loader that paused past its lease (another took over,
-with a new token) writes nothing more: its EXEC fails and it stops (``LoaderFenced``).
+Fencing (``Materializer``): at each assignment a loader writes a new owner token on its
+partitions and every transaction checks them, so a loader that paused past its group
+session writes nothing stale once another was given its partitions.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from operators.triggers import format_cents
 log = logs.get(__name__)
 
 PROFILE_PREFIX = "profile:"
+PROFILE_PART = "sessions"  # the models step's part (operators/actions.py)
 LIVE_PART = "live"  # the live changelog's records (operators/live.py): one part, the user's whole live state
 TRENDING_PREFIX = "trending:"
 INTERNAL = "personalize:"
@@ -76,39 +80,8 @@ OFFSETS_KEY = INTERNAL + "loader:offsets"
 DEAD_LETTERS_KEY = INTERNAL + "loader:dead_letters"
 DEAD_LETTERS_KEPT = 10_000
 RETRY_MAX_S = 30.0  # the longest wait between two tries while Redis does not answer
-LEASE_PREFIX = INTERNAL + "loader:lease:"      # + "{topic}:{partition}" -> "{token} {holder}"
-LEASE_TOKENS = INTERNAL + "loader:lease_token"  # INCR: every new lease gets a greater token
-# take or renew the leases of KEYS[2..] for holder ARGV[1] (ARGV[2]: ttl ms, ARGV[3]: the
-# value "token holder" it holds, or ''). Renewed when all still carry that value; taken
-# with a new token (INCR KEYS[1]) when each is free or this holder's; else {0, key, value, pttl}
-_ACQUIRE = """
-local mine, renew = ARGV[3], ARGV[3] ~= ''
-for k = 2, #KEYS do
-  local v = redis.call('GET', KEYS[k])
-  if v and v ~= mine then
-    renew = false
-    if string.sub(v, string.find(v, ' ', 1, true) + 1) ~= ARGV[1] then
-      return {0, KEYS[k], v, redis.call('PTTL', KEYS[k])}
-    end
-  elseif not v then
-    renew = false
-  end
-end
-if not renew then
-  mine = redis.call('INCR', KEYS[1]) .. ' ' .. ARGV[1]
-end
-for k = 2, #KEYS do
-  redis.call('SET', KEYS[k], mine, 'PX', ARGV[2])
-end
-return {1, mine}
-"""
-# give up the leases of KEYS that still carry ARGV[1]
-_RELEASE = """
-for k = 1, #KEYS do
-  if redis.call('GET', KEYS[k]) == ARGV[1] then redis.call('DEL', KEYS[k]) end
-end
-return 0
-"""
+OWNER_PREFIX = INTERNAL + "loader:owner:"       # + "{topic}:{partition}" -> "{token} {holder}"
+OWNER_TOKENS = INTERNAL + "loader:owner_token"  # INCR: every assignment gets a greater token
 TRIGGER_STREAM = "triggers:cart_abandonment"
 TRIGGER_IDS = "triggers:cart_abandonment:ids"
 TRIGGERS_BY_USER = INTERNAL + "triggers:by_user:"  # + user -> HASH stream entry id -> trigger id
@@ -117,60 +90,79 @@ MODELS_KEY = "models:snapshot"
 NO_CONSENT_KEY = INTERNAL + "loader:no_consent"  # user -> event time consent was withdrawn at
 # a mark of an older loader ("1"): withdrawn at an unknown time, so until consent is given again
 NO_TIME = 2**63 - 1
-# the loader processes of a drain apply a user's parts from different partitions at the
-# same time, so a part may be written just after another process withdrew the user's
-# consent (marked it and deleted its profile). Each transaction that writes parts it
-# cannot decide on (no ``totals`` in its batch) ends with this script: the profile of
-# a user marked by then at or after its oldest part's time is deleted again, before
-# anyone can read it. (A part newer than the mark stands: consent was given again.)
-# KEYS[1]: the no-consent hash, KEYS[2..]: the profiles; ARGV: per profile its user id and
-# its oldest part's time. Reply: 1 per profile deleted.
-_DROP_WITHDRAWN = """
-local out = {}
-for k = 2, #KEYS do
-  local mark = redis.call('HGET', KEYS[1], ARGV[2 * k - 3])
-  if mark and tonumber(mark) >= tonumber(ARGV[2 * k - 2]) then
-    redis.call('DEL', KEYS[k])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"""
-PROFILES_PER_SCRIPT = 1_000
-# apply one live profile change (operators/live.py) only when it is newer than the profile:
-# its version above the one the profile holds (versions are decimal strings: compared by
-# length, then as text, since Lua's numbers are doubles), and its consent flag from after
-# any withdrawal marked. A withdrawal marks the user (the newest event time it is from) and
-# deletes the profile; consent given again clears the mark. KEYS: the profile, the
-# no-consent marks; ARGV: user, version, consent ('1'/'0'), consent_ms, ttl ms (0: none),
-# n, the n fields to delete (the session in progress's, when none is open), then field,
-# value, ... Reply: 1 written, -1 deleted (consent withdrawn), 0 not newer (skipped)
+CHANGES_PER_SCRIPT = 500  # profile changes one script call applies
+# apply live profile changes (operators/live.py), each only when it is newer than its
+# profile: its version above the one the profile holds (versions are decimal strings:
+# compared by length, then as text, since Lua's numbers are doubles), and its consent flag
+# from after any withdrawal marked. A withdrawal marks the user (the newest event time it
+# is from) and deletes the profile; consent given again clears the mark.
+# KEYS[1]: the no-consent marks, KEYS[2..]: the changes' profiles; ARGV[1]: ttl ms (0:
+# none), then per change: user, version, consent ('1'/'0'), consent_ms, n, the n fields to
+# delete (the session in progress's, when none is open), m, then m values field, value, ...
+# Reply per change: 1 written, -1 deleted (consent withdrawn), 0 not newer (skipped), or
+# the error Redis gave it (say WRONGTYPE: another writer's key), the others applied all the same
 _APPLY_LIVE = """
 local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-local stored = redis.call('HGET', KEYS[1], 'version')
-if stored and not newer(ARGV[2], stored) then return 0 end
-local mark = redis.call('HGET', KEYS[2], ARGV[1])
-if mark == '1' then mark = '9223372036854775807' end
-local at = tonumber(ARGV[4])
-if ARGV[3] == '0' then
-  if (not mark) or tonumber(mark) < at then redis.call('HSET', KEYS[2], ARGV[1], ARGV[4]) end
-  redis.call('DEL', KEYS[1])
-  return -1
+local ttl = tonumber(ARGV[1])
+local function apply(key, user, version, consent, at_s, n, gone, m, kv)
+  local stored = redis.call('HGET', key, 'version')
+  if stored and not newer(version, stored) then return 0 end
+  local at = tonumber(at_s)
+  local mark = redis.call('HGET', KEYS[1], user)
+  if mark == '1' then mark = '9223372036854775807' end
+  if consent == '0' then
+    if (not mark) or tonumber(mark) < at then redis.call('HSET', KEYS[1], user, at_s) end
+    redis.call('DEL', key)
+    return -1
+  end
+  if mark and tonumber(mark) >= at then return 0 end
+  if mark then redis.call('HDEL', KEYS[1], user) end
+  if n > 0 then redis.call('HDEL', key, unpack(ARGV, gone, gone + n - 1)) end
+  redis.call('HSET', key, unpack(ARGV, kv, kv + m - 1))
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  return 1
 end
-if mark then
-  if tonumber(mark) >= at then return 0 end
-  redis.call('HDEL', KEYS[2], ARGV[1])
+local out, i = {}, 2
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[i + 4])
+  local gone = i + 5
+  local m = tonumber(ARGV[gone + n])
+  local kv = gone + n + 1
+  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], n, gone, m, kv)
+  if not ok then result = type(result) == 'table' and result.err or tostring(result) end
+  out[#out + 1] = result
+  i = kv + m
 end
-local n = tonumber(ARGV[6])
-if n > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 7, 6 + n)) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7 + n))
-if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
-return 1
+return out
+"""# write the models step's profile part (operators/actions.py: the session fields, the
+# propensity and the segment at a session's close), but none from before the user's consent
+# was withdrawn: a part of a marked user is written only when it consents at a later event
+# time (consent given again; the live change that clears the mark may come later).
+# KEYS[1]: the no-consent marks, KEYS[2..]: the profiles; ARGV[1]: ttl ms, then per part:
+# user, consent ('1'/'0'), consent_ms, m, then m values field, value, ...
+# Reply per part: 1 written, 0 from before a withdrawal (skipped), or the error Redis gave it
+_APPLY_PARTS = """
+local ttl = tonumber(ARGV[1])
+local function apply(key, user, consent, at, m, kv)
+  local mark = redis.call('HGET', KEYS[1], user)
+  if mark == '1' then mark = '9223372036854775807' end
+  if mark and (consent == '0' or tonumber(mark) >= at) then return 0 end
+  if m > 0 then redis.call('HSET', key, unpack(ARGV, kv, kv + m - 1)) end
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  return 1
+end
+local out, i = {}, 2
+for k = 2, #KEYS do
+  local m = tonumber(ARGV[i + 3])
+  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), m, i + 4)
+  if not ok then result = type(result) == 'table' and result.err or tostring(result) end
+  out[#out + 1] = result
+  i = i + 4 + m
+end
+return out
 """
 # add a stream entry only for a trigger id never seen, and index it under its user
 # (KEYS: stream, id set, the user's index; ARGV: id, field, value, ...)
@@ -203,11 +195,11 @@ return {profiles, entries}
 
 
 class LoaderFenced(ServiceUnavailable):
-    """Another loader holds (or took over) the leases of this loader's partitions."""
+    """Another loader took this loader's partitions (their owner tokens changed in Redis)."""
 
 
-class _LeaseLost(Exception):
-    """This loader's lease ran out or was taken before its transaction."""
+class _Fenced(Exception):
+    """A partition of this loader's batch carries another loader's owner token."""
 
 
 def _holder() -> str:
@@ -216,6 +208,17 @@ def _holder() -> str:
     import uuid
 
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def loader_group(settings: Settings) -> str:
+    """The loaders' Kafka consumer group: the setting, else one per Redis database and job
+    (its live changelog topic): loaders writing the same database share it, others do not."""
+    import hashlib
+
+    if settings.loader_group:
+        return settings.loader_group
+    target = f"{settings.redis_url}\n{settings.topic_profile_live}".encode()
+    return "personalize-redis-loader-" + hashlib.sha256(target).hexdigest()[:16]
 
 
 def redis_client(settings: Settings) -> redis_lib.Redis:
@@ -267,19 +270,30 @@ def _version(fields: dict) -> int:
     return value if isinstance(value, int) else 0
 
 
-def live_args(user: str, fields: dict, ttl_ms: int) -> list:
-    """``_APPLY_LIVE``'s ARGV for one live change of ``user``."""
+def live_args(user: str, fields: dict) -> list:
+    """One live change of ``user`` as ``_APPLY_LIVE`` takes it in its ARGV."""
     mapping = profile_fields(LIVE_PART, fields)
     mapping["version"] = str(fields.get("version") or 0)
     gone = [name for name in live.SESSION_FIELDS if name not in mapping]
-    return [user, mapping["version"], "1" if consents(fields) else "0", max(consent_ms(fields), 0), ttl_ms,
-            len(gone), *gone, *(x for kv in mapping.items() for x in kv)]
+    return [user, mapping["version"], "1" if consents(fields) else "0", max(consent_ms(fields), 0),
+            len(gone), *gone, 2 * len(mapping), *(x for kv in mapping.items() for x in kv)]
 
 
 def _dead_letter(rec, exc: Exception) -> dict:
     """What the loader keeps of a record it cannot read: where it is, and why."""
-    return {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+    return {"topic": rec.topic(), "partition": rec.partition(), "offset": rec.offset(),
             "reason": f"{type(exc).__name__}: {exc}"[:1000]}
+
+
+def _part(key: bytes | None, live_topic: bool) -> tuple[str, str]:
+    """(user, part) of a profile record: keyed by the user id (a JSON key {user_id, part}
+    on the models step's topic of releases before it was keyed by user)."""
+    if key is None:
+        raise ValueError("a profile change without a key")
+    if not live_topic and key.startswith(b'{"user_id"'):
+        parsed = orjson.loads(key)
+        return str(parsed["user_id"]), str(parsed["part"])
+    return key.decode(), LIVE_PART if live_topic else PROFILE_PART
 
 
 def consents(fields: dict) -> bool:
@@ -327,163 +341,155 @@ class LoadStats:
     erasures: int = 0
     erased_entries: int = 0  # trigger stream entries deleted by erasures
 
-    @staticmethod
-    def merged(parts: list[LoadStats], *, in_order: bool = False) -> LoadStats:
-        """The stats of several loaders: shards of one drain (concurrent: a deleted profile
-        stays deleted, as only the loader of its ``totals`` part writes it again), or
-        loaders one after the other (``in_order``: the later one's writes and deletes win)."""
-        total = LoadStats()
-        for part in parts:
-            for name in ("records", "profile_writes", "profiles_deleted", "trending_rows", "triggers",
-                         "stream_added", "dead_letters", "erasures", "erased_entries"):
-                setattr(total, name, getattr(total, name) + getattr(part, name))
-            if in_order:
-                total.users = (total.users - part.deleted) | part.users
-                total.deleted = (total.deleted - part.users) | part.deleted
-            else:
-                total.users |= part.users
-                total.deleted |= part.deleted
-        total.users -= total.deleted
-        return total
-
 
 DRAIN_BATCH = 50_000  # records a drain applies in one Redis transaction
+FOLLOW_BATCH = 20_000  # records a following loader applies at most in one transaction
+POLL_BATCH = 5_000  # messages one consume() call returns at most
+FENCED_TRIES = 3  # transactions in a row refused for another loader's owner token before giving up
 
 
 class Materializer:
-    """Reads the profile changelog and trending topics from its committed offsets into Redis.
+    """Reads the job's Kafka outputs from the offsets Redis holds and applies them to Redis.
 
-    ``shard`` (number, count): this loader reads the changelog and trigger partitions
-    whose number modulo ``count`` is ``number``, and shard 0 the trending and model
-    snapshot topics too; ``drain_parallel`` runs one process per shard. Every shard
-    keeps its offsets in the same hash (a field per partition), so a single loader
-    and a sharded drain take over from each other exactly."""
+    Loaders are members of one Kafka consumer group (``loader_group``). Kafka assigns each
+    its partitions with the range assignor: the same partition number of every topic, so a
+    user's live changes, session parts, triggers and erasures (all keyed by the user id,
+    on topics of as many partitions) reach one loader, which applies them in order. The
+    offsets live in Redis, written in the transaction that applies the records; the
+    group's offsets in Kafka are committed after it, for lag monitoring only.
 
-    def __init__(self, settings: Settings, offsets_key: str = OFFSETS_KEY, shard: tuple[int, int] = (0, 1)):
+    Fencing: at each assignment a loader writes a new owner token on its partitions
+    (``personalize:loader:owner:{topic}:{partition}``) before it reads their offsets, and
+    every transaction WATCHes those keys and checks they still carry its token. A loader
+    that paused past its group session (Kafka gave its partitions to another member, who
+    wrote its own token) writes nothing stale: its transaction fails, it re-reads the
+    offsets, and the group's next assignment tells it what it owns now."""
+
+    def __init__(self, settings: Settings, offsets_key: str = OFFSETS_KEY, group: str | None = None):
         self.settings = settings
         self.offsets_key = offsets_key
-        self.shard = shard
+        self.group = group or loader_group(settings)
         self.redis = redis_client(settings)
         self._add_once = self.redis.register_script(_ADD_ONCE)  # EVALSHA, the script sent once
         self._erase = self.redis.register_script(_ERASE)
-        self._drop_withdrawn = self.redis.register_script(_DROP_WITHDRAWN)
         self._apply_live = self.redis.register_script(_APPLY_LIVE)
-        self._acquire = self.redis.register_script(_ACQUIRE)
-        self._release = self.redis.register_script(_RELEASE)
+        self._apply_parts = self.redis.register_script(_APPLY_PARTS)
         self.holder = _holder()
-        self.lease = ""  # "token holder" while this loader holds its partitions' leases
-        self._lease_keys: list[str] = []
-        self._renewed = 0.0
+        self.owner = ""  # "token holder": what this loader wrote on its partitions at its assignment
+        self.assigned: list = []  # the partitions (confluent_kafka.TopicPartition) the group gave it
+        self.consumer = None
+        self._written: dict[tuple[str, int], int] = {}  # offsets this loader wrote last
+        self._revoked = False
+        self._fences = 0
+        self._give_up = lambda: False
         self.stats = LoadStats()
 
-    def _owns(self, topic: str, partition: int) -> bool:
-        number, count = self.shard
-        if topic in (self.settings.topic_profile_updates, self.settings.topic_profile_live, self.settings.topic_triggers,
-                     self.settings.topic_erasures):
-            return partition % count == number
-        return number == 0
+    # -- Kafka ---------------------------------------------------------------------------
+    def _topics(self) -> list[str]:
+        s = self.settings
+        return [s.topic_profile_live, s.topic_profile_updates, s.topic_trending, s.topic_triggers,
+                s.topic_model_snapshots, s.topic_erasures]
 
-    def _consumer(self):
-        from kafka import KafkaConsumer, TopicPartition
+    def _open(self):
+        from confluent_kafka import Consumer, KafkaException
 
         credentials.check_kafka(self.settings)
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            group_id=None,
-            client_id="personalize-redis-loader",
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-            max_poll_records=20_000,
-            fetch_max_bytes=64 * 1024 * 1024,
-            receive_message_max_bytes=128 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            **credentials.kafka_python(self.settings),
-        )
-        tps = []
-        for topic in (self.settings.topic_profile_live, self.settings.topic_profile_updates, self.settings.topic_trending,
-                      self.settings.topic_triggers, self.settings.topic_model_snapshots, self.settings.topic_erasures):
-            for p in sorted(consumer.partitions_for_topic(topic) or ()):
-                if self._owns(topic, p):
-                    tps.append(TopicPartition(topic, p))
-        consumer.assign(tps)
-        self._lease_keys = [f"{LEASE_PREFIX}{tp.topic}:{tp.partition}" for tp in tps]
-        self._take_lease(wait_s=2 * self.settings.loader_lease_ms / 1000)
-        self._seek_to_stored(consumer, tps)
-        return consumer, tps
+        consumer = Consumer({
+            "bootstrap.servers": self.settings.bootstrap_servers,
+            "group.id": self.group,
+            "client.id": "personalize-redis-loader",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            # the same partition number of every topic to one member: a user's records together
+            "partition.assignment.strategy": "range",
+            # a killed loader's partitions go to the others after this long (the broker's
+            # minimum is 6 s; librdkafka's default 45 s)
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 2_000,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "queued.max.messages.kbytes": 64 * 1024,
+            **credentials.librdkafka(self.settings),
+        })
+        try:
+            existing = consumer.list_topics(timeout=15).topics
+        except KafkaException as exc:
+            consumer.close()
+            raise ServiceUnavailable(
+                f"Kafka does not answer at {self.settings.bootstrap_servers} ({exc.args[0].str()}): "
+                "start it with `personalize stack up` or set PERSONALIZE_BOOTSTRAP_SERVERS") from None
+        self.subscribed = [t for t in self._topics() if t in existing]
+        consumer.subscribe(self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_revoke)
+        self.consumer = consumer
+        return consumer
 
-    def _take_lease(self, wait_s: float = 0.0) -> bool:
-        """Take or renew the leases of this loader's partitions, waiting up to ``wait_s``
-        for another holder's to run out. True when the token is new (the caller re-reads
-        its offsets from Redis: another loader may have written meanwhile)."""
-        ttl = self.settings.loader_lease_ms
-        deadline = time.monotonic() + wait_s
-        said = False
-        while True:
-            reply = self._acquire(keys=[LEASE_TOKENS, *self._lease_keys], args=[self.holder, ttl, self.lease])
-            if reply[0] == 1:
-                taken = reply[1].decode()
-                changed, self.lease, self._renewed = taken != self.lease, taken, time.monotonic()
-                return changed
-            key, value, left_ms = reply[1].decode(), reply[2].decode(), int(reply[3])
-            holder = value.split(" ", 1)[1]
-            if time.monotonic() >= deadline:
-                raise LoaderFenced(
-                    f"another Redis loader ({holder}) holds {key.removeprefix(LEASE_PREFIX)} and renews its "
-                    f"lease: stop it before starting this one (a stopped loader's lease runs out after "
-                    f"PERSONALIZE_LOADER_LEASE_MS, {ttl} ms)")
-            if not said:
-                log.info("waiting for another Redis loader's lease to run out", holder=holder,
-                         partition=key.removeprefix(LEASE_PREFIX), left_ms=left_ms)
-                said = True
-            time.sleep(max(0.05, min(0.5, left_ms / 1000, deadline - time.monotonic())))
-
-    def _lease_due(self) -> bool:
-        return time.monotonic() - self._renewed > self.settings.loader_lease_ms / 3000  # a third of it, in s
-
-    def _give_up_lease(self) -> None:
-        if self.lease and self._lease_keys:
+    def _close(self) -> None:
+        if self.consumer is not None:
             try:
-                self._release(keys=self._lease_keys, args=[self.lease])
-            except redis_lib.RedisError:  # Redis gone: the lease runs out on its own
-                pass
-            self.lease = ""
+                self.consumer.close()  # leaves the group: the others take its partitions at once
+            finally:
+                self.consumer = None
+                self.assigned = []
 
-    def _seek_to_stored(self, consumer, tps) -> None:
-        """Position every partition at the offset Redis holds (its beginning when none)."""
-        stored = self.redis.hgetall(self.offsets_key)
-        for tp in tps:
+    def _on_assign(self, consumer, partitions) -> None:
+        self._retrying(lambda: self._own(partitions))
+        consumer.assign(partitions)
+        self.assigned = list(partitions)
+        log.info("Redis loader assigned", group=self.group, partitions=len(partitions))
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        self.assigned = []  # eager rebalancing: all of them; what was gathered is dropped
+        self._revoked = True
+
+    def _own(self, partitions) -> None:
+        """Write a new owner token on ``partitions``, then position each at the offset Redis
+        holds (its beginning when none). In this order: a loader that still applies a batch
+        of these partitions either commits before the token changes (its offsets are read
+        here) or fails on the token."""
+        from confluent_kafka import OFFSET_BEGINNING
+
+        self.owner = f"{self.redis.incr(OWNER_TOKENS)} {self.holder}"
+        with self.redis.pipeline(transaction=True) as pipe:
+            for tp in partitions:
+                pipe.set(f"{OWNER_PREFIX}{tp.topic}:{tp.partition}", self.owner)
+            pipe.hgetall(self.offsets_key)
+            stored = pipe.execute()[-1]
+        for tp in partitions:
             offset = stored.get(f"{tp.topic}:{tp.partition}".encode())
-            if offset is None:
-                consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, int(offset))
+            tp.offset = int(offset) if offset is not None else OFFSET_BEGINNING
+            if offset is not None:
+                self._written[(tp.topic, tp.partition)] = int(offset)
+        self._fences = 0
 
-    def _apply_or_wait(self, consumer, tps, batches, give_up) -> None:
-        """Apply a batch; while Redis does not answer, wait with backoff (1 s doubling to
-        RETRY_MAX_S) and then resume from the offsets Redis holds, not from memory: a
-        Redis that restarted without its newest writes gets them again."""
+    def _reposition(self) -> None:
+        """Go back to the offsets Redis holds for every assigned partition (after a batch that
+        was not written, or a Redis that may have lost its newest writes)."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        if not self.assigned:
+            return
+        stored = self.redis.hgetall(self.offsets_key)
+        positions = []
+        for tp in self.assigned:
+            offset = stored.get(f"{tp.topic}:{tp.partition}".encode())
+            positions.append(TopicPartition(tp.topic, tp.partition, int(offset) if offset is not None else OFFSET_BEGINNING))
+            if offset is not None:
+                self._written[(tp.topic, tp.partition)] = int(offset)
+        self.consumer.assign(positions)
+        self.assigned = positions
+
+    def _retrying(self, action):
+        """``action()``, waiting out a Redis that does not answer (1 s doubling to RETRY_MAX_S)
+        until ``self._give_up()``."""
         delay = 1.0
         while True:
-            # a failed batch is counted again
-            counted = replace(self.stats, users=set(self.stats.users), deleted=set(self.stats.deleted))
             try:
-                if batches:
-                    self._apply(consumer, batches)
-                # no batch: renew the lease; a new token (it ran out meanwhile), or a retry,
-                # re-reads the offsets from Redis (LoaderFenced if another loader holds it)
-                elif self._take_lease() or batches is None:
-                    self._seek_to_stored(consumer, tps)
-                return
-            except (redis_lib.WatchError, _LeaseLost):
-                # the lease ran out (a pause, a Redis restart) or another loader took it: this
-                # batch was not written; next try takes the lease again if it is free
-                self.stats = counted
-                log.warning("the Redis loader's transaction was interrupted (its lease ran out, or another loader applied an erasure); reading the batch again")
-                batches = None
+                return action()
             except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.BusyLoadingError) as exc:
-                self.stats = counted
-                if give_up():
+                if self._give_up():
                     raise ServiceUnavailable(
                         f"Redis at {self.settings.redis_address} did not come back ({type(exc).__name__}): "
                         "start it with `personalize stack up`") from None
@@ -491,52 +497,136 @@ class Materializer:
                             error=type(exc).__name__, retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-                batches = None  # what was fetched may be applied or not: Redis's offsets say which
 
+    def _gather(self, limit: int, ends: dict | None = None, wait_s: float = 0.5):
+        """Up to ``limit`` records as {(topic, partition): [messages]} with the assigned
+        partitions' positions after them; None when a rebalance voided what was read. A drain
+        (``ends``) stops gathering once its partitions reached their ends."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        self._revoked = False
+        batch: dict[tuple[str, int], list] = {}
+        count = 0
+        while count < limit:
+            messages = self.consumer.consume(num_messages=min(POLL_BATCH, limit - count),
+                                             timeout=wait_s if not count else 0.05)
+            if self._revoked:
+                return None
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.fatal():
+                        raise KafkaException(error)
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        log.warning("Redis loader: Kafka reports", error=error.str())
+                    continue
+                batch.setdefault((message.topic(), message.partition()), []).append(message)
+                count += 1
+            if not messages or ends is None:
+                break
+            if self.assigned and all(tp.offset >= ends.get((tp.topic, tp.partition), 0)
+                                     for tp in self.consumer.position(self.assigned)):
+                break
+        positions = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.position(self.assigned)
+                     if tp.offset >= 0} if self.assigned else {}
+        return batch, positions
+
+    def _ends(self) -> tuple[dict, dict]:
+        """The committed ends (last stable offsets) and the beginnings of every partition of
+        the subscribed topics, now."""
+        from confluent_kafka import IsolationLevel, TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec
+
+        admin = AdminClient({"bootstrap.servers": self.settings.bootstrap_servers,
+                             **credentials.librdkafka(self.settings)})
+        metadata = admin.list_topics(timeout=15)
+        tps = [TopicPartition(t, p) for t in self.subscribed for p in metadata.topics[t].partitions]
+        if not tps:
+            return {}, {}
+        out = []
+        for spec in (OffsetSpec.latest(), OffsetSpec.earliest()):
+            futures = admin.list_offsets({tp: spec for tp in tps}, isolation_level=IsolationLevel.READ_COMMITTED,
+                                         request_timeout=15)
+            out.append({(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()})
+        return out[0], out[1]
+
+    # -- the two ways to run ---------------------------------------------------------------
     def drain(self, timeout_s: float = 600) -> LoadStats:
-        """Apply everything committed up to the end offsets current now, then return."""
-        consumer, tps = self._consumer()
-        deadline = time.monotonic() + timeout_s
+        """Apply everything committed up to the ends current now, then return."""
+        self._open()
         try:
-            ends = consumer.end_offsets(tps)
-            while any(consumer.position(tp) < ends[tp] for tp in tps):
-                if time.monotonic() > deadline:
-                    raise ServiceUnavailable(f"the Redis loader did not reach the end of its topics in {timeout_s:.0f}s")
-                # polls gathered into one batch of up to DRAIN_BATCH records: a user's parts
-                # (and repeated updates of one part) merge into one write (docs/benchmarks.md:
-                # bigger batches write less but Redis holds a transaction's commands until EXEC)
-                batches: dict = {}
-                count = 0
-                while count < DRAIN_BATCH and any(consumer.position(tp) < ends[tp] for tp in tps):
-                    polled = consumer.poll(timeout_ms=500)
-                    for tp, records in polled.items():
-                        batches.setdefault(tp, []).extend(records)
-                        count += len(records)
-                    if not polled and time.monotonic() > deadline:
-                        break
-                self._apply_or_wait(consumer, tps, batches, lambda: time.monotonic() > deadline)
+            self._drain(time.monotonic() + timeout_s, timeout_s)
         finally:
-            self._give_up_lease()
-            consumer.close()
+            self._close()
         return self.stats
 
-    def follow(self, stop) -> LoadStats:
-        """Apply committed records as they come until ``stop()`` is true (unbounded runs);
-        a Redis outage is waited out (until ``stop()``)."""
-        consumer, tps = self._consumer()
+    def follow(self, stop, drain_after: bool = False, timeout_s: float = 600) -> LoadStats:
+        """Apply committed records as they come until ``stop()`` is true (a Redis outage is
+        waited out until then); with ``drain_after``, then everything committed by that time
+        (the end of a bounded run: the job has finished)."""
+        self._open()
         try:
+            self._give_up = stop
             while not stop():
-                batches = consumer.poll(timeout_ms=500)
-                if batches or self._lease_due():  # an idle loader renews its lease too
-                    self._apply_or_wait(consumer, tps, batches, stop)
+                gathered = self._gather(FOLLOW_BATCH, wait_s=0.1)
+                if gathered is not None:
+                    self._apply_or_wait(*gathered)
+            if drain_after:
+                self._drain(time.monotonic() + timeout_s, timeout_s)
         finally:
-            self._give_up_lease()
-            consumer.close()
+            self._close()
         return self.stats
 
-    def _apply(self, consumer, batches) -> None:
-        if not batches:
+    def _drain(self, deadline: float, timeout_s: float) -> None:
+        self._give_up = lambda: time.monotonic() > deadline
+        ends, begins = self._ends()
+        while True:
+            # done when Redis holds every partition at or past its end, whichever loader wrote it
+            stored = self._retrying(lambda: self.redis.hgetall(self.offsets_key))
+            behind = [key for key, end in ends.items()
+                      if max(int(stored.get(f"{key[0]}:{key[1]}".encode(), -1)), begins[key]) < end]
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"the Redis loader did not reach the end of its topics in {timeout_s:.0f}s "
+                                         f"({len(behind)} partitions behind, e.g. {behind[0][0]}:{behind[0][1]})")
+            gathered = self._gather(DRAIN_BATCH, ends=ends)
+            if gathered is not None:
+                self._apply_or_wait(*gathered)
+
+    def _apply_or_wait(self, batch: dict, positions: dict) -> None:
+        """Apply a batch. When Redis does not answer, wait (``_retrying``) and go on from the
+        offsets Redis holds, not from memory: a Redis that restarted without its newest
+        writes gets them again. A batch refused for another loader's token is dropped."""
+        if not batch and not any(positions.get(k) != self._written.get(k) for k in positions):
             return
+        counted = replace(self.stats, users=set(self.stats.users), deleted=set(self.stats.deleted))
+        while True:
+            try:
+                self._apply(batch, positions)
+                self._fences = 0
+                return
+            except redis_lib.WatchError:  # another loader applied an erasure meanwhile: again
+                self.stats = replace(counted, users=set(counted.users), deleted=set(counted.deleted))
+            except _Fenced as fenced:
+                self.stats = counted
+                self._fences += 1
+                if self._fences >= FENCED_TRIES:
+                    raise LoaderFenced(
+                        f"another Redis loader ({fenced.args[0]}) took this loader's partitions and the "
+                        f"Kafka group {self.group!r} did not give them back: two loaders outside one group "
+                        "write this Redis database (set the same PERSONALIZE_LOADER_GROUP)") from None
+                log.warning("another Redis loader owns this loader's partitions now; the batch is dropped",
+                            holder=fenced.args[0])
+                self._retrying(self._reposition)
+                return
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.BusyLoadingError):
+                self.stats = counted
+                self._retrying(self._reposition)  # waits for Redis, then reads its offsets
+                return
+
+    # -- applying a batch ------------------------------------------------------------------
+    def _apply(self, batch: dict, positions: dict) -> None:
         import schemas
 
         topics = self.settings
@@ -546,76 +636,76 @@ class Materializer:
         snapshot = None
         unreadable: list[dict] = []
         erasures: dict[str, int] = {}
-        for tp, records in batches.items():
+        for (topic, _), records in batch.items():
             self.stats.records += len(records)
-            if tp.topic == topics.topic_profile_updates:
+            if topic == topics.topic_profile_live or topic == topics.topic_profile_updates:
+                is_live = topic == topics.topic_profile_live
                 for rec in records:
                     try:
-                        key = orjson.loads(rec.key)
-                        part = (str(key["user_id"]), str(key["part"]))
-                        value = orjson.loads(rec.value) if rec.value is not None else None
+                        part = _part(rec.key(), is_live)
+                        value = rec.value()
+                        value = orjson.loads(value) if value is not None else None
                         if value is not None and not isinstance(value, dict):
-                            raise ValueError(f"a profile part is a JSON object, not {type(value).__name__}")
+                            raise ValueError(f"a profile change is a JSON object, not {type(value).__name__}")
                     except Exception as exc:  # noqa: BLE001 - any unreadable record is skipped with its reason
                         unreadable.append(_dead_letter(rec, exc))
                         continue
-                    latest[part] = value
-            elif tp.topic == topics.topic_profile_live:
-                for rec in records:
-                    try:
-                        part = (rec.key.decode(), LIVE_PART)
-                        value = orjson.loads(rec.value) if rec.value is not None else None
-                        if value is not None and not isinstance(value, dict):
-                            raise ValueError(f"a live profile change is a JSON object, not {type(value).__name__}")
-                    except Exception as exc:  # noqa: BLE001 - any unreadable record is skipped with its reason
-                        unreadable.append(_dead_letter(rec, exc))
-                        continue
-                    # the newest version of the batch, not the last record: after a failure
-                    # the job replays changes older than those it wrote before
                     held = latest.get(part)
-                    if value is None or held is None or _version(value) > _version(held):
+                    # a live change: the newest version of the batch, not the last record (after a
+                    # failure the job replays changes older than those it wrote before)
+                    if not is_live or value is None or held is None or _version(value) > _version(held):
                         latest[part] = value
-            elif tp.topic == topics.topic_trending:
+            elif topic == topics.topic_trending:
                 for rec in records:
                     try:
-                        row = orjson.loads(rec.value)
+                        row = orjson.loads(rec.value())
                         trending.append({"category": row["category"], "product_id": str(row["product_id"]),
                                          "views": int(row["views"]), "window_end_ms": int(row["window_end_ms"])})
                     except Exception as exc:  # noqa: BLE001
                         unreadable.append(_dead_letter(rec, exc))
-            elif tp.topic == topics.topic_erasures:
+            elif topic == topics.topic_erasures:
                 codec = schemas.codec("erasure")
                 for rec in records:
-                    if rec.value is None:
+                    if rec.value() is None:
                         continue
                     try:
-                        erasure = codec.decode(rec.value)
+                        erasure = codec.decode(rec.value())
                         user = erasure["user_id"]
                         erasures[user] = max(erasures.get(user, 0), int(erasure["requested_ms"]))
                     except Exception as exc:  # noqa: BLE001
                         unreadable.append(_dead_letter(rec, exc))
-            elif tp.topic == topics.topic_triggers:
+            elif topic == topics.topic_triggers:
                 codec = schemas.codec("trigger")
                 for rec in records:
-                    if rec.value is None:  # an erasure's tombstone: the erasure itself comes on its topic
+                    if rec.value() is None:  # an erasure's tombstone: the erasure itself comes on its topic
                         continue
                     try:
-                        triggers.append(codec.decode(rec.value))
+                        triggers.append(codec.decode(rec.value()))
                     except Exception as exc:  # noqa: BLE001
                         unreadable.append(_dead_letter(rec, exc))
-            elif tp.topic == topics.topic_model_snapshots and records:
-                snapshot = records[-1].value  # one partition: the last is the newest
-        # the transaction writes only while this loader still holds its leases (WATCHed:
-        # EXEC fails if one ran out or was taken meanwhile) and renews them at its end
+            elif topic == topics.topic_model_snapshots and records:
+                snapshot = records[-1].value()  # one partition: the last is the newest
         with self.redis.pipeline(transaction=True) as pipe:  # reset (UNWATCH) however it ends
-            self._write(pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable, erasures)
+            self._write(pipe, positions, latest, trending, triggers, snapshot, unreadable, erasures)
+        self._written.update(positions)
+        if positions:  # the group's offsets too, for lag monitoring (Redis's are the ones read)
+            from confluent_kafka import TopicPartition
 
-    def _write(self, pipe, consumer, batches, latest, trending, triggers, snapshot, unreadable, erasures) -> None:
-        # the erasure marks are WATCHed too: an erasure another loader applies meanwhile
-        # makes this transaction fail and the batch is read again against it
-        pipe.watch(*self._lease_keys, ERASED_KEY)
-        if any(v is None or v.decode() != self.lease for v in pipe.mget(self._lease_keys)):
-            raise _LeaseLost
+            try:
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
+                                     asynchronous=True)
+            except Exception as exc:  # noqa: BLE001 - monitoring only (e.g. in a rebalance)
+                log.debug("loader offsets not committed to Kafka", error=str(exc))
+
+    def _write(self, pipe, positions, latest, trending, triggers, snapshot, unreadable, erasures) -> None:
+        # the owner tokens and the erasure marks are WATCHed: EXEC fails if another loader
+        # took a partition (or applied an erasure) meanwhile
+        owners = [f"{OWNER_PREFIX}{t}:{p}" for t, p in positions]
+        pipe.watch(*owners, ERASED_KEY)
+        if owners:
+            for key, value in zip(owners, pipe.mget(owners)):
+                if value is None or value.decode() != self.owner:
+                    raise _Fenced(value.decode().split(" ", 1)[-1] if value else "none")
         # (read only when some user was ever forgotten: most batches pay one HLEN)
         users = sorted({user for user, _ in latest} | {t["user_id"] for t in triggers})
         marks = pipe.hmget(ERASED_KEY, users) if users and pipe.hlen(ERASED_KEY) else ()
@@ -629,29 +719,19 @@ class Materializer:
             log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
         self.stats.dead_letters += len(unreadable)
         self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
-        self._live_at: list[tuple[int, str]] = []  # live change scripts: position, user
-        self._dropped_at: list[tuple[int, list[tuple[str, int]]]] = []  # drop scripts: position, (user, parts)
+        self._changes_at: list[tuple[int, list[str], bool]] = []  # profile scripts: position, users, live
         self._profiles(pipe, latest.items())
         self._trending(pipe, trending)
         self._triggers(pipe, triggers)
         if snapshot is not None:
             pipe.set(MODELS_KEY, snapshot)
-        pipe.hset(self.offsets_key, mapping={f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in batches})
-        for key in self._lease_keys:
-            pipe.pexpire(key, self.settings.loader_lease_ms)
+        if positions:
+            pipe.hset(self.offsets_key, mapping={f"{t}:{p}": o for (t, p), o in positions.items()})
         # a command Redis refuses (say a profile key some other writer made a string) is
         # kept as a dead letter; the rest of the batch and its offsets stand
         replies = pipe.execute(raise_on_error=False)
-        self._renewed = time.monotonic()
         refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
-        self._count_live(replies)
-        for at, checked in self._dropped_at:
-            flags = replies[at - 1]
-            for (user, parts), dropped in zip(checked, flags if isinstance(flags, list) else ()):
-                if dropped:
-                    self.stats.users.discard(user)
-                    self.stats.deleted.add(user)
-                    self.stats.profile_writes -= parts
+        self._count_changes(replies)
         if refused:
             for error in refused:
                 log.warning("Redis refused a loader write", error=str(error))
@@ -692,70 +772,59 @@ class Materializer:
             self._added_at.append(len(pipe))
 
     def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
-        """Write profile parts, but none from before the user's consent was withdrawn.
+        """Write profile changes, none of state begun before the user's newest erasure.
 
-        The ``live`` part (operators/live.py) carries the flag of the user's latest event
-        and its time, so it decides: ``_APPLY_LIVE`` writes it only when its version is
-        newer than the profile's, deletes the profile and marks the user in
-        ``no_consent`` with that time when the flag is false, and clears the mark when a
-        later event gives consent again. The other parts (the models step's ``sessions``)
-        of a marked user are written only if they give consent at a later event time.
-        Their marks are read before the transaction, and ``_DROP_WITHDRAWN`` checks them
-        again in it, after this batch's live changes: a user's parts sit on different
-        topics, which other loader processes may apply at the same time."""
-        # nothing of state begun before the user's newest erasure
-        updates = [(key, fields) for key, fields in updates
-                   if fields is None or epoch(fields) >= self._erased.get(key[0], 0)]
+        The live changes (operators/live.py) carry the flag of the user's latest event and
+        its time, so they decide: ``_APPLY_LIVE`` writes one only when its version is newer
+        than the profile's, deletes the profile and marks the user in ``no_consent`` with
+        that time when the flag is false, and clears the mark when a later event gives
+        consent again. The models step's part is written by ``_APPLY_PARTS`` after them, in
+        the same transaction, unless a mark says consent was withdrawn after it. Both check
+        the marks inside Redis: nothing between a read and a write to race with."""
         ttl = self.settings.state_ttl_ms
+        live_changes, parts = [], []
         for (user, part), fields in updates:
-            if part == LIVE_PART and fields is not None:
-                self._apply_live(keys=[PROFILE_PREFIX + user, NO_CONSENT_KEY], args=live_args(user, fields, ttl),
-                                 client=pipe)
-                self._live_at.append((len(pipe), user))
-        updates = [(key, fields) for key, fields in updates if key[1] != LIVE_PART and fields is not None]
-        marked: dict[str, int] = {}  # user -> event time its consent was withdrawn at
-        users = sorted({user for (user, _), _ in updates})
-        if users:
-            for user, mark in zip(users, self.redis.hmget(NO_CONSENT_KEY, users)):
-                if mark is not None:
-                    marked[user] = withdrawn_at(mark)
-        merged: dict[str, dict[str, str]] = {}  # one HSET per user per batch
-        parts: dict[str, int] = {}
-        oldest: dict[str, int] = {}
-        for (user, part), fields in updates:
-            at = consent_ms(fields)
-            if user in marked and (not consents(fields) or at <= marked[user]):
-                continue  # from before the withdrawal
-            merged.setdefault(user, {}).update(profile_fields(part, fields))
-            parts[user] = parts.get(user, 0) + 1
-            oldest[user] = min(oldest.get(user, at), at)
-        for user, mapping in merged.items():
-            if mapping:
-                pipe.hset(PROFILE_PREFIX + user, mapping=mapping)
-                if ttl:  # gone with the user's state in the job (state_ttl_ms)
-                    pipe.pexpire(PROFILE_PREFIX + user, ttl)
-                self.stats.users.add(user)
-                self.stats.deleted.discard(user)
-                self.stats.profile_writes += parts[user]
-        checked = [user for user, mapping in merged.items() if mapping]
-        for start in range(0, len(checked), PROFILES_PER_SCRIPT):
-            chunk = checked[start:start + PROFILES_PER_SCRIPT]
-            args = [x for user in chunk for x in (user, oldest[user])]
-            self._drop_withdrawn(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + u for u in chunk)], args=args, client=pipe)
-            self._dropped_at.append((len(pipe), [(user, parts[user]) for user in chunk]))
+            if fields is None or epoch(fields) < self._erased.get(user, 0):
+                continue
+            (live_changes if part == LIVE_PART else parts).append((user, fields))
+        for start in range(0, len(live_changes), CHANGES_PER_SCRIPT):
+            chunk = live_changes[start:start + CHANGES_PER_SCRIPT]
+            self._apply_live(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)],
+                             args=[ttl, *(x for user, fields in chunk for x in live_args(user, fields))],
+                             client=pipe)
+            self._changes_at.append((len(pipe), [user for user, _ in chunk], True))
+        for start in range(0, len(parts), CHANGES_PER_SCRIPT):
+            chunk = parts[start:start + CHANGES_PER_SCRIPT]
+            args: list = [ttl]
+            for user, fields in chunk:
+                mapping = profile_fields(PROFILE_PART, fields)
+                args += [user, "1" if consents(fields) else "0", max(consent_ms(fields), 0), 2 * len(mapping),
+                         *(x for kv in mapping.items() for x in kv)]
+            self._apply_parts(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args,
+                              client=pipe)
+            self._changes_at.append((len(pipe), [user for user, _ in chunk], False))
 
-    def _count_live(self, replies) -> None:
-        """The stats of this batch's live changes, from their scripts' replies."""
-        for at, user in self._live_at:
+    def _count_changes(self, replies) -> None:
+        """The stats of this batch's profile changes, from their scripts' replies (a change
+        Redis refused is a dead letter with Redis's reason)."""
+        for at, users, is_live in self._changes_at:
             reply = replies[at - 1]
-            if reply == 1:
-                self.stats.profile_writes += 1
-                self.stats.users.add(user)
-                self.stats.deleted.discard(user)
-            elif reply == -1:
-                self.stats.profiles_deleted += 1
-                self.stats.users.discard(user)
-                self.stats.deleted.add(user)
+            if not isinstance(reply, list):
+                continue  # the whole script refused: counted with the refused commands
+            for user, result in zip(users, reply):
+                if result == 1:
+                    self.stats.profile_writes += 1
+                    self.stats.users.add(user)
+                    self.stats.deleted.discard(user)
+                elif result == -1:
+                    self.stats.profiles_deleted += 1
+                    self.stats.users.discard(user)
+                    self.stats.deleted.add(user)
+                elif isinstance(result, bytes):  # Redis refused this change (e.g. WRONGTYPE)
+                    reason = f"Redis refused a write: {result.decode(errors='replace')}"[:1000]
+                    log.warning("Redis refused a loader write", user=user_digest(user), error=reason)
+                    self.redis.xadd(DEAD_LETTERS_KEY, {"reason": reason}, maxlen=DEAD_LETTERS_KEPT, approximate=True)
+                    self.stats.dead_letters += 1
 
     def _trending(self, pipe, rows: list[dict]) -> None:
         if not rows:
@@ -777,60 +846,3 @@ class Materializer:
                        if r["category"] == category and r["window_end_ms"] == window_end}
             if members:
                 pipe.zadd(key, members)
-
-
-def drain_parallel(settings: Settings, workers: int | None = None, timeout_s: float = 600) -> LoadStats:
-    """Apply everything committed up to now with ``workers`` loader processes
-    (``settings.loader_workers``), one per shard of the partitions: this process runs
-    shard 0, ``python -m sinks.redis`` processes the others (the loader parses and packs
-    in Python, one core per process; measured in docs/benchmarks.md)."""
-    import pickle
-    import subprocess
-    import sys
-
-    count = workers or settings.loader_workers
-    if count <= 1:
-        return Materializer(settings).drain(timeout_s)
-    # a fresh interpreter per shard, not a fork: the caller may hold a JVM gateway and threads
-    procs = []
-    for number in range(1, count):
-        # run from the project's folder: ``-m sinks.redis`` finds the package there installed or not
-        proc = subprocess.Popen([sys.executable, "-m", "sinks.redis"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, cwd=project_root())
-        proc.stdin.write(pickle.dumps((settings, (number, count), timeout_s)))
-        proc.stdin.close()
-        procs.append(proc)
-    try:
-        parts = [Materializer(settings, shard=(0, count)).drain(timeout_s)]
-    finally:
-        outcomes = [(proc.stdout.read(), proc.wait()) for proc in procs]
-    for out, code in outcomes:
-        result = pickle.loads(out) if out else None
-        if isinstance(result, BaseException):
-            raise result
-        if code != 0 or not isinstance(result, LoadStats):
-            raise ServiceUnavailable(f"a Redis loader process ended with exit code {code}; see its log above")
-        parts.append(result)
-    return LoadStats.merged(parts)
-
-
-def _shard_main() -> int:
-    """One shard of ``drain_parallel``: (settings, shard, timeout) pickled on stdin, the
-    LoadStats (or the error) pickled on stdout."""
-    import pickle
-    import sys
-
-    settings, shard, timeout_s = pickle.loads(sys.stdin.buffer.read())
-    logs.configure(settings.log_format, secrets=settings.secrets)
-    try:
-        result: object = Materializer(settings, shard=shard).drain(timeout_s)
-    except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
-        result = exc
-    sys.stdout.buffer.write(pickle.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    from sinks.redis import _shard_main as main  # the module's own classes, not __main__'s copies, get pickled
-
-    raise SystemExit(main())

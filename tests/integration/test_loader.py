@@ -16,13 +16,20 @@ import redis
 
 import schemas
 from personalize import credentials, kafkaio, topics
-from sinks.redis import (DEAD_LETTERS_KEY, LEASE_TOKENS, NO_CONSENT_KEY, OFFSETS_KEY, TRIGGERS_BY_USER, Materializer,
-                         drain_parallel)
+from sinks.redis import (FENCED_TRIES, DEAD_LETTERS_KEY, NO_CONSENT_KEY, OFFSETS_KEY, OWNER_PREFIX, OWNER_TOKENS, TRIGGERS_BY_USER,
+                         LoaderFenced, Materializer)
+from tests.integration.test_loader_redis_restart import following, until
 from tests.integration.test_profile_job import job_stack
 
 
-def _key(user: str, part: str) -> bytes:
-    return orjson.dumps({"user_id": user, "part": part})
+def _key(user: str, part: str = "sessions") -> bytes:
+    """The key of a profile part on the models step's changelog: the user id (the JSON key
+    {user_id, part} of earlier releases is still read, see the consent test)."""
+    return user.encode() if part == "sessions" else orjson.dumps({"user_id": user, "part": part})
+
+
+def _legacy_key(user: str) -> bytes:
+    return orjson.dumps({"user_id": user, "part": "sessions"})
 
 
 def _live(user: str, version: int, **fields) -> tuple:
@@ -82,11 +89,11 @@ def test_unreadable_records_and_refused_writes_are_dead_letters_and_the_rest_is_
 
 def _dump(client: redis.Redis) -> dict:
     """Every key of a Redis database with its value (stream entries without their ids, and
-    so the per-user trigger index its trigger ids only), but the loaders' lease token
-    counter (it counts the loaders that ran)."""
+    so the per-user trigger index its trigger ids only), but the loaders' owner tokens
+    (they name the loaders that ran)."""
     out = {}
     for key in client.scan_iter(count=1000):
-        if key == LEASE_TOKENS:
+        if key == OWNER_TOKENS or key.startswith(OWNER_PREFIX):
             continue
         kind = client.type(key)
         if key.startswith(TRIGGERS_BY_USER):
@@ -104,12 +111,13 @@ def _dump(client: redis.Redis) -> dict:
     return out
 
 
-def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
-    """The drain at the end of a bounded run reads with one process per shard of the
-    partitions; a user's live changes and session parts sit on different topics, so consent
-    withdrawn by one process must hold against the other's writes. Users 0-299 give consent,
-    300-349 withdraw it (their live change false, their sessions part still written by the
-    job), 350-399 withdraw and give it again later."""
+def test_two_loaders_of_one_group_split_the_partitions_and_leave_redis_as_one_loader_does(stack):
+    """Loaders are members of one Kafka consumer group: two following loaders each get a
+    share of the partitions (the same partition number of every topic: a user's live changes
+    and session parts reach the same one) and apply each record once; Redis ends as one
+    loader alone leaves it. Users 0-299 give consent, 300-349 withdraw it (their live change
+    false, their sessions part still written by the job), 350-399 withdraw and give it again
+    later."""
     own = job_stack(stack, redis_db=14)
     s = own.settings
     _ensure(s, partitions=2)
@@ -119,26 +127,44 @@ def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
         user = f"u{i}"
         withdrawn = i >= 300
         live_first.append(_live(user, 10, n_events=i, recent_events=i % 7, consent=not withdrawn, consent_ms=1_000))
-        first.append((_key(user, "sessions"), orjson.dumps({"n_sessions": 1 + i % 3, "consent": True,
-                                                            "consent_ms": 800}), 1_000))
+        first.append((_key(user), orjson.dumps({"n_sessions": 1 + i % 3, "consent": True, "consent_ms": 800}), 1_000))
         if i >= 350:  # consent given again: a newer live change, then a newer sessions part
             live_later.append(_live(user, 20, n_events=i + 1, consent=True, consent_ms=2_000))
-            later.append((_key(user, "sessions"), orjson.dumps({"n_sessions": 9, "consent": True,
-                                                                "consent_ms": 1_900}), 2_000))
+            later.append((_key(user), orjson.dumps({"n_sessions": 9, "consent": True, "consent_ms": 1_900}), 2_000))
     triggers = [(f"u{i}".encode(), codec.encode({
         "trigger_id": f"t-{i}", "kind": "cart_abandonment", "user_id": f"u{i}", "session_start_ms": i,
         "session_end_ms": i + 1, "cart": [], "cart_value": Decimal("0.00"), "propensity": None, "segment": None,
         "emitted_ms": i + 2}), 1_000) for i in range(0, 400, 4)]
-    assert kafkaio.produce(s, s.topic_profile_live, live_first) == len(live_first)
-    assert kafkaio.produce(s, s.topic_profile_updates, first) == len(first)
-    assert kafkaio.produce(s, s.topic_triggers, triggers) == len(triggers)
-    assert kafkaio.produce(s, s.topic_profile_live, live_later) == len(live_later)
-    assert kafkaio.produce(s, s.topic_profile_updates, later) == len(later)
+
+    # the group first, both members assigned, then the records
+    a, b = Materializer(s), Materializer(s)
+    assert a.group == b.group
+    runs = [following(a), following(b)]
+    try:
+        until(lambda: len(a.assigned) == len(b.assigned) == 5, "two members of 5 partitions each")
+        assert {tp.partition for tp in a.assigned} != {tp.partition for tp in b.assigned}
+        assert len({tp.partition for tp in a.assigned}) == 1  # one partition number, every topic
+        assert kafkaio.produce(s, s.topic_profile_live, live_first) == len(live_first)
+        assert kafkaio.produce(s, s.topic_profile_updates, first) == len(first)
+        assert kafkaio.produce(s, s.topic_triggers, triggers) == len(triggers)
+        assert kafkaio.produce(s, s.topic_profile_live, live_later) == len(live_later)
+        assert kafkaio.produce(s, s.topic_profile_updates, later) == len(later)
+        total = len(first) + len(later) + len(triggers) + 400 + len(live_later)
+        until(lambda: a.stats.records + b.stats.records == total,
+              lambda: f"every record applied: {a.stats.records} + {b.stats.records} of {total}, {runs[0][2]} {runs[1][2]}")
+    finally:
+        for stop, thread, _ in runs:
+            stop.set()
+        for _, thread, failures in runs:
+            thread.join(timeout=30)
+            assert not failures, failures
+    assert a.stats.records > 0 and b.stats.records > 0
 
     one = dataclasses.replace(s, redis_url=s.redis_url.rsplit("/", 1)[0] + "/15")
     credentials.redis_client(one).flushdb()
-    single = drain_parallel(one, workers=1, timeout_s=60)
-    sharded = drain_parallel(s, workers=2, timeout_s=60)
+    single = Materializer(one)
+    assert single.group != a.group  # another Redis database: another group
+    single.drain(timeout_s=60)
 
     client = credentials.redis_client(s, decode_responses=True)
     profiles = {k.removeprefix("profile:") for k in client.scan_iter("profile:*")}
@@ -148,16 +174,17 @@ def test_a_drain_by_two_loader_processes_leaves_redis_as_one_loader_does(stack):
     assert client.hget("profile:u360", "n_events") == "361"
     assert client.hgetall("profile:u360")["n_sessions"] == "9"
     assert _dump(client) == _dump(credentials.redis_client(one, decode_responses=True))
-    assert len(sharded.users) == len(single.users) == 350
-    assert sharded.records == single.records == len(first) + len(later) + len(triggers) + 400 + len(live_later)
-    assert sharded.stream_added == single.stream_added == 100
+    assert len(a.stats.users | b.stats.users) == len(single.stats.users) == 350
+    assert single.stats.records == total
+    assert a.stats.stream_added + b.stats.stream_added == single.stats.stream_added == 100
 
 
-def test_a_part_from_before_a_withdrawal_another_loader_applied_leaves_no_profile_and_a_later_one_stands(stack):
-    """The interleavings the sharded drain must survive, made on purpose: another loader
-    process has just applied a user's live change (marked the user with the event time
-    consent was withdrawn at, deleted the profile, or cleared the mark later); this
-    loader's batch holds only the user's sessions parts.
+def test_a_part_from_before_a_withdrawal_leaves_no_profile_and_a_later_one_stands(stack):
+    """A user's sessions part and live changes sit on two topics, read in no fixed order
+    against each other: here a live change was applied first (marked the user with the
+    event time consent was withdrawn at, deleted the profile, or cleared the mark later)
+    and the batch holds only the user's sessions parts (u4's under the JSON key of earlier
+    releases, still read).
 
     u1: withdrawn at 5,000, its session ended at 4,000: no profile. u3: withdrawn at
     5,000, then consent given again and a session ending at 6,000 closed: its part is
@@ -174,7 +201,7 @@ def test_a_part_from_before_a_withdrawal_another_loader_applied_leaves_no_profil
         (_key("u1", "sessions"), session(2, 4_000), 1_000),
         (_key("u2", "sessions"), session(3, 4_000), 1_000),
         (_key("u3", "sessions"), session(4, 6_000), 1_000),
-        (_key("u4", "sessions"), session(5, 6_000), 1_000)]) == 4
+        (_legacy_key("u4"), session(5, 6_000), 1_000)]) == 4
 
     stats = Materializer(s).drain(timeout_s=60)
 
@@ -184,108 +211,51 @@ def test_a_part_from_before_a_withdrawal_another_loader_applied_leaves_no_profil
     assert stats.users == {"u2", "u3"} and stats.profile_writes == 2
 
 
-def test_a_mark_set_between_the_read_and_the_write_deletes_an_older_part_in_the_same_transaction(stack):
-    """The script in the transaction is what holds against another process: here the
-    mark appears after this loader read the marks (the script sees it, Python did not)."""
-    own = job_stack(stack, redis_db=14)
-    s = own.settings
-    _ensure(s, partitions=1)
-    client = credentials.redis_client(s, decode_responses=True)
-    assert kafkaio.produce(s, s.topic_profile_updates, [
-        (_key("u1", "sessions"), orjson.dumps({"n_sessions": 2, "consent": True, "consent_ms": 4_000}), 1_000),
-        (_key("u2", "sessions"), orjson.dumps({"n_sessions": 3, "consent": True, "consent_ms": 6_000}), 1_000)]) == 2
-    loader = Materializer(s)
-    read = loader.redis.hmget
-
-    def hmget_then_withdraw(name, keys, *args):
-        marks = read(name, keys, *args)
-        if name == NO_CONSENT_KEY:  # another process withdraws both, at 5,000, right after the read
-            client.hset(NO_CONSENT_KEY, mapping={"u1": 5_000, "u2": 5_000})
-        return marks
-
-    loader.redis.hmget = hmget_then_withdraw
-    stats = loader.drain(timeout_s=60)
-
-    assert not client.exists("profile:u1")
-    assert client.hgetall("profile:u2") == {"n_sessions": "3"}
-    assert stats.users == {"u2"} and stats.profile_writes == 1
-
-
 def _profile_record(user: str, n_events: int) -> tuple:
-    return (_key(user, "sessions"), orjson.dumps({"n_events": n_events, "consent": True}), 1_000)
+    return (_key(user), orjson.dumps({"n_events": n_events, "consent": True}), 1_000)
 
 
-def test_a_second_loader_waits_for_the_lease_and_fails_naming_the_live_holder(stack):
-    """Two loaders on the same partitions would interleave their offsets: the second one
-    waits for the first's lease, and while the first is alive (renewing) it gives up with
-    a message naming it, having written nothing."""
-    from sinks.redis import LoaderFenced
-    from tests.integration.test_loader_redis_restart import following
-
-    own = job_stack(stack, redis_db=11, PERSONALIZE_LOADER_LEASE_MS="1000")
-    s = own.settings
-    _ensure(s, partitions=1)
-    assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
-    first = Materializer(s)
-    stop, thread, failures = following(first)
-    client = credentials.redis_client(s, decode_responses=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not client.exists("profile:u1") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        offsets = client.hgetall(OFFSETS_KEY)
-        second = Materializer(s)
-        started = time.monotonic()
-        with pytest.raises(LoaderFenced, match=first.holder):
-            second.drain(timeout_s=30)
-        waited = time.monotonic() - started
-        assert 1.5 < waited < 10  # two lease lengths (a stopped holder's lease would have run out)
-        assert client.hgetall(OFFSETS_KEY) == offsets and second.stats.records == 0
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    assert not failures, failures
-    # the first loader gave its lease up on stopping: the next one takes over at once
-    assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u2", 2)]) == 1
-    started = time.monotonic()
-    assert Materializer(s).drain(timeout_s=30).users == {"u2"}
-    assert time.monotonic() - started < 5
-
-
-def test_a_loader_whose_lease_another_took_over_writes_nothing_stale(stack):
-    """A loader pauses (a long GC, a frozen VM) after fetching a batch; its lease runs out
-    and a second loader applies newer records. When the first wakes, its transaction
-    must not write the stale batch or move the offsets back: it finds the token changed,
-    writes nothing, re-reads the offsets Redis holds and goes on from there."""
-    own = job_stack(stack, redis_db=11, PERSONALIZE_LOADER_LEASE_MS="500")
+def test_a_loader_whose_partitions_another_took_writes_nothing_stale_and_then_stops_naming_it(stack):
+    """A loader pauses (a long GC, a frozen VM) after fetching a batch; meanwhile another
+    loader is assigned its partitions and applies newer records. When the first wakes, its
+    transaction must not write the stale batch or move the offsets back: it finds another
+    owner token on its partitions, writes nothing and goes back to the offsets Redis holds.
+    (Within one group Kafka revokes the paused member's partitions; the other loader here is
+    in a group of its own, so Kafka never gives them back, and after a few refused batches
+    the first stops with a message naming the other.)"""
+    own = job_stack(stack, redis_db=11)
     s = own.settings
     _ensure(s, partitions=1)
     client = credentials.redis_client(s, decode_responses=True)
     assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 1)]) == 1
     paused = Materializer(s)
-    consumer, tps = paused._consumer()
+    paused._open()
     try:
-        batch = {}
+        batch: dict = {}
         deadline = time.monotonic() + 30
         while not batch and time.monotonic() < deadline:
-            batch = consumer.poll(timeout_ms=500)
+            batch, positions = paused._gather(100) or ({}, {})
         assert sum(len(r) for r in batch.values()) == 1  # n_events 1, held in memory
-        time.sleep(1.0)  # the pause: the lease runs out
         assert kafkaio.produce(s, s.topic_profile_updates, [_profile_record("u1", 2)]) == 1
-        assert Materializer(s).drain(timeout_s=30).users == {"u1"}  # takes the lease, writes n_events 2
+        other = Materializer(s, group=paused.group + "-other")
+        assert other.drain(timeout_s=30).users == {"u1"}  # owns the partitions now, writes n_events 2
         offsets = client.hgetall(OFFSETS_KEY)
         assert client.hget("profile:u1", "n_events") == "2"
 
-        paused._apply_or_wait(consumer, tps, batch, lambda: False)  # wakes up with its stale batch
+        paused._apply_or_wait(batch, positions)  # wakes up with its stale batch
 
         assert client.hget("profile:u1", "n_events") == "2"
         assert client.hgetall(OFFSETS_KEY) == offsets
-        # re-read from Redis: past the newer record
-        assert {tp.topic: consumer.position(tp) for tp in tps}[s.topic_profile_updates] == 2
+        # back at the offset Redis holds: past the newer record
+        assert [tp.offset for tp in paused.assigned if tp.topic == s.topic_profile_updates] == [2]
         assert paused.stats.profile_writes == 0
+        for _ in range(FENCED_TRIES - 2):
+            paused._apply_or_wait(batch, positions)
+        with pytest.raises(LoaderFenced, match=other.holder):
+            paused._apply_or_wait(batch, positions)
+        assert client.hget("profile:u1", "n_events") == "2" and client.hgetall(OFFSETS_KEY) == offsets
     finally:
-        paused._give_up_lease()
-        consumer.close()
+        paused._close()
 
 
 def test_a_live_change_applies_only_when_newer_so_a_replay_never_leaves_a_profile_older(stack):

@@ -44,14 +44,13 @@ def start_redis(port: int, folder) -> subprocess.Popen:
 def until(condition, what: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s:.0f}s: {what}"
+        assert time.monotonic() < deadline, f"not within {timeout_s:.0f}s: {what() if callable(what) else what}"
         time.sleep(0.2)
 
 
 def batch(s: Settings, users: range, n_events: int) -> None:
     codec = schemas.codec("trigger")
-    profiles = [(orjson.dumps({"user_id": f"u{i}", "part": "sessions"}),
-                 orjson.dumps({"n_events": n_events, "consent": True}), 1_000) for i in users]
+    profiles = [(f"u{i}".encode(), orjson.dumps({"n_events": n_events, "consent": True}), 1_000) for i in users]
     triggers = [(f"u{i}".encode(), codec.encode({
         "trigger_id": f"t-{i}", "kind": "cart_abandonment", "user_id": f"u{i}", "session_start_ms": i,
         "session_end_ms": i + 1, "cart": [], "cart_value": Decimal("0.00"), "propensity": None, "segment": None,

@@ -43,7 +43,7 @@ def test_a_consented_abandoned_session_is_scored_learned_and_triggers():
     profile, trigger = row["profile"], row["trigger"]
     assert profile["propensity"] == "0.500000" and profile["consent"] is True  # an untrained model: weights 0
     assert trigger["propensity"] == float(profile["propensity"]) and row["ts_ms"] == trigger["emitted_ms"]
-    assert row["user_id"] == "u1" and orjson.loads(row["profile_key"]) == {"user_id": "u1", "part": "sessions"}
+    assert row["user_id"] == "u1"  # the Kafka key of the profile part, the trigger and the segment change
     # batch 1: learned at once
     assert models.propensity.scores.samples == 1 and histories["u1"].sessions == 1 and not models.pending_y
 
@@ -150,13 +150,9 @@ def test_an_erasure_drops_the_user_s_sessions_of_before_it_wherever_they_sit_in_
     assert [(s["user_id"], s["start_ms"], s["epoch"]) for s in sessions] == [("u1", 7000, 5000), ("u2", 0, 0)]
 
 
-def test_tombstones_delete_every_profile_part_under_flink_s_json_key_and_the_user_s_output_keys():
+def test_tombstones_delete_every_profile_part_and_the_user_s_output_keys_under_the_user_id():
     rows = [dict(zip([c for c, _ in actions.ACTION_COLUMNS], out)) for out in actions.tombstones("ü 1", 42)]
     assert [r["tombstone"] for r in rows] == ["live", "sessions"]
-    # the sessions part's key is the same bytes as Flink's JSON key format writes (field
-    # order, no spaces, UTF-8 unescaped): compaction keeps only the tombstone. The live
-    # changelog is keyed by the user id (user_id) alone
-    assert rows[1]["profile_key"] == '{"user_id":"ü 1","part":"sessions"}'
     assert all(r["profile"] is r["trigger"] is r["segment_change"] is r["snapshot"] is None for r in rows)
     assert {(r["user_id"], r["ts_ms"]) for r in rows} == {("ü 1", 42)}
 
