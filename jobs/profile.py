@@ -30,6 +30,7 @@ LIVE_VIEW = "live_changes"
 PROFILE_SESSIONS = "profile_sessions_sink"
 TRENDING = "trending_sink"
 TRIGGERS = "triggers_sink"
+TRIGGERS_LIVE = "triggers_live_sink"
 SEGMENT_CHANGES = "segment_changes_sink"
 MODEL_SNAPSHOTS = "model_snapshots_sink"
 ACTIONS_VIEW = "session_actions"
@@ -192,6 +193,9 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
                                                    sink=actions.PROFILE_PART))
     t_env.execute_sql(kafka_sinks.trending_sink(TRENDING, settings))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(TRIGGERS, settings, settings.topic_triggers))
+    if not bounded:
+        t_env.execute_sql(kafka_sinks.keyed_bytes_sink(TRIGGERS_LIVE, settings, settings.topic_triggers_live,
+                                                       at_least_once=True))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(SEGMENT_CHANGES, settings, settings.topic_segment_changes))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(MODEL_SNAPSHOTS, settings, settings.topic_model_snapshots))
 
@@ -253,6 +257,9 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
         statements.add_insert_sql(
             f"INSERT INTO {sink} SELECT {key}, {column}, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM {ACTIONS_VIEW} "
             f"WHERE {column} IS NOT NULL OR {tombstones}")
+    if not bounded:  # the Redis trigger stream's fast path (a bounded run commits all at its end)
+        statements.add_insert_sql(f"INSERT INTO {TRIGGERS_LIVE} SELECT `user_id`, `trigger`, TO_TIMESTAMP_LTZ(ts_ms, 3) "
+                                  f"FROM {ACTIONS_VIEW} WHERE `trigger` IS NOT NULL")
     return statements
 
 

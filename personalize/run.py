@@ -110,6 +110,8 @@ def ensure_topics(settings: Settings) -> None:
                   local_stack=True,
                   configs={"cleanup.policy": "compact"})
     topics.ensure(settings, [settings.topic_trending], local_stack=True)
+    # the fast path's triggers are in the exactly-once topic too: an hour is enough for the loader
+    topics.ensure(settings, [settings.topic_triggers_live], local_stack=True, configs={"retention.ms": "3600000"})
     topics.ensure(settings, [settings.topic_model_snapshots], local_stack=True, partitions=1,
                   configs={"cleanup.policy": "compact"})
 

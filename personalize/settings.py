@@ -276,6 +276,13 @@ class Settings:
         return f"{self.topic_profile_updates}-live"
 
     @property
+    def topic_triggers_live(self) -> str:
+        """Internal: the triggers again, at-least-once, as the models step emits them (live runs
+        only): the Redis loader's fast path to the trigger stream (once per trigger_id there),
+        beside the exactly-once feed that read_committed consumers see at checkpoints."""
+        return f"{self.topic_triggers}-live"
+
+    @property
     def topics(self) -> tuple[str, ...]:
         """The job's topics, created by ``stack up`` when missing."""
         return (self.topic_events, self.topic_triggers, self.topic_segment_changes, self.topic_dlq)

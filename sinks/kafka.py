@@ -60,8 +60,11 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
         )"""
 
 
-def keyed_bytes_sink(table: str, settings: Settings, topic: str, sink: str = "") -> str:
-    """Raw bytes keyed by ``user_id`` (its UTF-8 bytes), record timestamp from ``ts``, exactly-once."""
+def keyed_bytes_sink(table: str, settings: Settings, topic: str, sink: str = "", *, at_least_once: bool = False) -> str:
+    """Raw bytes keyed by ``user_id`` (its UTF-8 bytes), record timestamp from ``ts``,
+    exactly-once (or at-least-once: written at once, not at the checkpoint)."""
+    delivery = "\n            'sink.delivery-guarantee' = 'at-least-once'" if at_least_once else \
+        _exactly_once(settings, topic, sink)
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
             `user_id` STRING,
@@ -74,7 +77,7 @@ def keyed_bytes_sink(table: str, settings: Settings, topic: str, sink: str = "")
             'key.format' = 'raw',
             'key.fields' = 'user_id',
             'value.format' = 'raw',
-            'value.fields-include' = 'EXCEPT_KEY',{_exactly_once(settings, topic, sink)}
+            'value.fields-include' = 'EXCEPT_KEY',{delivery}
         )"""
 
 

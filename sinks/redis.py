@@ -32,7 +32,9 @@ Keys written:
   (``personalize:trending:window_end_ms``, a HASH category -> window end, beside it)
 - ``triggers:cart_abandonment`` STREAM: one entry per trigger_id, ever. A Lua
   script adds the entry only when the id is new to ``triggers:cart_abandonment:ids``
-  (a SET), so a replay of the same sessions adds nothing
+  (a SET), so a replay of the same sessions adds nothing. Live runs write each trigger
+  twice, at-least-once as it is emitted (``topic_triggers_live``: the fast path) and
+  exactly-once at the checkpoint; the first to arrive adds the entry
 - ``models:snapshot`` STRING: the newest model snapshot (JSON), for ``personalize models``
 
 Erasure (``personalize forget``, the erasures topic): the user's profile, its trigger
@@ -388,7 +390,7 @@ class Materializer:
     def _topics(self) -> list[str]:
         s = self.settings
         return [s.topic_profile_live, s.topic_profile_updates, s.topic_trending, s.topic_triggers,
-                s.topic_model_snapshots, s.topic_erasures]
+                s.topic_triggers_live, s.topic_model_snapshots, s.topic_erasures]
 
     def _open(self):
         from confluent_kafka import Consumer, KafkaException
@@ -674,7 +676,7 @@ class Materializer:
                         erasures[user] = max(erasures.get(user, 0), int(erasure["requested_ms"]))
                     except Exception as exc:  # noqa: BLE001
                         unreadable.append(_dead_letter(rec, exc))
-            elif topic == topics.topic_triggers:
+            elif topic == topics.topic_triggers or topic == topics.topic_triggers_live:
                 codec = schemas.codec("trigger")
                 for rec in records:
                     if rec.value() is None:  # an erasure's tombstone: the erasure itself comes on its topic

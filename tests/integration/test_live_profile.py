@@ -93,6 +93,8 @@ def live_run(stack, tmp_path, checkpoint_ms: int):
 
 
 def test_each_event_shows_in_the_live_profile_without_a_checkpoint_and_the_closed_session_leaves_it(stack, tmp_path):
+    """... and the closed session's abandoned cart reaches the Redis trigger stream by the
+    fast path, while the exactly-once triggers topic has nothing before a checkpoint."""
     own, r, send = live_run(stack, tmp_path, CHECKPOINT_MS)
 
     send(event("warm-up", 0, now(), "page_view"))
@@ -130,6 +132,15 @@ def test_each_event_shows_in_the_live_profile_without_a_checkpoint_and_the_close
         got = r.hgetall("profile:shopper")
         assert not set(SESSION_FIELDS) & set(got), got
         assert got["n_events"] == str(len(sent)) and int(got["version"]) > versions[-1]
+
+        def shoppers_triggers() -> list[dict]:
+            return [f for _, f in r.xrange("triggers:cart_abandonment") if f["user_id"] == "shopper"]
+        wait_until("the abandoned cart's trigger in the Redis stream", shoppers_triggers, proc, 60)
+        (entry,) = shoppers_triggers()
+        assert entry["session_start_ms"] == str(sent[0]["event_time"])
+        assert entry["cart_value"] == expected_session(sent)["session_cart_value"]
+        s = own.settings
+        assert list(kafkaio.read_to_end(s, s.topic_triggers, timeout_s=10)) == []  # read_committed: no checkpoint yet
     finally:
         _interrupt(proc)
 
