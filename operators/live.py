@@ -53,11 +53,15 @@ LIVE_COLUMNS = (
     ("session_product_views", "BIGINT"),
     ("session_products", "BIGINT"),
     ("session_cart", "STRING"),
-    ("session_cart_value_cents", "BIGINT"),
+    ("session_cart_value", "STRING"),
     ("session_last_cart_add_ms", "BIGINT"),
     ("session_top_category", "STRING"),
     # the newest propensity model's score of the session so far (no model published yet: absent)
     ("session_propensity", "STRING"),
+    # derived, as the profile shows them (the loader writes a row's fields as they come)
+    ("revenue", "STRING"),
+    ("updated_ms", "BIGINT"),
+    ("active_hours", "STRING"),
 )
 # the fields of the session in progress as Redis holds them: a change without a session
 # open deletes them from the profile

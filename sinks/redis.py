@@ -253,18 +253,27 @@ def profile_fields(part: str, fields: dict) -> dict[str, str]:
     """What one part of the changelog writes into the profile hash (values as strings).
 
     A field the part lacks (a NULL the job left out, an older job's record) leaves
-    its derived fields out; it never stops the loader."""
-    out = {k: str(v) for k, v in fields.items() if k not in ("consent", "consent_ms", "epoch") and v is not None}
+    its derived fields out; it never stops the loader. The live function derives
+    ``revenue``, ``updated_ms``, ``active_hours`` and ``session_cart_value`` itself;
+    records of a release before it get them here."""
+    out = {k: str(v) for k, v in fields.items() if k not in _NOT_WRITTEN and v is not None}
     if part in (LIVE_PART, "totals"):
-        if "revenue_cents" in out:
-            out["revenue"] = format_cents(int(out["revenue_cents"]))
-        if "last_seen_ms" in out:
-            out["updated_ms"] = out["last_seen_ms"]  # event time, so a replay writes the same value
-        if "events_by_hour" in out:
-            out["active_hours"] = active_hours(out["events_by_hour"])
-        if "session_cart_value_cents" in out:
-            out["session_cart_value"] = format_cents(int(out.pop("session_cart_value_cents")))
+        _derive(out)
     return out
+
+
+_NOT_WRITTEN = frozenset(("consent", "consent_ms", "epoch", "version"))
+
+
+def _derive(out: dict) -> None:
+    if "revenue_cents" in out and "revenue" not in out:
+        out["revenue"] = format_cents(int(out["revenue_cents"]))
+    if "last_seen_ms" in out and "updated_ms" not in out:
+        out["updated_ms"] = out["last_seen_ms"]  # event time, so a replay writes the same value
+    if "events_by_hour" in out and "active_hours" not in out:
+        out["active_hours"] = active_hours(out["events_by_hour"])
+    if "session_cart_value_cents" in out:
+        out["session_cart_value"] = format_cents(int(out.pop("session_cart_value_cents")))
 
 
 def _version(fields: dict) -> int:
@@ -273,12 +282,21 @@ def _version(fields: dict) -> int:
 
 
 def live_args(user: str, fields: dict) -> list:
-    """One live change of ``user`` as ``_APPLY_LIVE`` takes it in its ARGV."""
-    mapping = profile_fields(LIVE_PART, fields)
-    mapping["version"] = str(fields.get("version") or 0)
-    gone = [name for name in live.SESSION_FIELDS if name not in mapping]
-    return [user, mapping["version"], "1" if consents(fields) else "0", max(consent_ms(fields), 0),
-            len(gone), *gone, 2 * len(mapping), *(x for kv in mapping.items() for x in kv)]
+    """One live change of ``user`` as ``_APPLY_LIVE`` takes it in its ARGV: the record's
+    fields as they come (the live function writes them as the profile shows them; redis-py
+    packs numbers itself, and no field but the consent is a boolean), but its version,
+    consent and epoch."""
+    kv = [x for name, value in fields.items() if value is not None and name not in _NOT_WRITTEN
+          for x in (name, value)]
+    if "updated_ms" in fields:
+        gone = [name for name in live.SESSION_FIELDS if fields.get(name) is None]
+    else:  # a record of a release before the live function derived them
+        mapping = profile_fields(LIVE_PART, fields)
+        kv = [x for item in mapping.items() for x in item]
+        gone = [name for name in live.SESSION_FIELDS if name not in mapping]
+    version = fields.get("version") or 0
+    return [user, version, "1" if consents(fields) else "0", max(consent_ms(fields), 0),
+            len(gone), *gone, 2 + len(kv), "version", version, *kv]
 
 
 def _dead_letter(rec, exc: Exception) -> dict:
@@ -791,8 +809,10 @@ class Materializer:
             (live_changes if part == LIVE_PART else parts).append((user, fields))
         for start in range(0, len(live_changes), CHANGES_PER_SCRIPT):
             chunk = live_changes[start:start + CHANGES_PER_SCRIPT]
-            self._apply_live(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)],
-                             args=[ttl, *(x for user, fields in chunk for x in live_args(user, fields))],
+            args = [ttl]
+            for user, fields in chunk:
+                args += live_args(user, fields)
+            self._apply_live(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args,
                              client=pipe)
             self._changes_at.append((len(pipe), [user for user, _ in chunk], True))
         for start in range(0, len(parts), CHANGES_PER_SCRIPT):

@@ -33,14 +33,14 @@ import org.apache.flink.types.Row;
                 + "revenue_cents BIGINT, first_seen_ms BIGINT, last_seen_ms BIGINT, events_by_hour STRING, "
                 + "recent_events BIGINT, recent_product_views BIGINT, recent_window_end_ms BIGINT, "
                 + "session_start_ms BIGINT, session_events BIGINT, session_product_views BIGINT, "
-                + "session_products BIGINT, session_cart STRING, session_cart_value_cents BIGINT, "
+                + "session_products BIGINT, session_cart STRING, session_cart_value STRING, "
                 + "session_last_cart_add_ms BIGINT, session_top_category STRING, session_propensity STRING, "
-                + "session STRING>"))
+                + "revenue STRING, updated_ms BIGINT, active_hours STRING, session STRING>"))
 public final class LiveProfile extends ProcessTableFunction<Row> {
     public static final String LIVE = "live";
     public static final String CLOSED = "closed";
     /** the output row's width (the columns of the hint above) */
-    static final int WIDTH = 30;
+    static final int WIDTH = 33;
 
     /** The state: the user's {@link UserState} as bytes, read and written whole per call. */
     public static final class Stored {
@@ -210,7 +210,7 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
             row.setField(23, (long) s.distinctProducts());
             String cart = s.cartJson();
             row.setField(24, cart);
-            row.setField(25, cart == null ? null : s.cartValueCents());
+            row.setField(25, cart == null ? null : Json.cents(s.cartValueCents()));
             row.setField(26, s.lastCartAddMs() >= 0 ? s.lastCartAddMs() : null);
             row.setField(27, s.topCategory());
             PropensityModel model = models == null ? null : models.model();
@@ -218,6 +218,10 @@ public final class LiveProfile extends ProcessTableFunction<Row> {
                 row.setField(28, sixDecimals(model.score(Features.propensity(s, u.history()))));
             }
         }
+        // what the profile shows derived, as text: the loader writes the row as it comes
+        row.setField(29, Json.cents(u.revenueCents()));
+        row.setField(30, u.lastSeenMs()); // the profile's updated_ms: event time, the same in a replay
+        row.setField(31, u.activeHours(3));
         return row;
     }
 

@@ -601,6 +601,29 @@ public final class UserState {
         return out.toString();
     }
 
+    /** The busiest hours of day (UTC), most events first, ties to the earlier hour, joined by commas. */
+    public String activeHours(int top) {
+        StringBuilder out = new StringBuilder();
+        boolean[] taken = new boolean[24];
+        for (int k = 0; k < top; k++) {
+            int best = -1;
+            for (int h = 0; h < 24; h++) {
+                if (!taken[h] && byHour[h] > 0 && (best < 0 || byHour[h] > byHour[best])) {
+                    best = h;
+                }
+            }
+            if (best < 0) {
+                break;
+            }
+            taken[best] = true;
+            if (k > 0) {
+                out.append(',');
+            }
+            out.append(best);
+        }
+        return out.toString();
+    }
+
     // ---------------------------------------------------------------- state bytes
 
     public byte[] toBytes() {

@@ -55,6 +55,17 @@ class UserStateTest {
     }
 
     @Test
+    void activeHoursAreTheBusiestHoursMostEventsFirstTiesToTheEarlierHour() {
+        long day = T0 - T0 % 86_400_000L;
+        long h = 3_600_000L;
+        UserState u = run(ev("page_view", day + 9 * h), ev("page_view", day + 22 * h), ev("page_view", day + 5 * h),
+                ev("page_view", day + 22 * h + 1), ev("page_view", day + 9 * h + 1), ev("page_view", day + 14 * h));
+        assertEquals("9,22,5", u.activeHours(3)); // 9 and 22 twice (9 earlier), then 5 before 14
+        assertEquals("", new UserState().activeHours(3));
+        assertEquals("9", u.activeHours(1));
+    }
+
+    @Test
     void recentCountsTheSlicesOfTheWindowEndingAtTheSliceBoundaryAfterTheNewestEvent() {
         UserState u = run(ev("product_view", T0 - 31 * 60_000L), ev("product_view", T0 - 25 * 60_000L),
                 ev("page_view", T0 - 60_000L), ev("product_view", T0 + 10));
