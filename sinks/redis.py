@@ -430,7 +430,7 @@ class Materializer:
             "heartbeat.interval.ms": 2_000,
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            "queued.max.messages.kbytes": 64 * 1024,
+            "queued.max.messages.kbytes": 16 * 1024,  # the records fetched ahead, per partition
             **credentials.librdkafka(self.settings),
         })
         try:
@@ -528,8 +528,12 @@ class Materializer:
         batch: dict[tuple[str, int], list] = {}
         count = 0
         while count < limit:
-            messages = self.consumer.consume(num_messages=min(POLL_BATCH, limit - count),
-                                             timeout=wait_s if not count else 0.05)
+            # what is fetched already, at once (consume() with a timeout waits all of it unless
+            # the batch fills), else wait for the first record: a follower applies what came
+            messages = self.consumer.consume(num_messages=min(POLL_BATCH, limit - count), timeout=0)
+            if not messages and not (count and ends is None):
+                first = self.consumer.poll(wait_s if not count else 0.05)
+                messages = [first] if first is not None else []
             if self._revoked:
                 return None
             for message in messages:
@@ -542,9 +546,9 @@ class Materializer:
                     continue
                 batch.setdefault((message.topic(), message.partition()), []).append(message)
                 count += 1
-            if not messages or ends is None:
+            if not messages:
                 break
-            if self.assigned and all(tp.offset >= ends.get((tp.topic, tp.partition), 0)
+            if ends is not None and self.assigned and all(tp.offset >= ends.get((tp.topic, tp.partition), 0)
                                      for tp in self.consumer.position(self.assigned)):
                 break
         positions = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.position(self.assigned)
