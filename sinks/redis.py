@@ -362,7 +362,7 @@ class LoadStats:
     erased_entries: int = 0  # trigger stream entries deleted by erasures
 
 
-DRAIN_BATCH = 50_000  # records a drain applies in one Redis transaction
+DRAIN_BATCH = 20_000  # records a drain applies in one Redis transaction
 FOLLOW_BATCH = 20_000  # records a following loader applies at most in one transaction
 POLL_BATCH = 5_000  # messages one consume() call returns at most
 FENCED_TRIES = 3  # transactions in a row refused for another loader's owner token before giving up
