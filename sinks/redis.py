@@ -57,20 +57,16 @@ session writes nothing stale once another was given its partitions.
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
-import concurrent.futures
-import functools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 import redis as redis_lib
 
 from personalize import credentials, logs
 from personalize.errors import ServiceUnavailable
-from personalize.settings import Settings
+from personalize.settings import Settings, project_root
 from operators import live
 from operators.triggers import format_cents
 
@@ -102,11 +98,9 @@ CHANGES_PER_SCRIPT = 500  # profile changes one script call applies
 # compared by length, then as text, since Lua's numbers are doubles), and its consent flag
 # from after any withdrawal marked. A withdrawal marks the user (the newest event time it
 # is from) and deletes the profile; consent given again clears the mark.
-# A change of state begun before the user's newest erasure (its epoch older) writes nothing.
-# KEYS[1]: the no-consent marks, KEYS[2]: the erasure marks, KEYS[3..]: the changes'
-# profiles; ARGV[1]: ttl ms (0: none), then per change: user, epoch, version, consent
-# ('1'/'0'), consent_ms, n, the n fields to delete (the session in progress's, when none is
-# open), m, then m values field, value, ...
+# KEYS[1]: the no-consent marks, KEYS[2..]: the changes' profiles; ARGV[1]: ttl ms (0:
+# none), then per change: user, version, consent ('1'/'0'), consent_ms, n, the n fields to
+# delete (the session in progress's, when none is open), m, then m values field, value, ...
 # Reply per change: 1 written, -1 deleted (consent withdrawn), 0 not newer (skipped), or
 # the error Redis gave it (say WRONGTYPE: another writer's key), the others applied all the same
 _APPLY_LIVE = """
@@ -115,9 +109,7 @@ local function newer(a, b)
   return a > b
 end
 local ttl = tonumber(ARGV[1])
-local function apply(key, user, epoch, version, consent, at_s, n, gone, m, kv)
-  local erased = redis.call('HGET', KEYS[2], user)
-  if erased and tonumber(epoch) < tonumber(erased) then return 0 end
+local function apply(key, user, version, consent, at_s, n, gone, m, kv)
   local stored = redis.call('HGET', key, 'version')
   if stored and not newer(version, stored) then return 0 end
   local at = tonumber(at_s)
@@ -136,32 +128,27 @@ local function apply(key, user, epoch, version, consent, at_s, n, gone, m, kv)
   return 1
 end
 local out, i = {}, 2
-for k = 3, #KEYS do
-  local n = tonumber(ARGV[i + 5])
-  local gone = i + 6
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[i + 4])
+  local gone = i + 5
   local m = tonumber(ARGV[gone + n])
   local kv = gone + n + 1
-  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], n, gone,
-                           m, kv)
+  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], n, gone, m, kv)
   if not ok then result = type(result) == 'table' and result.err or tostring(result) end
   out[#out + 1] = result
   i = kv + m
 end
 return out
-"""
-# write the models step's profile part (operators/actions.py: the session fields, the
+"""# write the models step's profile part (operators/actions.py: the session fields, the
 # propensity and the segment at a session's close), but none from before the user's consent
 # was withdrawn: a part of a marked user is written only when it consents at a later event
 # time (consent given again; the live change that clears the mark may come later).
-# A part of state begun before the user's newest erasure writes nothing. KEYS[1]: the
-# no-consent marks, KEYS[2]: the erasure marks, KEYS[3..]: the profiles; ARGV[1]: ttl ms,
-# then per part: user, epoch, consent ('1'/'0'), consent_ms, m, then m values field, value, ...
+# KEYS[1]: the no-consent marks, KEYS[2..]: the profiles; ARGV[1]: ttl ms, then per part:
+# user, consent ('1'/'0'), consent_ms, m, then m values field, value, ...
 # Reply per part: 1 written, 0 from before a withdrawal (skipped), or the error Redis gave it
 _APPLY_PARTS = """
 local ttl = tonumber(ARGV[1])
-local function apply(key, user, epoch, consent, at, m, kv)
-  local erased = redis.call('HGET', KEYS[2], user)
-  if erased and tonumber(epoch) < tonumber(erased) then return 0 end
+local function apply(key, user, consent, at, m, kv)
   local mark = redis.call('HGET', KEYS[1], user)
   if mark == '1' then mark = '9223372036854775807' end
   if mark and (consent == '0' or tonumber(mark) >= at) then return 0 end
@@ -170,23 +157,20 @@ local function apply(key, user, epoch, consent, at, m, kv)
   return 1
 end
 local out, i = {}, 2
-for k = 3, #KEYS do
-  local m = tonumber(ARGV[i + 4])
-  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), m, i + 5)
+for k = 2, #KEYS do
+  local m = tonumber(ARGV[i + 3])
+  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), m, i + 4)
   if not ok then result = type(result) == 'table' and result.err or tostring(result) end
   out[#out + 1] = result
-  i = i + 5 + m
+  i = i + 4 + m
 end
 return out
 """
-# add a stream entry only for a trigger id never seen, and index it under its user; none for
-# a session that ended by the user's newest erasure (KEYS: stream, id set, the user's index,
-# the erasure marks; ARGV: id, user, session end ms, field, value, ...)
+# add a stream entry only for a trigger id never seen, and index it under its user
+# (KEYS: stream, id set, the user's index; ARGV: id, field, value, ...)
 _ADD_ONCE = """
-local erased = redis.call('HGET', KEYS[4], ARGV[2])
-if erased and tonumber(ARGV[3]) <= tonumber(erased) then return 0 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  local entry = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+  local entry = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
   redis.call('HSET', KEYS[3], entry, ARGV[1])
   return 1
 end
@@ -311,7 +295,7 @@ def live_args(user: str, fields: dict) -> list:
         kv = [x for item in mapping.items() for x in item]
         gone = [name for name in live.SESSION_FIELDS if name not in mapping]
     version = fields.get("version") or 0
-    return [user, epoch(fields), version, "1" if consents(fields) else "0", max(consent_ms(fields), 0),
+    return [user, version, "1" if consents(fields) else "0", max(consent_ms(fields), 0),
             len(gone), *gone, 2 + len(kv), "version", version, *kv]
 
 
@@ -377,17 +361,6 @@ class LoadStats:
     erasures: int = 0
     erased_entries: int = 0  # trigger stream entries deleted by erasures
 
-    COUNTS = ("records", "profile_writes", "profiles_deleted", "trending_rows", "triggers", "stream_added",
-              "dead_letters", "erasures", "erased_entries")
-
-    @staticmethod
-    def then(before: LoadStats, after: LoadStats) -> LoadStats:
-        """The stats of two batches applied in order (the later one's writes and deletes win)."""
-        total = LoadStats(**{name: getattr(before, name) + getattr(after, name) for name in LoadStats.COUNTS})
-        total.users = (before.users - after.deleted) | after.users
-        total.deleted = (before.deleted - after.users) | after.deleted
-        return total
-
 
 DRAIN_BATCH = 20_000  # records a drain applies in one Redis transaction
 FOLLOW_BATCH = 20_000  # records a following loader applies at most in one transaction
@@ -425,8 +398,6 @@ class Materializer:
         self.owner = ""  # "token holder": what this loader wrote on its partitions at its assignment
         self.assigned: list = []  # the partitions (confluent_kafka.TopicPartition) the group gave it
         self.consumer = None
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None  # applies batches, in order
-        self._inflight: concurrent.futures.Future | None = None
         self._written: dict[tuple[str, int], int] = {}  # offsets this loader wrote last
         self._revoked = False
         self._fences = 0
@@ -473,40 +444,23 @@ class Materializer:
         consumer.subscribe(self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_revoke)
         self.consumer = consumer
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
         return consumer
 
     def _close(self) -> None:
-        try:
-            if self._inflight is not None:  # a failure ending the run: the last write still lands or not
-                concurrent.futures.wait([self._inflight])
-                self._inflight = None
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
-            if self.consumer is not None:
-                try:
-                    self.consumer.close()  # leaves the group: the others take its partitions at once
-                finally:
-                    self.consumer = None
-                    self.assigned = []
-
-    def _wait_inflight(self) -> None:
-        """Let the write in flight end (its outcome is taken by the next ``_settle``): a
-        rebalance reads the offsets from Redis, after it."""
-        if self._inflight is not None:
-            concurrent.futures.wait([self._inflight])
+        if self.consumer is not None:
+            try:
+                self.consumer.close()  # leaves the group: the others take its partitions at once
+            finally:
+                self.consumer = None
+                self.assigned = []
 
     def _on_assign(self, consumer, partitions) -> None:
-        self._wait_inflight()
         self._retrying(lambda: self._own(partitions))
         consumer.assign(partitions)
         self.assigned = list(partitions)
         log.info("Redis loader assigned", group=self.group, partitions=len(partitions))
 
     def _on_revoke(self, consumer, partitions) -> None:
-        self._wait_inflight()
         self.assigned = []  # eager rebalancing: all of them; what was gathered is dropped
         self._revoked = True
 
@@ -640,10 +594,7 @@ class Materializer:
             while not stop():
                 gathered = self._gather(FOLLOW_BATCH, wait_s=0.1)
                 if gathered is not None:
-                    self._submit(*gathered)  # read the next batch while the writer applies this one
-                    if not gathered[0]:
-                        self._settle()
-            self._settle()
+                    self._apply_or_wait(*gathered)
             if drain_after:
                 self._drain(time.monotonic() + timeout_s, timeout_s)
         finally:
@@ -665,75 +616,44 @@ class Materializer:
                                          f"({len(behind)} partitions behind, e.g. {behind[0][0]}:{behind[0][1]})")
             gathered = self._gather(DRAIN_BATCH, ends=ends)
             if gathered is not None:
-                self._submit(*gathered)  # read the next batch while the writer applies this one
-                if not gathered[0]:
-                    self._settle()  # nothing more read: the offsets of what was are written
+                self._apply_or_wait(*gathered)
 
     def _apply_or_wait(self, batch: dict, positions: dict) -> None:
-        """Apply a batch and wait for it (``_submit`` then ``_settle``)."""
-        self._submit(batch, positions)
-        self._settle()
-
-    def _submit(self, batch: dict, positions: dict) -> None:
-        """Read a batch into its Redis commands here, while the writer thread applies the one
-        before; then hand it to the writer. The one before is settled first: when it failed,
-        this one (records after it) is dropped, and the partitions are read again from the
-        offsets Redis holds."""
+        """Apply a batch. When Redis does not answer, wait (``_retrying``) and go on from the
+        offsets Redis holds, not from memory: a Redis that restarted without its newest
+        writes gets them again. A batch refused for another loader's token is dropped."""
         if not batch and not any(positions.get(k) != self._written.get(k) for k in positions):
             return
-        if any(topic == self.settings.topic_trending for topic, _ in batch):
-            self._settle()  # trending rows compare with the window ends the write before leaves
-        prepared = self._prepare(batch, positions)
-        if not self._settle():
-            return
-        self._inflight = self._writer.submit(self._execute, prepared)
-
-    def _settle(self) -> bool:
-        """Wait for the write in flight and take its outcome: its stats and offsets, or, when
-        Redis did not answer or another loader's token refused it, the partitions positioned
-        again at the offsets Redis holds (a Redis that restarted without its newest writes
-        gets them again; the records read since are read again). False in that case."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is None:
-            return True
-        try:
-            delta, positions = inflight.result()
-        except (_Fenced, redis_lib.WatchError) as exc:
-            holder = exc.args[0] if isinstance(exc, _Fenced) else "unknown"
-            self._fences += 1
-            if self._fences >= FENCED_TRIES:
-                raise LoaderFenced(
-                    f"another Redis loader ({holder}) took this loader's partitions and the "
-                    f"Kafka group {self.group!r} did not give them back: two loaders outside one group "
-                    "write this Redis database (set the same PERSONALIZE_LOADER_GROUP)") from None
-            log.warning("another Redis loader owns this loader's partitions now; the batch is dropped",
-                        holder=holder)
-            self._retrying(self._reposition)
-            return False
-        except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.BusyLoadingError):
-            self._retrying(self._reposition)  # waits for Redis, then reads its offsets
-            return False
-        self._fences = 0
-        self.stats = LoadStats.then(self.stats, delta)
-        self._written.update(positions)
-        if positions and self.consumer is not None:  # the group's offsets too, for lag monitoring
-            from confluent_kafka import TopicPartition
-
+        counted = replace(self.stats, users=set(self.stats.users), deleted=set(self.stats.deleted))
+        while True:
             try:
-                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
-                                     asynchronous=True)
-            except Exception as exc:  # noqa: BLE001 - monitoring only (e.g. in a rebalance)
-                log.debug("loader offsets not committed to Kafka", error=str(exc))
-        return True
+                self._apply(batch, positions)
+                self._fences = 0
+                return
+            except redis_lib.WatchError:  # another loader applied an erasure meanwhile: again
+                self.stats = replace(counted, users=set(counted.users), deleted=set(counted.deleted))
+            except _Fenced as fenced:
+                self.stats = counted
+                self._fences += 1
+                if self._fences >= FENCED_TRIES:
+                    raise LoaderFenced(
+                        f"another Redis loader ({fenced.args[0]}) took this loader's partitions and the "
+                        f"Kafka group {self.group!r} did not give them back: two loaders outside one group "
+                        "write this Redis database (set the same PERSONALIZE_LOADER_GROUP)") from None
+                log.warning("another Redis loader owns this loader's partitions now; the batch is dropped",
+                            holder=fenced.args[0])
+                self._retrying(self._reposition)
+                return
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError, redis_lib.BusyLoadingError):
+                self.stats = counted
+                self._retrying(self._reposition)  # waits for Redis, then reads its offsets
+                return
 
     # -- applying a batch ------------------------------------------------------------------
-    def _prepare(self, batch: dict, positions: dict) -> dict:
-        """A batch read into what its transaction writes (no Redis call): the commands in
-        order, each queued by one call on a pipeline, and what their replies count."""
+    def _apply(self, batch: dict, positions: dict) -> None:
         import schemas
 
         topics = self.settings
-        stats = LoadStats()
         latest: dict[tuple[str, str], dict | None] = {}
         trending: list[dict] = []
         triggers: list[dict] = []
@@ -741,7 +661,7 @@ class Materializer:
         unreadable: list[dict] = []
         erasures: dict[str, int] = {}
         for (topic, _), records in batch.items():
-            stats.records += len(records)
+            self.stats.records += len(records)
             if topic == topics.topic_profile_live or topic == topics.topic_profile_updates:
                 is_live = topic == topics.topic_profile_live
                 for rec in records:
@@ -789,83 +709,93 @@ class Materializer:
                         unreadable.append(_dead_letter(rec, exc))
             elif topic == topics.topic_model_snapshots and records:
                 snapshot = records[-1].value()  # one partition: the last is the newest
-        prepared: dict = {"stats": stats, "positions": positions, "commands": [], "erased_at": [],
-                          "changes_at": [], "added_at": []}
-        commands = prepared["commands"]
-        # erasures first: the scripts after them skip what an erasure (in this batch or
-        # before, by any loader) superseded, checking the marks inside Redis
-        for user, at in erasures.items():
-            prepared["erased_at"].append((len(commands), user))
-            commands.append(functools.partial(
-                self._erase, keys=[ERASED_KEY, PROFILE_PREFIX + user, TRIGGERS_BY_USER + user, TRIGGER_STREAM,
-                                   TRIGGER_IDS, NO_CONSENT_KEY], args=[user, at]))
-        for letter in unreadable:
-            log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
-            commands.append(functools.partial(_xadd, DEAD_LETTERS_KEY, letter))
-        stats.dead_letters += len(unreadable)
-        self._profiles(prepared, latest.items())
-        self._trending(prepared, trending)
-        self._triggers(prepared, triggers)
-        if snapshot is not None:
-            commands.append(functools.partial(_set, MODELS_KEY, snapshot))
-        if positions:
-            commands.append(functools.partial(_hset, self.offsets_key,
-                                              {f"{t}:{p}": o for (t, p), o in positions.items()}))
-        return prepared
-
-    def _execute(self, prepared: dict) -> tuple[LoadStats, dict]:
-        """The writer thread: one MULTI/EXEC transaction, while this loader's owner tokens
-        still stand on the batch's partitions (WATCHed: EXEC fails if another loader took
-        one meanwhile). Returns the batch's stats and offsets."""
-        positions = prepared["positions"]
-        stats = prepared["stats"]
-        owners = [f"{OWNER_PREFIX}{t}:{p}" for t, p in positions]
         with self.redis.pipeline(transaction=True) as pipe:  # reset (UNWATCH) however it ends
-            if owners:
-                pipe.watch(*owners)
-                for value in pipe.mget(owners):
-                    if value is None or value.decode() != self.owner:
-                        raise _Fenced(value.decode().split(" ", 1)[-1] if value else "none")
-            pipe.multi()
-            for command in prepared["commands"]:
-                command(client=pipe)
-            # a command Redis refuses (say a profile key some other writer made a string) is
-            # kept as a dead letter; the rest of the batch and its offsets stand
-            replies = pipe.execute(raise_on_error=False)
+            self._write(pipe, positions, latest, trending, triggers, snapshot, unreadable, erasures)
+        self._written.update(positions)
+        if positions:  # the group's offsets too, for lag monitoring (Redis's are the ones read)
+            from confluent_kafka import TopicPartition
+
+            try:
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
+                                     asynchronous=True)
+            except Exception as exc:  # noqa: BLE001 - monitoring only (e.g. in a rebalance)
+                log.debug("loader offsets not committed to Kafka", error=str(exc))
+
+    def _write(self, pipe, positions, latest, trending, triggers, snapshot, unreadable, erasures) -> None:
+        # the owner tokens and the erasure marks are WATCHed: EXEC fails if another loader
+        # took a partition (or applied an erasure) meanwhile
+        owners = [f"{OWNER_PREFIX}{t}:{p}" for t, p in positions]
+        pipe.watch(*owners, ERASED_KEY)
+        if owners:
+            for key, value in zip(owners, pipe.mget(owners)):
+                if value is None or value.decode() != self.owner:
+                    raise _Fenced(value.decode().split(" ", 1)[-1] if value else "none")
+        # (read only when some user was ever forgotten: most batches pay one HLEN)
+        users = sorted({user for user, _ in latest} | {t["user_id"] for t in triggers})
+        marks = pipe.hmget(ERASED_KEY, users) if users and pipe.hlen(ERASED_KEY) else ()
+        self._erased = {user: int(at) for user, at in zip(users, marks) if at is not None}
+        for user, at in erasures.items():
+            self._erased[user] = max(self._erased.get(user, 0), at)
+        pipe.multi()
+        self._erasures(pipe, erasures)
+        for letter in unreadable:
+            pipe.xadd(DEAD_LETTERS_KEY, letter, maxlen=DEAD_LETTERS_KEPT, approximate=True)
+            log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
+        self.stats.dead_letters += len(unreadable)
+        self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
+        self._changes_at: list[tuple[int, list[str], bool]] = []  # profile scripts: position, users, live
+        self._profiles(pipe, latest.items())
+        self._trending(pipe, trending)
+        self._triggers(pipe, triggers)
+        if snapshot is not None:
+            pipe.set(MODELS_KEY, snapshot)
+        if positions:
+            pipe.hset(self.offsets_key, mapping={f"{t}:{p}": o for (t, p), o in positions.items()})
+        # a command Redis refuses (say a profile key some other writer made a string) is
+        # kept as a dead letter; the rest of the batch and its offsets stand
+        replies = pipe.execute(raise_on_error=False)
         refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
-        self._count_changes(stats, prepared["changes_at"], replies)
+        self._count_changes(replies)
         if refused:
             for error in refused:
                 log.warning("Redis refused a loader write", error=str(error))
                 self.redis.xadd(DEAD_LETTERS_KEY, {"reason": f"Redis refused a write: {error}"[:1000]},
                                 maxlen=DEAD_LETTERS_KEPT, approximate=True)
-            stats.dead_letters += len(refused)
-        stats.stream_added += sum(replies[i] for i in prepared["added_at"] if isinstance(replies[i], int))
-        for at, user in prepared["erased_at"]:
-            reply = replies[at]
+            self.stats.dead_letters += len(refused)
+        self.stats.stream_added += sum(replies[i - 1] for i in self._added_at if isinstance(replies[i - 1], int))
+        for at, user in self._erased_at:
+            reply = replies[at - 1]
             profiles, entries = reply if isinstance(reply, list) else (0, 0)
-            stats.erasures += 1
-            stats.erased_entries += entries
-            stats.users.discard(user)
-            stats.deleted.add(user)
+            self.stats.erasures += 1
+            self.stats.erased_entries += entries
+            self.stats.users.discard(user)
+            self.stats.deleted.add(user)
             log.info("erasure applied", user=user_digest(user), profiles_deleted=profiles, trigger_entries_deleted=entries)
-        return stats, positions
 
-    def _triggers(self, prepared: dict, records: list[dict]) -> None:
+    def _erasures(self, pipe, erasures: dict[str, int]) -> None:
+        """Forget each user in one script (``_ERASE``), before this batch's writes."""
+        self._erased_at: list[tuple[int, str]] = []
+        for user, at in erasures.items():
+            self._erase(keys=[ERASED_KEY, PROFILE_PREFIX + user, TRIGGERS_BY_USER + user, TRIGGER_STREAM,
+                              TRIGGER_IDS, NO_CONSENT_KEY], args=[user, at], client=pipe)
+            self._erased_at.append((len(pipe), user))
+
+    def _triggers(self, pipe, records: list[dict]) -> None:
         from operators.triggers import as_json
 
         for record in records:
+            erased = self._erased.get(record["user_id"])
+            if erased is not None and record["session_end_ms"] <= erased:
+                continue  # a session of before the user's erasure
             entry = as_json(record)
             entry["cart"] = orjson.dumps(entry["cart"]).decode()
             flat = [str(x) for k, v in entry.items() if v is not None for x in (k, v)]
-            user = record["user_id"]
-            prepared["added_at"].append(len(prepared["commands"]))
-            prepared["commands"].append(functools.partial(
-                self._add_once, keys=[TRIGGER_STREAM, TRIGGER_IDS, TRIGGERS_BY_USER + user, ERASED_KEY],
-                args=[entry["trigger_id"], user, record["session_end_ms"], *flat]))
-            prepared["stats"].triggers += 1
+            self._add_once(keys=[TRIGGER_STREAM, TRIGGER_IDS, TRIGGERS_BY_USER + record["user_id"]],
+                           args=[entry["trigger_id"], *flat], client=pipe)
+            self.stats.triggers += 1
+            self._added_at.append(len(pipe))
 
-    def _profiles(self, prepared: dict, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
+    def _profiles(self, pipe, updates: Iterable[tuple[tuple[str, str], dict | None]]) -> None:
         """Write profile changes, none of state begun before the user's newest erasure.
 
         The live changes (operators/live.py) carry the flag of the user's latest event and
@@ -874,61 +804,58 @@ class Materializer:
         that time when the flag is false, and clears the mark when a later event gives
         consent again. The models step's part is written by ``_APPLY_PARTS`` after them, in
         the same transaction, unless a mark says consent was withdrawn after it. Both check
-        the marks (and the erasures) inside Redis: nothing between a read and a write to
-        race with."""
+        the marks inside Redis: nothing between a read and a write to race with."""
         ttl = self.settings.state_ttl_ms
-        commands = prepared["commands"]
         live_changes, parts = [], []
         for (user, part), fields in updates:
-            if fields is not None:
-                (live_changes if part == LIVE_PART else parts).append((user, fields))
-        marks = [NO_CONSENT_KEY, ERASED_KEY]
+            if fields is None or epoch(fields) < self._erased.get(user, 0):
+                continue
+            (live_changes if part == LIVE_PART else parts).append((user, fields))
         for start in range(0, len(live_changes), CHANGES_PER_SCRIPT):
             chunk = live_changes[start:start + CHANGES_PER_SCRIPT]
             args = [ttl]
             for user, fields in chunk:
                 args += live_args(user, fields)
-            prepared["changes_at"].append((len(commands), [user for user, _ in chunk]))
-            commands.append(functools.partial(
-                self._apply_live, keys=[*marks, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args))
+            self._apply_live(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args,
+                             client=pipe)
+            self._changes_at.append((len(pipe), [user for user, _ in chunk], True))
         for start in range(0, len(parts), CHANGES_PER_SCRIPT):
             chunk = parts[start:start + CHANGES_PER_SCRIPT]
-            args = [ttl]
+            args: list = [ttl]
             for user, fields in chunk:
                 mapping = profile_fields(PROFILE_PART, fields)
-                args += [user, epoch(fields), "1" if consents(fields) else "0", max(consent_ms(fields), 0),
-                         2 * len(mapping), *(x for kv in mapping.items() for x in kv)]
-            prepared["changes_at"].append((len(commands), [user for user, _ in chunk]))
-            commands.append(functools.partial(
-                self._apply_parts, keys=[*marks, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args))
+                args += [user, "1" if consents(fields) else "0", max(consent_ms(fields), 0), 2 * len(mapping),
+                         *(x for kv in mapping.items() for x in kv)]
+            self._apply_parts(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args,
+                              client=pipe)
+            self._changes_at.append((len(pipe), [user for user, _ in chunk], False))
 
-    def _count_changes(self, stats: LoadStats, changes_at: list, replies) -> None:
-        """The stats of a batch's profile changes, from their scripts' replies (a change
+    def _count_changes(self, replies) -> None:
+        """The stats of this batch's profile changes, from their scripts' replies (a change
         Redis refused is a dead letter with Redis's reason)."""
-        for at, users in changes_at:
-            reply = replies[at]
+        for at, users, is_live in self._changes_at:
+            reply = replies[at - 1]
             if not isinstance(reply, list):
                 continue  # the whole script refused: counted with the refused commands
             for user, result in zip(users, reply):
                 if result == 1:
-                    stats.profile_writes += 1
-                    stats.users.add(user)
-                    stats.deleted.discard(user)
+                    self.stats.profile_writes += 1
+                    self.stats.users.add(user)
+                    self.stats.deleted.discard(user)
                 elif result == -1:
-                    stats.profiles_deleted += 1
-                    stats.users.discard(user)
-                    stats.deleted.add(user)
+                    self.stats.profiles_deleted += 1
+                    self.stats.users.discard(user)
+                    self.stats.deleted.add(user)
                 elif isinstance(result, bytes):  # Redis refused this change (e.g. WRONGTYPE)
                     reason = f"Redis refused a write: {result.decode(errors='replace')}"[:1000]
                     log.warning("Redis refused a loader write", user=user_digest(user), error=reason)
                     self.redis.xadd(DEAD_LETTERS_KEY, {"reason": reason}, maxlen=DEAD_LETTERS_KEPT, approximate=True)
-                    stats.dead_letters += 1
+                    self.stats.dead_letters += 1
 
-    def _trending(self, prepared: dict, rows: list[dict]) -> None:
+    def _trending(self, pipe, rows: list[dict]) -> None:
         if not rows:
             return
-        prepared["stats"].trending_rows += len(rows)
-        commands = prepared["commands"]
+        self.stats.trending_rows += len(rows)
         newest: dict[str, int] = {}
         for row in rows:
             newest[row["category"]] = max(newest.get(row["category"], 0), row["window_end_ms"])
@@ -939,29 +866,9 @@ class Materializer:
                 continue
             key = TRENDING_PREFIX + (category or "(none)")
             if window_end > known:
-                commands.append(functools.partial(_delete, key))
-                commands.append(functools.partial(_hset, TRENDING_WINDOWS, {category: window_end}))
+                pipe.delete(key)
+                pipe.hset(TRENDING_WINDOWS, category, window_end)
             members = {r["product_id"]: r["views"] for r in rows
                        if r["category"] == category and r["window_end_ms"] == window_end}
             if members:
-                commands.append(functools.partial(_zadd, key, members))
-
-
-def _xadd(key: str, fields: dict, client) -> None:
-    client.xadd(key, fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)
-
-
-def _set(key: str, value, client) -> None:
-    client.set(key, value)
-
-
-def _hset(key: str, mapping: dict, client) -> None:
-    client.hset(key, mapping=mapping)
-
-
-def _delete(key: str, client) -> None:
-    client.delete(key)
-
-
-def _zadd(key: str, members: dict, client) -> None:
-    client.zadd(key, members)
+                pipe.zadd(key, members)
