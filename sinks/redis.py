@@ -139,7 +139,8 @@ for k = 2, #KEYS do
   i = kv + m
 end
 return out
-"""# write the models step's profile part (operators/actions.py: the session fields, the
+"""
+# write the models step's profile part (operators/actions.py: the session fields, the
 # propensity and the segment at a session's close), but none from before the user's consent
 # was withdrawn: a part of a marked user is written only when it consents at a later event
 # time (consent given again; the live change that clears the mark may come later).
