@@ -118,7 +118,17 @@ def _triggers(args: argparse.Namespace, settings: Settings) -> int:
 
     codec = schemas.codec("trigger")
     topic = settings.topic_triggers
-    records = kafkaio.follow(settings, topic) if args.follow else kafkaio.read_to_end(settings, topic)
+    if args.follow:
+        import signal
+        import threading
+
+        # Ctrl-C ends the follow between two polls: a KeyboardInterrupt raised inside the Kafka
+        # client can leave a lock of it held, and its close() then hangs
+        stopped = threading.Event()
+        signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())
+        records = kafkaio.follow(settings, topic, stop=stopped.is_set)
+    else:
+        records = kafkaio.read_to_end(settings, topic)
     shown = 0
     try:
         for rec in records:

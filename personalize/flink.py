@@ -149,13 +149,16 @@ def restore_refused(exc: BaseException) -> str | None:
 def find_rest_port(first: int, job_id: str) -> int | None:
     """The port in ``first``'s range (see ``environments``) where the embedded Flink's REST
     API knows the job; None when none does (yet)."""
+    import http.client
     import urllib.request
 
     for port in range(first, first + REST_PORT_SPAN):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/jobs/{job_id}", timeout=0.5):
                 return port
-        except (OSError, ValueError):
+        # (a port nobody listens on can connect to itself, TCP's simultaneous open, and read
+        # back the request as a status line: http.client.BadStatusLine)
+        except (OSError, ValueError, http.client.HTTPException):
             continue
     return None
 
@@ -163,6 +166,7 @@ def find_rest_port(first: int, job_id: str) -> int | None:
 def records_read(rest_port: int, job_id: str, timeout_s: float = 2.0) -> int | None:
     """Records the job's Kafka source has emitted so far (its operator's ``numRecordsOut``
     summed over subtasks, from the embedded Flink's REST API); None when not known yet."""
+    import http.client
     import json
     import urllib.request
 
@@ -181,6 +185,6 @@ def records_read(rest_port: int, job_id: str, timeout_s: float = 2.0) -> int | N
                 name = sorted(names)[0]
                 values = get(f"{base}/subtasks/metrics?get={name}&agg=sum")
                 return int(float(values[0]["sum"])) if values else None
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
+    except (OSError, ValueError, KeyError, IndexError, http.client.HTTPException):
+        return None  # not known now (a progress line fewer), never a job failure
     return None

@@ -37,3 +37,31 @@ def test_the_rest_port_is_found_where_flink_bound_it_in_the_range():
         assert find_rest_port(first, "other-job") is None  # another Flink's endpoint is not ours
     finally:
         server.shutdown()
+
+
+def test_a_port_that_reads_back_its_own_request_is_not_known_and_no_job_failure():
+    """A connection to a port nobody listens on can connect to itself (TCP's simultaneous
+    open) and read back its own request line as the reply: http.client's BadStatusLine. The
+    progress poll then knows nothing (None), as for any other port without Flink; it once
+    ended a bounded run as "the Flink job failed: GET /jobs/... HTTP/1.1"."""
+    import socket
+
+    from personalize.flink import records_read
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+
+    def echo() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            conn.sendall(conn.recv(65536))  # the request line comes back as the status line
+            conn.close()
+
+    threading.Thread(target=echo, daemon=True).start()
+    try:
+        assert records_read(port, "abc") is None
+        assert find_rest_port(port, "abc") != port
+    finally:
+        listener.close()
