@@ -287,9 +287,9 @@ def live_args(user: str, fields: dict) -> list:
     fields as they come (the live function writes them as the profile shows them; redis-py
     packs numbers itself, and no field but the consent is a boolean), but its version,
     consent and epoch."""
-    kv = [x for name, value in fields.items() if value is not None and name not in _NOT_WRITTEN
-          for x in (name, value)]
     if "updated_ms" in fields:
+        kv = [x for name, value in fields.items() if value is not None and name not in _NOT_WRITTEN
+              for x in (name, value)]
         gone = [name for name in live.SESSION_FIELDS if fields.get(name) is None]
     else:  # a record of a release before the live function derived them
         mapping = profile_fields(LIVE_PART, fields)
