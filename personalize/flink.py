@@ -23,10 +23,14 @@ def log_dir(settings: Settings):
 # JVM options of the embedded Flink (the PyFlink gateway JVM), measured on the benchmark
 # (885,427 events, p1): G1 (the default) 62 s, Parallel GC 56 s, plus fewer C2
 # compilations (the planner's generated code kept two cores' worth of C2 threads busy
-# for ~20 s) 54 s; C1 only 69 s. The heap's maximum is PERSONALIZE_JVM_HEAP. JVM_ARGS,
-# when set, replaces them all.
+# for ~20 s) 54 s; C1 only 69 s. Smaller C2 inlining limits (2026-12-07, make bench,
+# 1,001,020 events, alternating): 41.9/41.7/38.7 s -> 34.7/36.3/36.1/36.0 s, the JIT's
+# CPU 17 -> 10-11 core-s (C2 compiled thousands of methods, none of them dominant; its
+# cost grows with what it inlines). The heap's maximum is PERSONALIZE_JVM_HEAP.
+# JVM_ARGS, when set, replaces them all.
 EMBEDDED_JVM_ARGS = ("-XX:+UseParallelGC -XX:CICompilerCount=2 "
-                     "-XX:Tier4InvocationThreshold=50000 -XX:Tier4CompileThreshold=60000")
+                     "-XX:Tier4InvocationThreshold=50000 -XX:Tier4CompileThreshold=60000 "
+                     "-XX:InlineSmallCode=1000 -XX:MaxInlineSize=20 -XX:FreqInlineSize=150")
 
 
 REST_PORT_SPAN = 20
