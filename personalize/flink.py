@@ -33,6 +33,12 @@ EMBEDDED_JVM_ARGS = ("-XX:+UseParallelGC -XX:CICompilerCount=2 "
                      "-XX:InlineSmallCode=1000 -XX:MaxInlineSize=20 -XX:FreqInlineSize=150")
 
 
+def jvm_args(settings: Settings) -> str:
+    """The embedded JVM's options: the project's, the heap, then PERSONALIZE_JVM_OPTIONS (the
+    JVM takes the last of two values of one option, so the setting's win)."""
+    return f"{EMBEDDED_JVM_ARGS} -Xmx{settings.jvm_heap} {settings.jvm_options}".strip()
+
+
 REST_PORT_SPAN = 20
 
 
@@ -63,7 +69,7 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     # the embedded Flink's log goes to the stack folder, not into site-packages
     log_dir(settings).mkdir(parents=True, exist_ok=True)
     os.environ["FLINK_LOG_DIR"] = str(log_dir(settings))
-    os.environ.setdefault("JVM_ARGS", f"{EMBEDDED_JVM_ARGS} -Xmx{settings.jvm_heap}")
+    os.environ.setdefault("JVM_ARGS", jvm_args(settings))
 
     config = Configuration()
     config.set_string("pipeline.jars", ";".join(j.resolve().as_uri() for j in connector_jars))

@@ -143,8 +143,13 @@ class Settings:
     state_backend: str = "hashmap"
     # the embedded Flink's JVM heap (-Xmx): what the job's state and its working set need,
     # not Java's default of a quarter of the machine (docs/benchmarks.md: 100,000 users run
-    # in 1g with a JVM RSS of 1.4 GB; 1,000,000 users need more than 3g: GC took 37 % there)
+    # in 1g with a JVM RSS of 1.4 GB; 1,000,000 users need 8g: GC took 37 % of the JVM's CPU in 3g)
     jvm_heap: str = "1g"
+    # more options for the embedded Flink's JVM, after the project's own and the heap's; for
+    # 1,000,000 users with an 8g heap "-Xms8g -XX:MaxTenuringThreshold=2" took GC from 18 to
+    # 12 % of the JVM's CPU (docs/benchmarks.md; at 100,000 users -Xms1g would take the
+    # product's RSS over 2 GiB)
+    jvm_options: str = ""
     # bounded runs commit at the end; a checkpoint in between only costs time (and
     # must come before the sink's 10 min transaction timeout)
     bounded_checkpoint_interval_ms: int = 300_000
@@ -199,6 +204,9 @@ class Settings:
             raise ConfigError(f"PERSONALIZE_WATERMARK_EMIT must be 'on-periodic' or 'on-event', got {self.watermark_emit!r}")
         if self.log_format not in ("console", "json"):
             raise ConfigError(f"PERSONALIZE_LOG_FORMAT must be 'console' or 'json', got {self.log_format!r}")
+        bad = next((o for o in self.jvm_options.split() if not o.startswith("-")), None)
+        if bad is not None:
+            raise ConfigError(f"PERSONALIZE_JVM_OPTIONS must be JVM options, each starting with '-', got {bad!r}")
         for name in ("kafka_heap", "jvm_heap"):
             heap = getattr(self, name)
             if not heap or not heap[:-1].isdigit() or heap[-1] not in "mMgG":

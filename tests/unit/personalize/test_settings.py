@@ -53,6 +53,8 @@ def test_settings_are_frozen():
         ({"PERSONALIZE_STATE_BACKEND": "memory"}, "PERSONALIZE_STATE_BACKEND must be 'hashmap' or 'rocksdb'"),
         ({"PERSONALIZE_KAFKA_HEAP": "lots"}, "PERSONALIZE_KAFKA_HEAP must look like 512m"),
         ({"PERSONALIZE_JVM_HEAP": "2 GB"}, "PERSONALIZE_JVM_HEAP must look like 512m"),
+        ({"PERSONALIZE_JVM_OPTIONS": "-Xms8g MaxTenuringThreshold=2"},
+         "PERSONALIZE_JVM_OPTIONS must be JVM options, each starting with '-', got 'MaxTenuringThreshold=2'"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env, message):
@@ -86,3 +88,12 @@ def test_restart_and_transaction_settings_come_from_the_environment():
     from sinks.kafka import trending_sink
 
     assert "'properties.transaction.timeout.ms' = '300000'" in trending_sink("t", s)
+
+
+def test_jvm_options_come_after_the_project_s_and_the_heap_so_they_win():
+    from personalize.flink import EMBEDDED_JVM_ARGS, jvm_args
+
+    args = jvm_args(Settings.from_env({"PERSONALIZE_JVM_HEAP": "8g",
+                                       "PERSONALIZE_JVM_OPTIONS": "-Xms8g -XX:MaxTenuringThreshold=2"}))
+    assert args == f"{EMBEDDED_JVM_ARGS} -Xmx8g -Xms8g -XX:MaxTenuringThreshold=2"
+    assert jvm_args(Settings.from_env({})) == f"{EMBEDDED_JVM_ARGS} -Xmx1g"
