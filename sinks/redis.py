@@ -66,7 +66,7 @@ import redis as redis_lib
 
 from personalize import credentials, logs
 from personalize.errors import ServiceUnavailable
-from personalize.settings import Settings, project_root
+from personalize.settings import Settings
 from operators import live
 from operators.triggers import format_cents
 
