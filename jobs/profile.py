@@ -110,15 +110,6 @@ def erasure_functions(t_env, settings: Settings) -> None:
     _java_function(t_env, "decode_erasure", DECODE_ERASURE_FUNCTION)
 
 
-def live_changes(t_env, events_view: str, settings: Settings, *, bounded: bool):
-    """Every user's live state changes (``operators.live``: the JVM function, partitioned by
-    user), behind a barrier: both the live profile sink and the closed sessions for the
-    models read them, and each reader of a SQL query would otherwise plan its own copy of
-    the function, its state and timers."""
-    _java_function(t_env, live.FUNCTION, live.CLASS, *live.function_args(settings, bounded=bounded))
-    return t_env.from_data_stream(t_env.to_data_stream(t_env.sql_query(live.changes(events_view))))
-
-
 def decoded_events(t_env, source: str, settings: Settings):
     """The source's records, each decoded once by the JVM function, behind a barrier.
 
@@ -214,7 +205,7 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
         WHERE e.user_id IS NOT NULL AND erasure_applied(e.user_id, e.requested_ms)"""))
 
     # each user's live state in one JVM operator: its changes, and its closed sessions
-    t_env.create_temporary_view(LIVE_VIEW, live_changes(t_env, EVENTS_VIEW, settings, bounded=bounded))
+    t_env.create_temporary_view(LIVE_VIEW, live.changes(t_env, EVENTS_VIEW, settings, bounded=bounded))
 
     # closed sessions (about one row per nine events) and erasures -> session fields,
     # models and triggers in Python, keyed by a constant: the models are one global object

@@ -1,16 +1,21 @@
 """The live profile: each user's whole state in one keyed JVM operator, updated per event.
 
-``live_profile`` (operators/jvm: personalize.profile.LiveProfile, a process table
-function called from the job's SQL, partitioned by user) holds per user the totals of
-the events with personalization consent, events by hour, the sliding "recent" window
-as slices, and the sessions still open, with their net cart. After every change (an
-event, or a session closing on its event-time timer) it emits a ``live`` row: the
-user's profile fields, with the score of the session so far under the newest propensity
-model (``session_propensity``: the models step publishes its weights and scaler on the
-model-snapshots topic, which a thread in the JVM follows), and a ``version`` that only
-grows (the newest event time x 10,000 + the changes since). Each closed session also
-comes out as a ``closed`` row, its SESSION_COLUMNS packed in one string for the models'
-Python step (``operators.sessions.unpack``): Python sees closed sessions only.
+``changes`` puts the job's events through operators/jvm's personalize.profile.LiveState:
+the events view's rows, keyed by user id in the JVM, into a keyed function
+(``LiveStateFunction``) that holds per user the totals of the events with
+personalization consent, events by hour, the sliding "recent" window as slices, and the
+sessions still open, with their net cart. After every change (an event, or a session
+closing on its event-time timer) it emits a ``live`` row: the user's profile fields, with
+the score of the session so far under the newest propensity model (``session_propensity``:
+the models step publishes its weights and scaler on the model-snapshots topic, which a
+thread in the JVM follows), and a ``version`` that only grows (the newest event time x
+10,000 + the changes since). Each closed session also comes out as a ``closed`` row, its
+SESSION_COLUMNS packed in one string for the models' Python step
+(``operators.sessions.unpack``): Python sees closed sessions only.
+
+The state is the JVM object itself (changed in place on the heap backend), and rows cross
+between the SQL and the function as Flink's internal rows: a Java process table function
+with the same logic cost about 10 us an event against 1-2 here (scripts/bench_windows.py).
 
 The live rows go to the live changelog topic at-least-once, without waiting for a
 checkpoint (``sinks.kafka.profile_live_sink`` keeps the newest row per user for
@@ -27,12 +32,14 @@ from __future__ import annotations
 from operators.windows import EVENT_TYPES, not_erased
 from personalize.settings import Settings
 
-FUNCTION = "live_profile"
-CLASS = "personalize.profile.LiveProfile"
+CLASS = "personalize.profile.LiveState"
 LIVE, CLOSED = "live", "closed"
-UID = "live-profile"
+# the operator's uid (savepoints map its state by it; the process table function of earlier
+# releases was "live-profile", a state this one does not read)
+UID = "live-state"
+NAME = "live state per user"
 
-# the function's output after the partition key (user_id): see LiveProfile's output hint
+# the function's output after the user id: see LiveStateFunction.OUTPUT
 LIVE_COLUMNS = (
     ("version", "BIGINT"),
     ("epoch", "BIGINT"),
@@ -71,8 +78,8 @@ SESSION_FIELDS = ("session_start_ms", "session_events", "session_product_views",
 
 
 def function_args(settings: Settings, *, bounded: bool = False) -> tuple:
-    """LiveProfile's constructor arguments: gap, recent window and slide, list limit, state TTL,
-    whether the run is bounded (a backfill's live rows come at session closes only: its sink
+    """The live state's settings, as LiveState.changes takes them after the uid and name:
+    gap, recent window and slide, list limit, state TTL, whether the run is bounded (a backfill's live rows come at session closes only: its sink
     keeps each user's newest row until the end anyway), and the models' snapshot topic with
     the Kafka properties to read it (the job's credentials)."""
     from personalize import credentials
@@ -81,12 +88,6 @@ def function_args(settings: Settings, *, bounded: bool = False) -> tuple:
     return (str(settings.session_gap_ms), str(settings.recent_window_ms), str(settings.recent_slide_ms),
             str(settings.session_list_limit), str(settings.state_ttl_ms), str(bounded).lower(),
             settings.topic_model_snapshots, kafka)
-
-
-def changes(view: str) -> str:
-    """Every change of every user's live state (both kinds of rows), from the events of ``view``."""
-    return (f"SELECT * FROM {FUNCTION}(input => TABLE {view} PARTITION BY user_id, "
-            f"on_time => DESCRIPTOR(rowtime), uid => '{UID}')")
 
 
 def live_rows(view: str, erasure_filter: bool = True) -> str:
@@ -101,3 +102,30 @@ def closed_sessions(view: str, erasure_filter: bool = True) -> str:
     """The packed closed-session rows of ``view`` (one STRING column, ``session``)."""
     where = not_erased(erasure_filter)
     return f"SELECT session FROM {view} {where + ' AND' if where else 'WHERE'} kind = '{CLOSED}'"
+
+
+def changes(t_env, view: str, settings: Settings, *, bounded: bool):
+    """Every change of every user's live state (both kinds of rows) from the events of
+    ``view``, as a table: operators/jvm's LiveState.changes, called through the gateway
+    (the class is in the udf jar, found by the user class loader as the job's functions are).
+    Both readers (the live rows' sink, the models' closed sessions) read the one operator."""
+    from pyflink.java_gateway import get_gateway
+    from pyflink.table import Table
+
+    gateway = get_gateway()
+    cls = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(CLASS)
+    *strings, kafka = function_args(settings, bounded=bounded)
+    java_kafka = gateway.jvm.java.util.HashMap()
+    for key, value in kafka.items():
+        java_kafka.put(key, value)
+    # a query's columns are all physical (the view's computed rowtime too), as the DataStream needs
+    events = t_env.sql_query(f"SELECT * FROM {view}")
+    args = [(t_env._j_tenv, "org.apache.flink.table.api.bridge.java.StreamTableEnvironment"),
+            (events._j_table, "org.apache.flink.table.api.Table"),
+            *((value, "java.lang.String") for value in (UID, NAME, *strings)),
+            (java_kafka, "java.util.Map")]
+    types = gateway.new_array(gateway.jvm.Class, len(args))
+    values = gateway.new_array(gateway.jvm.Object, len(args))
+    for i, (value, java_class) in enumerate(args):
+        types[i], values[i] = gateway.jvm.Class.forName(java_class), value
+    return Table(cls.getMethod("changes", types).invoke(None, values), t_env)

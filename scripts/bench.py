@@ -42,7 +42,7 @@ DAY_MS = 86_400_000
 STAGES = (
     ("decode (Kafka source, Java function, barrier)", ("Source: events_",)),
     ("models, triggers, session fields (Python)", ("session fields",)),
-    ("live state and windows (JVM)", ("ProcessTableFun", "live_profile", "WindowAggregate", "GroupAggregate",
+    ("live state and windows (JVM)", ("live state", "ProcessTableFun", "WindowAggregate", "GroupAggregate",
                                       "WindowRank", "Calc", "Source: *anonym")),
     ("Kafka sinks", ("kafka-producer", "Sink", "profile_", "trending_sink", "triggers_sink", "segment_changes",
                      "model_snapshots", "dead_letter")),

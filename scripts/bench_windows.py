@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         print(f"bench_windows: unknown part {', '.join(unknown)} (choose from {', '.join(PARTS)})", file=sys.stderr)
         return 2
 
-    from jobs.profile import _java_function, configure
+    from jobs.profile import configure
     from operators import live, windows
     from personalize.flink import environments
     from personalize.settings import Settings
@@ -77,11 +77,10 @@ def main(argv: list[str]) -> int:
         t_env.execute_sql(f"CREATE TEMPORARY TABLE {name} ({typed}) WITH ('connector' = 'blackhole')")
 
     if "live" in parts:
-        _java_function(t_env, live.FUNCTION, live.CLASS, *live.function_args(settings, bounded=True))
         blackhole("live_bh", (("user_id", "STRING"), ("kind", "STRING"), *live.LIVE_COLUMNS, ("session", "STRING")))
         columns = ", ".join(name for name, _ in live.LIVE_COLUMNS)
-        statements.add_insert_sql(f"INSERT INTO live_bh SELECT user_id, kind, {columns}, session "
-                                  f"FROM ({live.changes('bench_events')})")
+        t_env.create_temporary_view("live_changes", live.changes(t_env, "bench_events", settings, bounded=True))
+        statements.add_insert_sql(f"INSERT INTO live_bh SELECT user_id, kind, {columns}, session FROM live_changes")
     if "trending" in parts:
         blackhole("trending_bh", (("category", "STRING"), ("product_id", "STRING"), ("views", "BIGINT"),
                                   ("window_end_ms", "BIGINT"), ("rank", "BIGINT")))

@@ -7,13 +7,14 @@ import re
 from operators import live
 from personalize.settings import Settings, project_root
 
-JAVA = project_root() / "operators" / "jvm" / "src" / "main" / "java" / "personalize" / "profile" / "LiveProfile.java"
+JAVA = project_root() / "operators" / "jvm" / "src" / "main" / "java" / "personalize" / "profile" / "LiveStateFunction.java"
 
 
 def java_output_columns() -> list[tuple[str, str]]:
-    """The ROW<...> of LiveProfile's output hint, as (name, type) pairs."""
+    """The ROW<...> of LiveStateFunction.OUTPUT, as (name, type) pairs."""
     text = JAVA.read_text()
-    hint = "".join(re.findall(r'"([^"]*)"', text[text.index("@FunctionHint"):text.index("public final class")]))
+    start = text.index("public static final String OUTPUT =")
+    hint = "".join(re.findall(r'"([^"]*)"', text[start:text.index(";", start)]))
     body = hint[hint.index("ROW<") + 4:hint.rindex(">")]
     return [tuple(column.split()) for column in body.split(",")]
 
@@ -40,4 +41,3 @@ def test_the_function_is_built_with_the_session_and_window_settings():
                                          s.topic_model_snapshots)
     assert live.function_args(s, bounded=True)[5] == "true"
     assert live.function_args(s)[7]["bootstrap.servers"] == s.bootstrap_servers
-    assert "PARTITION BY user_id" in live.changes("v") and "on_time => DESCRIPTOR(rowtime)" in live.changes("v")

@@ -40,7 +40,7 @@ public final class FeaturesCorpus {
                     row.append(i > 0 ? ", " : "").append(Double.toString(features[i]));
                 }
                 row.append("], \"score\": ");
-                row.append(model == null ? "null" : "\"" + LiveProfile.sixDecimals(model.score(features)) + "\"");
+                row.append(model == null ? "null" : "\"" + LiveStateFunction.sixDecimals(model.score(features)) + "\"");
                 out.println(row.append('}'));
                 for (UserState.Session closed : state.closeDue(Long.MAX_VALUE, 30 * 60_000L)) {
                     out.println(json.writeValueAsString(java.util.Map.of("packed", closed.packed("u" + user, 0))));

@@ -17,7 +17,7 @@ import org.apache.flink.kafka.shaded.org.apache.kafka.common.serialization.ByteA
 
 /**
  * The newest propensity model the models' Python step published, for scoring the session in
- * progress in the JVM ({@link LiveProfile}): its frozen scaler (mean, scale per feature), its
+ * progress in the JVM ({@link LiveStateFunction}): its frozen scaler (mean, scale per feature), its
  * weights and intercept, in {@code operators/models.py}'s PROPENSITY_FEATURES order. The models
  * step writes a snapshot per flush to the model-snapshots topic (exactly-once, one partition);
  * one consumer thread per topic and JVM follows it (read_committed) and keeps the newest model,

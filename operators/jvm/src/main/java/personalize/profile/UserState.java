@@ -10,8 +10,8 @@ import java.util.TreeMap;
  * with personalization consent (per type, revenue in cents, first and last seen, events by
  * hour of day), the consent flag of the newest event, the sliding "recent" window as slices,
  * and the sessions still open (the session in progress; a second one only while an
- * out-of-order event can still bridge them). Pure logic: {@link LiveProfile} holds it in
- * Flink state (as {@link #toBytes()}) and calls it per row and per timer.
+ * out-of-order event can still bridge them). Pure logic: {@link LiveStateFunction} holds it in
+ * Flink state (the object itself, {@link UserStateSerializer}) and calls it per row and per timer.
  *
  * <p>Semantics (DESIGN.md): a session ends when the next event comes at least {@code gapMs}
  * after its last; it closes when the watermark reaches its last event + gap - 1 (every later
