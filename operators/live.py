@@ -79,9 +79,10 @@ SESSION_FIELDS = ("session_start_ms", "session_events", "session_product_views",
 
 def function_args(settings: Settings, *, bounded: bool = False) -> tuple:
     """The live state's settings, as LiveState.changes takes them after the uid and name:
-    gap, recent window and slide, list limit, state TTL, whether the run is bounded (a backfill's live rows come at session closes only: its sink
-    keeps each user's newest row until the end anyway), and the models' snapshot topic with
-    the Kafka properties to read it (the job's credentials)."""
+    gap, recent window and slide, list limit, state TTL, whether the run is bounded (a
+    backfill's live rows come at session closes only: its sink keeps each user's newest row
+    until the end anyway), and the models' snapshot topic with the Kafka properties to read
+    it (the job's credentials)."""
     from personalize import credentials
 
     kafka = {"bootstrap.servers": settings.bootstrap_servers, **credentials.kafka_java(settings)}
