@@ -146,9 +146,9 @@ class Settings:
     # in 1g with a JVM RSS of 1.4 GB; 1,000,000 users need 8g: GC took 37 % of the JVM's CPU in 3g)
     jvm_heap: str = "1g"
     # more options for the embedded Flink's JVM, after the project's own and the heap's; for
-    # 1,000,000 users with an 8g heap "-Xms8g -XX:MaxTenuringThreshold=2" took GC from 18 to
-    # 12 % of the JVM's CPU (docs/benchmarks.md; at 100,000 users -Xms1g would take the
-    # product's RSS over 2 GiB)
+    # 1,000,000 users with an 8g heap "-Xms8g -XX:MaxTenuringThreshold=2 -XX:ParallelGCThreads=1"
+    # took GC from 29 to 14.5 % of the JVM's CPU (docs/benchmarks.md; at 100,000 users -Xms1g
+    # would take the product's RSS over 2 GiB)
     jvm_options: str = ""
     # bounded runs commit at the end; a checkpoint in between only costs time (and
     # must come before the sink's 10 min transaction timeout)

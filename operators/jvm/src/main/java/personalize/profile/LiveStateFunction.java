@@ -116,7 +116,7 @@ public final class LiveStateFunction extends KeyedProcessFunction<String, RowDat
             user = new UserState();
         }
         UserState.Event e = new UserState.Event(
-                string(row, in.userId()), string(row, in.type()), string(row, in.product()),
+                ctx.getCurrentKey(), string(row, in.type()), string(row, in.product()),
                 string(row, in.category()), row.isNullAt(in.price()) ? null : row.getLong(in.price()),
                 row.isNullAt(in.quantity()) ? null : row.getInt(in.quantity()),
                 !row.isNullAt(in.consentPersonalization()) && row.getBoolean(in.consentPersonalization()),
