@@ -24,9 +24,12 @@ import org.apache.flink.util.Collector;
  * one per closed session, its columns packed in one string for the models' Python step
  * ({@code operators/sessions.py}).
  *
- * <p>Sessions close on event-time timers, one per open session at its close time (its last
- * event + gap - 1), so they close in close-time order across users even when one watermark step
- * passes several. Events at or behind the watermark are dropped before they change anything
+ * <p>Sessions close on event-time timers at their close time (the last event + gap - 1), so
+ * they close in close-time order across users even when one watermark step passes several. A
+ * user has one session timer, at or before its open sessions' earliest close: an event that
+ * extends the session leaves it, and when it fires early the next is set at the close then
+ * ({@link UserState#sessionTimerToSet}; moving the timer per event cost more than the state
+ * change itself). Events at or behind the watermark are dropped before they change anything
  * (the job's late split has sent them to the dead-letter topic already).
  *
  * <p>The state is the {@link UserState} object itself ({@link UserStateSerializer}): the heap
@@ -122,14 +125,16 @@ public final class LiveStateFunction extends KeyedProcessFunction<String, RowDat
                 !row.isNullAt(in.consentPersonalization()) && row.getBoolean(in.consentPersonalization()),
                 !row.isNullAt(in.consentMarketing()) && row.getBoolean(in.consentMarketing()),
                 row.getLong(in.timeMs()), row.getLong(in.epoch()));
-        long[] before = user.closeTimes(gapMs);
         if (!user.apply(e, gapMs, slideMs, slices, limit, ttlMs)) {
             return; // of state an erasure superseded
         }
         if (everyChange) {
             out.collect(live(ctx.getCurrentKey(), user));
         }
-        retime(timers, before, user.closeTimes(gapMs));
+        long sessionTimer = user.sessionTimerToSet(gapMs, Long.MIN_VALUE);
+        if (sessionTimer >= 0) {
+            timers.registerEventTimeTimer(sessionTimer);
+        }
         if (ttlMs > 0 && user.expiryTimerMs < 0) {
             user.expiryTimerMs = user.newestMs + ttlMs;
             timers.registerEventTimeTimer(user.expiryTimerMs);
@@ -147,8 +152,8 @@ public final class LiveStateFunction extends KeyedProcessFunction<String, RowDat
         long watermark = timers.currentWatermark();
         boolean expiry = at == user.expiryTimerMs;
         boolean expired = expiry && user.newestMs + ttlMs <= Math.max(at, watermark);
-        if (expired) {
-            retime(timers, user.closeTimes(gapMs), new long[0]);
+        if (expired && user.sessionTimerMs >= 0 && user.sessionTimerMs != at) {
+            timers.deleteEventTimeTimer(user.sessionTimerMs);
         }
         String key = ctx.getCurrentKey();
         List<UserState.Session> closed = user.closeDue(expired ? Long.MAX_VALUE : at, gapMs);
@@ -163,39 +168,21 @@ public final class LiveStateFunction extends KeyedProcessFunction<String, RowDat
             user.expiryTimerMs = user.newestMs + ttlMs;
             timers.registerEventTimeTimer(user.expiryTimerMs);
         }
+        long timerBefore = user.sessionTimerMs;
+        long sessionTimer = user.sessionTimerToSet(gapMs, at);
+        if (sessionTimer >= 0) {
+            timers.registerEventTimeTimer(sessionTimer);
+        }
         if (!closed.isEmpty()) {
             out.collect(live(key, user));
         }
-        if (expiry || !closed.isEmpty()) {
+        if (expiry || !closed.isEmpty() || user.sessionTimerMs != timerBefore) {
             state.update(user);
         }
     }
 
     private static String string(RowData row, int i) {
         return row.isNullAt(i) ? null : row.getString(i).toString();
-    }
-
-    /** Timers follow the open sessions' close times: stale ones deleted, new ones set. */
-    private static void retime(TimerService timers, long[] before, long[] after) {
-        for (long t : before) {
-            if (!contains(after, t)) {
-                timers.deleteEventTimeTimer(t);
-            }
-        }
-        for (long t : after) {
-            if (!contains(before, t)) {
-                timers.registerEventTimeTimer(t);
-            }
-        }
-    }
-
-    private static boolean contains(long[] times, long t) {
-        for (long x : times) {
-            if (x == t) {
-                return true;
-            }
-        }
-        return false;
     }
 
     private static StringData s(String value) {

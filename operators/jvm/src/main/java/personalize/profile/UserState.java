@@ -24,7 +24,8 @@ public final class UserState {
     static final int PAGE_VIEW = 0, PRODUCT_VIEW = 1, ADD = 2, REMOVE = 3, CHECKOUT = 4, PURCHASE = 5, SEARCH = 6;
     /** changes a version counts within one newest event time (version = newest time * this + changes). */
     public static final long CHANGES_PER_MS = 10_000L;
-    private static final int FORMAT = 1;
+    /** the state bytes' format: 2 adds {@link #sessionTimerMs} (format 1 reads as -1, none known) */
+    private static final int FORMAT = 2;
     static final char FIELD_SEP = '\u001f', ITEM_SEP = '\u001e', COLUMN_SEP = '\u001d';
 
     /** One decoded event, as the job's SQL hands it to the function. */
@@ -47,6 +48,7 @@ public final class UserState {
     long newestMs = Long.MIN_VALUE; // the newest event time of any event (consented or not)
     long changes;                  // changes since newestMs last moved
     long expiryTimerMs = -1;       // the time of the timer that expires an inactive user's state (-1: none)
+    long sessionTimerMs = -1;      // the pending timer at or before the open sessions' earliest close (-1: none known)
     // -- totals, of events with personalization consent
     long nEvents;
     final long[] byType = new long[EVENT_TYPES.length];
@@ -502,15 +504,6 @@ public final class UserState {
         return newest;
     }
 
-    /** When each open session closes (the watermark at which it does), by start. */
-    public long[] closeTimes(long gapMs) {
-        long[] times = new long[open.size()];
-        for (int i = 0; i < times.length; i++) {
-            times[i] = open.get(i).endMs + gapMs - 1;
-        }
-        return times;
-    }
-
     /** The earliest time a close is due (the watermark at which it closes), or -1 with none open. */
     public long nextCloseMs(long gapMs) {
         long next = -1;
@@ -518,6 +511,26 @@ public final class UserState {
             long due = s.endMs + gapMs - 1;
             next = next < 0 ? due : Math.min(next, due);
         }
+        return next;
+    }
+
+    /**
+     * The session timer to register now, or -1 for none: sessions close on one pending timer
+     * at or before the earliest close, moved only when a new session would close before it
+     * ({@code firedAt}: the time of a timer firing now, else Long.MIN_VALUE). A session
+     * extended by an event keeps its timer; when that timer fires early, the next one is set
+     * at the session's close then. Timers fire in time order, so sessions still close in
+     * close-time order across users, with one timer operation a session instead of two an event.
+     */
+    public long sessionTimerToSet(long gapMs, long firedAt) {
+        if (sessionTimerMs >= 0 && sessionTimerMs <= firedAt) {
+            sessionTimerMs = -1; // this one (or an earlier one) fired
+        }
+        long next = nextCloseMs(gapMs);
+        if (next < 0 || (sessionTimerMs >= 0 && sessionTimerMs <= next)) {
+            return -1;
+        }
+        sessionTimerMs = next;
         return next;
     }
 
@@ -646,6 +659,7 @@ public final class UserState {
             s.write(out);
         }
         out.i64(histSessions).i64(histPurchaseSessions).i64(histRevenueCents).i64(histLastEndMs);
+        out.i64(sessionTimerMs);
         return out.bytes();
     }
 
@@ -656,8 +670,8 @@ public final class UserState {
         }
         StateBytes.Reader in = new StateBytes.Reader(data);
         int format = in.u8();
-        if (format != FORMAT) {
-            throw new IllegalStateException("user state of format " + format + ", this release reads " + FORMAT);
+        if (format != FORMAT && format != 1) {
+            throw new IllegalStateException("user state of format " + format + ", this release reads 1 and " + FORMAT);
         }
         u.userId = in.str();
         u.epoch = in.i64();
@@ -691,6 +705,9 @@ public final class UserState {
         u.histPurchaseSessions = in.i64();
         u.histRevenueCents = in.i64();
         u.histLastEndMs = in.i64();
+        // format 1 (an earlier release) kept a timer at every open session's close time instead:
+        // they fire as before, and the next event or close sets this one
+        u.sessionTimerMs = format >= 2 ? in.i64() : -1;
         return u;
     }
 

@@ -108,6 +108,59 @@ class UserStateTest {
     }
 
     @Test
+    void oneSessionTimerStaysAtOrBeforeTheEarliestCloseAndMovesOnlyWhenItFiresOrAnEarlierSessionOpens() {
+        UserState u = new UserState();
+        assertTrue(u.apply(ev("page_view", T0), GAP, SLIDE, SLICES, LIMIT));
+        assertEquals(T0 + GAP - 1, u.sessionTimerToSet(GAP, Long.MIN_VALUE)); // the first event sets it
+        assertTrue(u.apply(ev("page_view", T0 + 60_000), GAP, SLIDE, SLICES, LIMIT));
+        assertEquals(-1, u.sessionTimerToSet(GAP, Long.MIN_VALUE)); // the session extended: it stays
+        u = UserState.fromBytes(u.toBytes());
+        assertEquals(T0 + GAP - 1, u.sessionTimerMs); // in the state bytes
+        // an out-of-order event opens a session that closes before it: a timer for that one
+        assertTrue(u.apply(ev("page_view", T0 - 2 * GAP), GAP, SLIDE, SLICES, LIMIT));
+        assertEquals(T0 - GAP - 1, u.sessionTimerToSet(GAP, Long.MIN_VALUE));
+        // it fires: that session closes, the next timer is at the other's close now
+        assertEquals(1, u.closeDue(T0 - GAP - 1, GAP).size());
+        assertEquals(T0 + 60_000 + GAP - 1, u.sessionTimerToSet(GAP, T0 - GAP - 1));
+        // the first timer, still pending, fires early: nothing closes, nothing is set
+        assertTrue(u.closeDue(T0 + GAP - 1, GAP).isEmpty());
+        assertEquals(-1, u.sessionTimerToSet(GAP, T0 + GAP - 1));
+        assertEquals(1, u.closeDue(T0 + 60_000 + GAP - 1, GAP).size());
+        assertEquals(-1, u.sessionTimerToSet(GAP, T0 + 60_000 + GAP - 1)); // none open: none
+        assertEquals(-1, u.sessionTimerMs);
+    }
+
+    @Test
+    void aSessionTimerThatFiresBeforeTheExtendedSessionClosesSetsTheNextAtTheCloseThen() {
+        UserState u = new UserState();
+        assertTrue(u.apply(ev("page_view", T0), GAP, SLIDE, SLICES, LIMIT));
+        assertEquals(T0 + GAP - 1, u.sessionTimerToSet(GAP, Long.MIN_VALUE));
+        for (long t = T0 + 60_000; t < T0 + 10 * 60_000; t += 60_000) { // nine events: no timer moves
+            assertTrue(u.apply(ev("page_view", t), GAP, SLIDE, SLICES, LIMIT));
+            assertEquals(-1, u.sessionTimerToSet(GAP, Long.MIN_VALUE));
+        }
+        assertTrue(u.closeDue(T0 + GAP - 1, GAP).isEmpty());
+        assertEquals(T0 + 9 * 60_000 + GAP - 1, u.sessionTimerToSet(GAP, T0 + GAP - 1));
+        assertEquals(10, u.closeDue(T0 + 9 * 60_000 + GAP - 1, GAP).get(0).nEvents());
+    }
+
+    @Test
+    void stateBytesOfFormatOneReadWithNoSessionTimerKnown() {
+        UserState u = run(ev("page_view", T0), ev("add_to_cart", T0 + 60_000, true, "p9", "bags", 500L, 2));
+        u.sessionTimerToSet(GAP, Long.MIN_VALUE);
+        byte[] two = u.toBytes();
+        byte[] one = java.util.Arrays.copyOf(two, two.length - 8); // format 1 ended before the timer
+        one[0] = 1;
+        UserState old = UserState.fromBytes(one);
+        assertEquals(-1, old.sessionTimerMs);
+        assertEquals(u.nextCloseMs(GAP), old.nextCloseMs(GAP));
+        assertEquals(u.version(), old.version());
+        // the next event sets the timer the earlier release did not keep
+        assertTrue(old.apply(ev("page_view", T0 + 120_000), GAP, SLIDE, SLICES, LIMIT));
+        assertEquals(T0 + 120_000 + GAP - 1, old.sessionTimerToSet(GAP, Long.MIN_VALUE));
+    }
+
+    @Test
     void theNextEventAGapLaterStartsANewSessionEvenBeforeTheOldOneCloses() {
         UserState u = run(ev("page_view", T0), ev("page_view", T0 + GAP - 1), ev("page_view", T0 + 2 * GAP - 1));
         assertEquals(2, u.open.size());
