@@ -43,17 +43,23 @@ SESSION_COLUMNS = (
 )
 
 
-def _read_bigint(text: str) -> int | None:
-    return int(text) if text else None
-
-
-# how each packed column is read back (LiveProfile wrote it): '' is NULL, booleans are '1'/'0'
-_READERS = tuple(
-    (name, {"BIGINT": _read_bigint, "STRING": lambda t: t or None, "BOOLEAN": lambda t: t == "1"}[sql])
-    for name, sql in SESSION_COLUMNS
-)
+_NAMES = tuple(name for name, _ in SESSION_COLUMNS)
+_BIGINTS = tuple(i for i, (_, sql) in enumerate(SESSION_COLUMNS) if sql == "BIGINT")
+_STRINGS = tuple(i for i, (_, sql) in enumerate(SESSION_COLUMNS) if sql == "STRING")
+_BOOLEANS = tuple(i for i, (_, sql) in enumerate(SESSION_COLUMNS) if sql == "BOOLEAN")
 
 
 def unpack(packed: str) -> dict:
-    """The SESSION_COLUMNS of a packed closed-session row (UserState.Session.packed in the JVM), typed."""
-    return {name: read(text) for (name, read), text in zip(_READERS, packed.split(COLUMN_SEP), strict=True)}
+    """The SESSION_COLUMNS of a packed closed-session row (UserState.Session.packed in the JVM),
+    typed as the JVM wrote them: '' is NULL, booleans are '1'/'0'. (Column kinds by position:
+    a reader call per column cost the models step a tenth of its time.)"""
+    values: list = packed.split(COLUMN_SEP)
+    if len(values) != len(_NAMES):
+        raise ValueError(f"a closed session of {len(values)} columns, not {len(_NAMES)}")
+    for i in _BIGINTS:
+        values[i] = int(values[i]) if values[i] else None
+    for i in _STRINGS:
+        values[i] = values[i] or None
+    for i in _BOOLEANS:
+        values[i] = values[i] == "1"
+    return dict(zip(_NAMES, values))
