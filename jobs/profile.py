@@ -2,12 +2,14 @@
 -> each user's live state in one JVM function (``operators.live``) -> the live profile
 changelog on Kafka (at-least-once, per-user versions, no checkpoint wait); trending
 products and dead letters on Kafka (exactly-once); closed sessions -> session fields,
-models, segment changes and cart-abandonment triggers (Python, once per session) ->
-Kafka (exactly-once).
+models, segment changes and cart-abandonment triggers (Python, once per session) -> the
+profile's sessions part (at-least-once, versioned by the session's close) and the
+trigger and segment-change feeds (exactly-once; triggers also at-least-once for the
+Redis stream's fast path).
 
-Redis is materialized from the changelogs by ``sinks.redis``: the live profile as soon as
-it is written (a change applies only when its version is newer), the rest once its
-checkpoint commits it (read_committed).
+Redis is materialized from the changelogs by ``sinks.redis``: the profile's parts as soon
+as they are written (a change applies only when newer than what the profile holds), the
+trending windows and the feeds once their checkpoint commits them (read_committed).
 """
 
 from __future__ import annotations
@@ -177,16 +179,17 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     configure(t_env, settings, bounded=bounded)
     t_env.execute_sql(kafka_sinks.events_source(SOURCE, settings, bounded=bounded, group_id=group_id))
     t_env.execute_sql(kafka_sinks.dead_letter_sink(DEAD_LETTERS, settings))
-    t_env.execute_sql(kafka_sinks.profile_live_sink(PROFILE_LIVE, settings, live.LIVE_COLUMNS, bounded=bounded))
+    t_env.execute_sql(kafka_sinks.profile_live_sink(PROFILE_LIVE, settings, live.LIVE_COLUMNS))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(LIVE_TOMBSTONES, settings, settings.topic_profile_live,
                                                    sink="erasures"))
+    # the sessions part is state for serving, like the live rows: at-least-once, written as the
+    # models step emits it; the loader applies a part only when newer (its propensity_ms)
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(PROFILE_SESSIONS, settings, settings.topic_profile_updates,
-                                                   sink=actions.PROFILE_PART))
+                                                   sink=actions.PROFILE_PART, at_least_once=True))
     t_env.execute_sql(kafka_sinks.trending_sink(TRENDING, settings))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(TRIGGERS, settings, settings.topic_triggers))
-    if not bounded:
-        t_env.execute_sql(kafka_sinks.keyed_bytes_sink(TRIGGERS_LIVE, settings, settings.topic_triggers_live,
-                                                       at_least_once=True))
+    t_env.execute_sql(kafka_sinks.keyed_bytes_sink(TRIGGERS_LIVE, settings, settings.topic_triggers_live,
+                                                   at_least_once=True))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(SEGMENT_CHANGES, settings, settings.topic_segment_changes))
     t_env.execute_sql(kafka_sinks.keyed_bytes_sink(MODEL_SNAPSHOTS, settings, settings.topic_model_snapshots))
 
@@ -248,9 +251,9 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
         statements.add_insert_sql(
             f"INSERT INTO {sink} SELECT {key}, {column}, TO_TIMESTAMP_LTZ(ts_ms, 3) FROM {ACTIONS_VIEW} "
             f"WHERE {column} IS NOT NULL OR {tombstones}")
-    if not bounded:  # the Redis trigger stream's fast path (a bounded run commits all at its end)
-        statements.add_insert_sql(f"INSERT INTO {TRIGGERS_LIVE} SELECT `user_id`, `trigger`, TO_TIMESTAMP_LTZ(ts_ms, 3) "
-                                  f"FROM {ACTIONS_VIEW} WHERE `trigger` IS NOT NULL")
+    # the Redis trigger stream's fast path (the feed itself stays exactly-once on its topic)
+    statements.add_insert_sql(f"INSERT INTO {TRIGGERS_LIVE} SELECT `user_id`, `trigger`, TO_TIMESTAMP_LTZ(ts_ms, 3) "
+                              f"FROM {ACTIONS_VIEW} WHERE `trigger` IS NOT NULL")
     return statements
 
 

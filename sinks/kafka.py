@@ -20,6 +20,14 @@ def _brokers(settings: Settings) -> str:
     return ",\n            ".join(f"'properties.{k}' = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in props.items())
 
 
+# an at-least-once sink's producer sends as rows come: batched by a short linger (the
+# client's default, 0 ms, sent one small request per row at the Python step's pace and
+# doubled the broker's CPU in `make bench`)
+_BATCHING = """
+            'properties.linger.ms' = '20',
+            'properties.batch.size' = '262144'"""
+
+
 def _exactly_once(settings: Settings, topic: str, sink: str = "") -> str:
     """Exactly-once delivery; ``sink`` tells apart several sinks writing to one topic. The
     transaction timeout (settings.transaction_timeout_ms) must stay below the broker's
@@ -63,7 +71,7 @@ def events_source(table: str, settings: Settings, *, bounded: bool, group_id: st
 def keyed_bytes_sink(table: str, settings: Settings, topic: str, sink: str = "", *, at_least_once: bool = False) -> str:
     """Raw bytes keyed by ``user_id`` (its UTF-8 bytes), record timestamp from ``ts``,
     exactly-once (or at-least-once: written at once, not at the checkpoint)."""
-    delivery = "\n            'sink.delivery-guarantee' = 'at-least-once'" if at_least_once else \
+    delivery = f"\n            'sink.delivery-guarantee' = 'at-least-once',{_BATCHING}" if at_least_once else \
         _exactly_once(settings, topic, sink)
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
@@ -86,17 +94,17 @@ def dead_letter_sink(table: str, settings: Settings) -> str:
     return keyed_bytes_sink(table, settings, settings.topic_dlq)
 
 
-def profile_live_sink(table: str, settings: Settings, columns, *, bounded: bool = False) -> str:
+def profile_live_sink(table: str, settings: Settings, columns) -> str:
     """The live profile changelog (operators/live.py): an upsert per user, keyed by the user id
     (its UTF-8 bytes, the partition Kafka's default partitioner gives it), typed JSON values
     with NULLs left out, at-least-once: written without waiting for a checkpoint.
 
     The sink keeps only the newest row per user between flushes (every ``profile_flush_ms``,
     at every checkpoint and at the end of input), so a busy user is written once per flush,
-    not once per event. Bounded runs flush only at checkpoints and at the end: one record per
-    user for a backfill."""
-    flush_ms = 3_600_000 if bounded else settings.profile_flush_ms
-    flush_rows = 10_000_000 if bounded else settings.profile_flush_rows
+    not once per event. Bounded runs flush the same way (their live rows come at session
+    closes only), so the loader applies them while the job still runs."""
+    flush_ms = settings.profile_flush_ms
+    flush_rows = settings.profile_flush_rows
     typed = ",\n            ".join(f"`{name}` {sql}" for name, sql in columns)
     return f"""
         CREATE TEMPORARY TABLE `{table}` (
@@ -113,7 +121,7 @@ def profile_live_sink(table: str, settings: Settings, columns, *, bounded: bool 
             'value.fields-include' = 'EXCEPT_KEY',
             'sink.buffer-flush.max-rows' = '{flush_rows}',
             'sink.buffer-flush.interval' = '{flush_ms} ms',
-            'sink.delivery-guarantee' = 'at-least-once'
+            'sink.delivery-guarantee' = 'at-least-once',{_BATCHING}
         )"""
 
 

@@ -2,12 +2,13 @@
 
 Python functions in Flink get no checkpoint hook, so a Redis write from inside
 the job could be lost or repeated at a failure (DESIGN.md). The job therefore
-writes its outputs to Kafka: the live profile changelog at-least-once, as each
-change happens (``operators.live``: each record carries the user's ``version``,
-and ``_APPLY_LIVE`` applies it only when newer than the profile's, so a replay
-after a failure never leaves a profile older), and the sessions part, trending
-windows, triggers and model snapshots exactly-once, visible at the checkpoint that
-commits them. This loader reads them under read_committed, keeps the newest value
+writes its outputs to Kafka: the profile's two changelogs at-least-once, as each
+change happens (the live changes of ``operators.live`` carry the user's ``version``,
+the models step's sessions part its session's close, ``propensity_ms``; ``_APPLY_LIVE``
+and ``_APPLY_PARTS`` apply a change only when newer than what the profile holds, so a
+replay after a failure never leaves a profile older), and the trending windows,
+triggers and model snapshots exactly-once, visible at the checkpoint that commits
+them. This loader reads them under read_committed, keeps the newest value
 per key in a batch, and writes absolute values to Redis together with its next
 offsets in one MULTI/EXEC transaction (``loader:offsets``). Writes and offsets land
 together or not at all, so a crash or restart neither loses nor re-applies a
@@ -32,7 +33,7 @@ Keys written:
   (``personalize:trending:window_end_ms``, a HASH category -> window end, beside it)
 - ``triggers:cart_abandonment`` STREAM: one entry per trigger_id, ever. A Lua
   script adds the entry only when the id is new to ``triggers:cart_abandonment:ids``
-  (a SET), so a replay of the same sessions adds nothing. Live runs write each trigger
+  (a SET), so a replay of the same sessions adds nothing. The job writes each trigger
   twice, at-least-once as it is emitted (``topic_triggers_live``: the fast path) and
   exactly-once at the checkpoint; the first to arrive adds the entry
 - ``models:snapshot`` STRING: the newest model snapshot (JSON), for ``personalize models``
@@ -141,29 +142,38 @@ end
 return out
 """
 # write the models step's profile part (operators/actions.py: the session fields, the
-# propensity and the segment at a session's close), but none from before the user's consent
-# was withdrawn: a part of a marked user is written only when it consents at a later event
-# time (consent given again; the live change that clears the mark may come later).
+# propensity and the segment at a session's close), at-least-once like the live changes: a
+# part applies only when newer than the one the profile holds (its session's close,
+# ``propensity_ms``, above the profile's; 0: a part of a release without it, always newer),
+# so a replay after a failure never leaves the profile older; and none from before the
+# user's consent was withdrawn: a part of a marked user is written only when it consents at
+# a later event time (consent given again; the live change that clears the mark may come later).
 # KEYS[1]: the no-consent marks, KEYS[2..]: the profiles; ARGV[1]: ttl ms, then per part:
-# user, consent ('1'/'0'), consent_ms, m, then m values field, value, ...
-# Reply per part: 1 written, 0 from before a withdrawal (skipped), or the error Redis gave it
+# user, consent ('1'/'0'), consent_ms, version, m, then m values field, value, ...
+# Reply per part: 1 written, 0 skipped (from before a withdrawal, or not newer), or the
+# error Redis gave it
 _APPLY_PARTS = """
 local ttl = tonumber(ARGV[1])
-local function apply(key, user, consent, at, m, kv)
+local function apply(key, user, consent, at, version, m, kv)
   local mark = redis.call('HGET', KEYS[1], user)
   if mark == '1' then mark = '9223372036854775807' end
   if mark and (consent == '0' or tonumber(mark) >= at) then return 0 end
+  if version > 0 then
+    local held = redis.call('HGET', key, 'propensity_ms')
+    if held and tonumber(held) >= version then return 0 end
+  end
   if m > 0 then redis.call('HSET', key, unpack(ARGV, kv, kv + m - 1)) end
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   return 1
 end
 local out, i = {}, 2
 for k = 2, #KEYS do
-  local m = tonumber(ARGV[i + 3])
-  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), m, i + 4)
+  local m = tonumber(ARGV[i + 4])
+  local ok, result = pcall(apply, KEYS[k], ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+                           m, i + 5)
   if not ok then result = type(result) == 'table' and result.err or tostring(result) end
   out[#out + 1] = result
-  i = i + 4 + m
+  i = i + 5 + m
 end
 return out
 """
@@ -279,6 +289,13 @@ def _derive(out: dict) -> None:
 
 def _version(fields: dict) -> int:
     value = fields.get("version")
+    return value if isinstance(value, int) else 0
+
+
+def part_version(fields: dict) -> int:
+    """A sessions part's version: its session's close (``propensity_ms``; 0 when a part of
+    an earlier release lacks it)."""
+    value = fields.get("propensity_ms")
     return value if isinstance(value, int) else 0
 
 
@@ -429,6 +446,11 @@ class Materializer:
             # minimum is 6 s; librdkafka's default 45 s)
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 2_000,
+            # fetch in chunks: a fetch per few records costs the broker and the loader more than
+            # the records (make bench: the broker's CPU doubled once the profile's parts were
+            # read as the job wrote them); at low rates a fetch waits at most 20 ms for them
+            "fetch.min.bytes": 256 * 1024,
+            "fetch.wait.max.ms": 20,
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
             "queued.max.messages.kbytes": 16 * 1024,  # the records fetched ahead, per partition
@@ -676,9 +698,11 @@ class Materializer:
                         unreadable.append(_dead_letter(rec, exc))
                         continue
                     held = latest.get(part)
-                    # a live change: the newest version of the batch, not the last record (after a
-                    # failure the job replays changes older than those it wrote before)
-                    if not is_live or value is None or held is None or _version(value) > _version(held):
+                    # the newest version of the batch, not the last record (after a failure the
+                    # job replays changes older than those it wrote before)
+                    if value is None or held is None or (
+                            _version(value) > _version(held) if is_live
+                            else part_version(value) >= part_version(held)):
                         latest[part] = value
             elif topic == topics.topic_trending:
                 for rec in records:
@@ -825,8 +849,8 @@ class Materializer:
             args: list = [ttl]
             for user, fields in chunk:
                 mapping = profile_fields(PROFILE_PART, fields)
-                args += [user, "1" if consents(fields) else "0", max(consent_ms(fields), 0), 2 * len(mapping),
-                         *(x for kv in mapping.items() for x in kv)]
+                args += [user, "1" if consents(fields) else "0", max(consent_ms(fields), 0), part_version(fields),
+                         2 * len(mapping), *(x for kv in mapping.items() for x in kv)]
             self._apply_parts(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args,
                               client=pipe)
             self._changes_at.append((len(pipe), [user for user, _ in chunk], False))

@@ -211,6 +211,39 @@ def test_a_part_from_before_a_withdrawal_leaves_no_profile_and_a_later_one_stand
     assert stats.users == {"u2", "u3"} and stats.profile_writes == 2
 
 
+def test_a_replayed_sessions_part_never_leaves_the_profile_older(stack):
+    """The sessions part is at-least-once: after a failure the restored job emits again the
+    parts since its checkpoint, after newer ones were applied. A part applies only when its
+    session closed after the one the profile holds (``propensity_ms``): u1's replayed parts
+    of sessions closed at 1,000 and 2,000, read after the one closed at 3,000 (in other
+    batches, and in one batch with it), leave its fields; u2's newer part is written; u3's
+    part of an earlier release (no propensity_ms) is written as before."""
+    own = job_stack(stack, redis_db=13)
+    s = own.settings
+    _ensure(s, partitions=1)
+    client = credentials.redis_client(s, decode_responses=True)
+    part = lambda n, closed: orjson.dumps({"n_sessions": n, "propensity_ms": closed, "consent": True,  # noqa: E731
+                                           "consent_ms": closed - 10})
+    assert kafkaio.produce(s, s.topic_profile_updates, [
+        (_key("u1"), part(1, 1_000), 1_000), (_key("u1"), part(2, 2_000), 1_000), (_key("u1"), part(3, 3_000), 1_000),
+        (_key("u2"), part(1, 1_000), 1_000)]) == 4
+    Materializer(s).drain(timeout_s=60)
+    assert client.hgetall("profile:u1") == {"n_sessions": "3", "propensity_ms": "3000"}
+
+    # the replay, read in a later batch: older parts of u1 (one batch with a newer one of u1),
+    # a newer one of u2, one of an earlier release for u3
+    assert kafkaio.produce(s, s.topic_profile_updates, [
+        (_key("u1"), part(1, 1_000), 2_000), (_key("u1"), part(3, 3_000), 2_000), (_key("u1"), part(2, 2_000), 2_000),
+        (_key("u2"), part(2, 2_000), 2_000),
+        (_key("u3"), orjson.dumps({"n_sessions": 7, "consent": True}), 2_000)]) == 5
+    stats = Materializer(s).drain(timeout_s=60)
+
+    assert client.hgetall("profile:u1") == {"n_sessions": "3", "propensity_ms": "3000"}
+    assert client.hgetall("profile:u2") == {"n_sessions": "2", "propensity_ms": "2000"}
+    assert client.hgetall("profile:u3") == {"n_sessions": "7"}
+    assert stats.users == {"u2", "u3"} and stats.profile_writes == 2
+
+
 def _profile_record(user: str, n_events: int) -> tuple:
     return (_key(user), orjson.dumps({"n_events": n_events, "consent": True}), 1_000)
 
