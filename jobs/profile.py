@@ -42,6 +42,9 @@ DECODE_FUNCTION = "personalize.decode.DecodeEvent"
 ERASED_SINCE_FUNCTION = "personalize.decode.ErasureFunction$Superseded"
 ERASURE_APPLIED_FUNCTION = "personalize.decode.ErasureFunction$Applied"
 DECODE_ERASURE_FUNCTION = "personalize.decode.ErasureFunction$Decode"
+BATCHES_CLASS = "personalize.profile.SessionBatches"
+BATCHES_UID = "model-batches"
+BATCHES_NAME = "closed sessions in batches for the models"
 
 
 def _row_type(columns):
@@ -132,24 +135,37 @@ def decoded_events(t_env, source: str, settings: Settings):
     )
 
 
-def keyed_by_constant(t_env, packed_sql: str):
-    """The packed session rows (one STRING column) as a KeyedStream on the constant key 0,
-    keyed in the JVM.
+def model_batches(t_env, packed_sql: str, settings: Settings):
+    """The packed session rows (one STRING column) in batches, as a KeyedStream on the
+    constant key 0: keyed in the JVM and batched there (operators/jvm: SessionBatches,
+    ``model_batch`` rows, ``model_flush_ms`` after a batch's first, or the end of input),
+    so one row crosses into Python per batch, not per closed session.
 
     ``DataStream.key_by`` runs its key selector in Python: every row would cross into
     Python and back once more only to be given the key (PyFlink's ``AddKey``). Here the
-    SQL emits the (key, value) rows that ``AddKey`` would, and the keyed stream is built
-    as ``key_by`` builds it (PyFlink 2.2's own ``KeyByKeySelector`` on field 0); the
-    keyed process function receives the value, the packed session string."""
+    SQL emits the (key, value) rows that ``AddKey`` would, and the keyed streams are built
+    as ``key_by`` builds them (PyFlink 2.2's own ``KeyByKeySelector`` on field 0); the
+    keyed process function receives the value, the batch's rows in order."""
     from pyflink.common import Types
-    from pyflink.datastream.data_stream import KeyedStream
+    from pyflink.datastream.data_stream import DataStream, KeyedStream
     from pyflink.java_gateway import get_gateway
 
+    gateway = get_gateway()
     rows = t_env.to_append_stream(t_env.sql_query(f"SELECT 0 AS k, session FROM ({packed_sql})"),
                                   Types.ROW([Types.INT(), Types.STRING()]))
-    j_keyed = rows._j_data_stream.keyBy(get_gateway().jvm.KeyByKeySelector(),
-                                        Types.ROW([Types.INT()]).get_java_type_info())
-    return KeyedStream(j_keyed, Types.STRING(), rows)
+    key_type = Types.ROW([Types.INT()]).get_java_type_info()
+    j_keyed = rows._j_data_stream.keyBy(gateway.jvm.KeyByKeySelector(), key_type)
+    cls = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(BATCHES_CLASS)
+    args = [(j_keyed, "org.apache.flink.streaming.api.datastream.KeyedStream"),
+            (BATCHES_UID, "java.lang.String"), (BATCHES_NAME, "java.lang.String"),
+            (str(settings.model_batch), "java.lang.String"), (str(settings.model_flush_ms), "java.lang.String")]
+    types = gateway.new_array(gateway.jvm.Class, len(args))
+    values = gateway.new_array(gateway.jvm.Object, len(args))
+    for i, (value, java_class) in enumerate(args):
+        types[i], values[i] = gateway.jvm.Class.forName(java_class), value
+    j_batches = cls.getMethod("batched", types).invoke(None, values)
+    return KeyedStream(j_batches.keyBy(gateway.jvm.KeyByKeySelector(), key_type),
+                       Types.BASIC_ARRAY(Types.STRING()), DataStream(j_batches))
 
 
 def checked_sql(decoded: str, settings: Settings) -> str:
@@ -214,7 +230,7 @@ def build(env, t_env, settings: Settings, *, bounded: bool, group_id: str = "per
     # models and triggers in Python, keyed by a constant: the models are one global object
     packed = f"{live.closed_sessions(LIVE_VIEW)} UNION ALL {actions.erasure_rows(ERASURES_VIEW)}"
     acted = (
-        keyed_by_constant(t_env, packed)
+        model_batches(t_env, packed, settings)
         .process(actions.actions_function(settings), output_type=_row_type(actions.ACTION_COLUMNS))
         .uid("models-triggers")
         .name("session fields, models, segments, cart-abandonment triggers")

@@ -9,11 +9,12 @@ nothing is scored, learned, kept in the user's history or written to the profile
 without marketing consent no trigger.
 
 In Flink the models are one global object, so the step runs keyed by a constant
-(one busy subtask, DESIGN.md). Session rows are first appended to a ListState
-buffer and run through the models in batches (``model_batch`` rows, or
-``model_flush_ms`` later, or at end of input), so the models are written to state
-once a batch, not once a session, and a checkpoint always holds models and
-unprocessed buffer together: a restore resumes the same models exactly.
+(one busy subtask, DESIGN.md). Session rows come in batches gathered in the JVM
+(``jobs.profile.model_batches``: ``model_batch`` rows, or ``model_flush_ms`` after
+a batch's first, or at end of input), and each batch runs through the models in the
+call that receives it, so the models are written to state once a batch, not once a
+session, and a checkpoint holds a batch either before this step or in the models it
+changed: a restore resumes the same models exactly.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ ACTION_COLUMNS = (
     ("tombstone", "STRING"),
 )
 SNAPSHOT_KEY = "models"
-END_OF_INPUT = 2**63 - 1
 PROFILE_PART = "sessions"
 # the live changelog's part (operators/live.py: keyed by the user id alone), then this step's
 LIVE_PART = "live"
@@ -241,31 +241,30 @@ def actions_function(settings: Settings):
                     .cleanup_full_snapshot()
                     .build())
             self.histories = runtime_context.get_map_state(histories)
+            # rows an earlier release kept here until its batch filled (restored from its
+            # savepoint): they go first, with the first batch this process runs
             self.buffer = runtime_context.get_list_state(ListStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
-            self.buffered = 0  # since the last flush in this process (a restored buffer flushes on its timer)
-            self.models = None  # read from state once per process, written back every flush
+            self.held_checked = False
+            self.models = None  # read from state once per process, written back every batch
 
-        def process_element(self, row, ctx):
-            # the packed session string (operators.sessions, jobs.profile.keyed_by_constant), or
-            # an erasure (erasure_rows): both in order through the buffer
-            self.buffer.add(row)
-            self.buffered += 1
-            if self.buffered == 1:
-                ctx.timer_service().register_processing_time_timer(
-                    ctx.timer_service().current_processing_time() + settings.model_flush_ms)
-                ctx.timer_service().register_event_time_timer(END_OF_INPUT)
-            if self.buffered >= settings.model_batch:
-                yield from self._flush()
+        def process_element(self, batch, ctx):
+            # the packed session strings (operators.sessions) and erasures (erasure_rows) of a
+            # batch, in order (jobs.profile.model_batches)
+            yield from self._flush(list(batch))
 
         def on_timer(self, timestamp, ctx):
-            yield from self._flush()
+            # a timer an earlier release registered for the rows it kept here
+            yield from self._flush([])
 
-        def _flush(self):
-            rows = list(self.buffer.get() or ())
-            self.buffered = 0
+        def _flush(self, rows):
+            if not self.held_checked:
+                self.held_checked = True
+                held = list(self.buffer.get() or ())
+                if held:
+                    self.buffer.clear()
+                    rows = held + rows
             if not rows:
                 return
-            self.buffer.clear()
             if self.models is None:
                 self.models = m.Models.from_state(self.models_state.value(), settings.segment_count,
                                                   settings.segment_batch)
