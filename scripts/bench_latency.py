@@ -16,7 +16,7 @@ environment applies to the product (e.g. PERSONALIZE_CHECKPOINT_INTERVAL_MS).
 Profile freshness (``--profile-rate EVENTS_PER_S``): the product is fed page and product
 views of ``--users`` users at that rate, event time = now; a probe user among them gets
 every ``PROBE_EVERY``-th event, and a reader polls the probes' ``n_events`` in Redis every
-few milliseconds: per probe event, the wall-clock delay from its send to the moment its
+20 ms (``POLL_S``): per probe event, the wall-clock delay from its send to the moment its
 count shows in ``profile:{user}``. Prints p50/p95/p99/max and the rate actually sent.
 
 Usage: python scripts/bench_latency.py [--rate SESSIONS_PER_S] [--seconds S] [--gap-ms MS] [--peer quix|bytewax]
