@@ -150,20 +150,17 @@ def model_batches(t_env, packed_sql: str, settings: Settings):
     from pyflink.datastream.data_stream import DataStream, KeyedStream
     from pyflink.java_gateway import get_gateway
 
+    from personalize.flink import java_static
+
     gateway = get_gateway()
     rows = t_env.to_append_stream(t_env.sql_query(f"SELECT 0 AS k, session FROM ({packed_sql})"),
                                   Types.ROW([Types.INT(), Types.STRING()]))
     key_type = Types.ROW([Types.INT()]).get_java_type_info()
     j_keyed = rows._j_data_stream.keyBy(gateway.jvm.KeyByKeySelector(), key_type)
-    cls = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(BATCHES_CLASS)
-    args = [(j_keyed, "org.apache.flink.streaming.api.datastream.KeyedStream"),
-            (BATCHES_UID, "java.lang.String"), (BATCHES_NAME, "java.lang.String"),
-            (str(settings.model_batch), "java.lang.String"), (str(settings.model_flush_ms), "java.lang.String")]
-    types = gateway.new_array(gateway.jvm.Class, len(args))
-    values = gateway.new_array(gateway.jvm.Object, len(args))
-    for i, (value, java_class) in enumerate(args):
-        types[i], values[i] = gateway.jvm.Class.forName(java_class), value
-    j_batches = cls.getMethod("batched", types).invoke(None, values)
+    j_batches = java_static(BATCHES_CLASS, "batched",
+                            (j_keyed, "org.apache.flink.streaming.api.datastream.KeyedStream"),
+                            *((value, "java.lang.String") for value in (
+                                BATCHES_UID, BATCHES_NAME, str(settings.model_batch), str(settings.model_flush_ms))))
     return KeyedStream(j_batches.keyBy(gateway.jvm.KeyByKeySelector(), key_type),
                        Types.BASIC_ARRAY(Types.STRING()), DataStream(j_batches))
 

@@ -113,20 +113,17 @@ def changes(t_env, view: str, settings: Settings, *, bounded: bool):
     from pyflink.java_gateway import get_gateway
     from pyflink.table import Table
 
-    gateway = get_gateway()
-    cls = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(CLASS)
+    from personalize.flink import java_static
+
     *strings, kafka = function_args(settings, bounded=bounded)
-    java_kafka = gateway.jvm.java.util.HashMap()
+    java_kafka = get_gateway().jvm.java.util.HashMap()
     for key, value in kafka.items():
         java_kafka.put(key, value)
     # a query's columns are all physical (the view's computed rowtime too), as the DataStream needs
     events = t_env.sql_query(f"SELECT * FROM {view}")
-    args = [(t_env._j_tenv, "org.apache.flink.table.api.bridge.java.StreamTableEnvironment"),
-            (events._j_table, "org.apache.flink.table.api.Table"),
-            *((value, "java.lang.String") for value in (UID, NAME, *strings)),
-            (java_kafka, "java.util.Map")]
-    types = gateway.new_array(gateway.jvm.Class, len(args))
-    values = gateway.new_array(gateway.jvm.Object, len(args))
-    for i, (value, java_class) in enumerate(args):
-        types[i], values[i] = gateway.jvm.Class.forName(java_class), value
-    return Table(cls.getMethod("changes", types).invoke(None, values), t_env)
+    changed = java_static(CLASS, "changes",
+                          (t_env._j_tenv, "org.apache.flink.table.api.bridge.java.StreamTableEnvironment"),
+                          (events._j_table, "org.apache.flink.table.api.Table"),
+                          *((value, "java.lang.String") for value in (UID, NAME, *strings)),
+                          (java_kafka, "java.util.Map"))
+    return Table(changed, t_env)

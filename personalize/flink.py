@@ -42,6 +42,21 @@ def jvm_args(settings: Settings) -> str:
 REST_PORT_SPAN = 20
 
 
+def java_static(class_name: str, method: str, *args: tuple):
+    """Call a static method of a class of the udf jar (operators/jvm) through the gateway;
+    ``args`` are (value, the Java class name of the parameter) pairs. The class is found by
+    the user class loader (pipeline.jars, or `flink run --jarfile`), as the job's functions are."""
+    from pyflink.java_gateway import get_gateway
+
+    gateway = get_gateway()
+    cls = gateway.jvm.Thread.currentThread().getContextClassLoader().loadClass(class_name)
+    types = gateway.new_array(gateway.jvm.Class, len(args))
+    values = gateway.new_array(gateway.jvm.Object, len(args))
+    for i, (value, java_class) in enumerate(args):
+        types[i], values[i] = gateway.jvm.Class.forName(java_class), value
+    return cls.getMethod(method, types).invoke(None, values)
+
+
 def free_port() -> int:
     import socket
 
