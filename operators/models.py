@@ -34,6 +34,7 @@ import numpy as np
 import orjson
 
 from operators.sessions import FIELD_SEP, ITEM_SEP
+from operators.triggers import net_lines
 
 HOUR_MS = 3_600_000
 STATE_FORMAT = 2  # format 1 (pickled classes) is read no more: README, "Model state"
@@ -153,37 +154,25 @@ def propensity_features(session: dict, before: UserHistory) -> list[float]:
                     categories.append(category)
                 if at > now:
                     now = at
-    # the net cart of the moves before the cutoff, as triggers.net_cart counts it: per product
-    # added minus removed quantity, priced at the latest add (its lines' count and value)
-    carted: dict[str, int] = {}  # product -> quantity added
-    removed: dict[str, int] = {}
-    price: dict[str, tuple[int, int]] = {}
+    carted, kept = set(), []
     adds = removes = 0
     last_add = None
     if session["cart_moves"]:
         for move in session["cart_moves"].split(ITEM_SEP):
-            sign, product, quantity, cents, at = move.split(FIELD_SEP)
-            at = int(at)
+            fields = move.split(FIELD_SEP)
+            sign, product, at = fields[0], fields[1], int(fields[4])
             if at < cutoff:
+                kept.append(fields)
                 if at > now:
                     now = at
                 if sign == "+":
                     adds += 1
-                    carted[product] = carted.get(product, 0) + int(quantity)
-                    seen = (at, int(cents) if cents else 0)
-                    if seen > price.get(product, (-1, -1)):
-                        price[product] = seen
+                    carted.add(product)
                     if last_add is None or at > last_add:
                         last_add = at
                 else:
                     removes += 1
-                    removed[product] = removed.get(product, 0) + int(quantity)
-    lines = cart_value = 0
-    for product, quantity in carted.items():
-        quantity -= removed.get(product, 0)
-        if quantity > 0:
-            lines += 1
-            cart_value += quantity * price[product][1]
+    lines = net_lines(kept)  # the moves already split: not joined and split again
     distinct = len(set(products))
     recency_h = (start - before.last_end_ms) / HOUR_MS if before.last_end_ms is not None else 0.0
     hour = 2 * math.pi * ((start // HOUR_MS) % 24) / 24
@@ -202,8 +191,8 @@ def propensity_features(session: dict, before: UserHistory) -> list[float]:
         affinity(categories),
         log1p(adds),
         log1p(removes),
-        float(lines),
-        log1p(cart_value / 100),
+        float(len(lines)),
+        log1p(sum(q * c for _, q, c in lines) / 100),
         log1p((now - last_add) / 60_000) if last_add is not None else 0.0,
         log1p((now - start) / 60_000),
         math.sin(hour),

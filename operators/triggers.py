@@ -30,13 +30,15 @@ def trigger_id(user_id: str, session_start_ms: int) -> str:
 
 def net_cart(cart_moves: str | None) -> list[tuple[str, int, int]]:
     """Cart lines (product_id, quantity, price in cents) with quantity above 0, by product id."""
+    return net_lines(move.split(FIELD_SEP) for move in (cart_moves or "").split(ITEM_SEP) if move)
+
+
+def net_lines(moves) -> list[tuple[str, int, int]]:
+    """``net_cart`` of cart moves already split into (sign, product, quantity, cents, at)."""
     added: dict[str, int] = {}
     removed: dict[str, int] = {}
     price: dict[str, tuple[int, int]] = {}  # product -> (time of latest add, cents)
-    for move in (cart_moves or "").split(ITEM_SEP):
-        if not move:
-            continue
-        sign, product, quantity, cents, at = move.split(FIELD_SEP)
+    for sign, product, quantity, cents, at in moves:
         if sign == "+":
             added[product] = added.get(product, 0) + int(quantity)
             seen = (int(at), int(cents) if cents else 0)
