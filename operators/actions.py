@@ -142,10 +142,14 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
         if history is None:
             history = histories[user] = m.UserHistory()
         if session["consent_personalization"]:
-            xp.append(m.propensity_features(session, history))
+            # the features as the JVM computed them at the close; a row of an earlier release
+            # (restored from its savepoint) has none: computed here, from the same history
+            x = session.get("propensity_x")
+            xp.append(x if x is not None else m.propensity_features(session, history))
             before_end = history.last_end_ms
             categories = history.fold(session)
-            xs.append(m.segment_features(session, history, before_end, categories))
+            x = session.get("segment_x")
+            xs.append(x if x is not None else m.segment_features(session, history, before_end, categories))
             labels.append(session["n_purchases"] > 0)
             fields_of.append(session_fields(history, session["end_ms"], session.get("epoch", 0)))
         else:  # a session without consent is not kept in the user's history, and writes nothing
@@ -218,6 +222,11 @@ def actions_function(settings: Settings):
     class CloseSessions(KeyedProcessFunction):
         def open(self, runtime_context):
             import schemas
+
+            # the models' libraries load when the step opens, not on the first closed session
+            # (River imports SciPy and pandas: ~1 s of this thread that would hold up that batch)
+            import pandas  # noqa: F401
+            from river import linear_model, optim  # noqa: F401
 
             self.codecs = {"trigger": schemas.codec("trigger"), "segment_change": schemas.codec("segment_change")}
             # values are explicit, versioned bytes (models.STATE_FORMAT) inside the pickled type

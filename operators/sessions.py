@@ -40,6 +40,11 @@ SESSION_COLUMNS = (
     ("consent_marketing", "BOOLEAN"),
     # the user's erasure the session began after (0: none; operators.windows, "Erasure")
     ("epoch", "BIGINT"),
+    # the models' features (operators.models.PROPENSITY_FEATURES and SEGMENT_FEATURES) as
+    # the JVM computed them at the close, where the user's history is (Features.java): a
+    # session with personalization consent only; a row of an earlier release has none
+    ("propensity_x", "DOUBLES"),
+    ("segment_x", "DOUBLES"),
 )
 
 
@@ -47,19 +52,27 @@ _NAMES = tuple(name for name, _ in SESSION_COLUMNS)
 _BIGINTS = tuple(i for i, (_, sql) in enumerate(SESSION_COLUMNS) if sql == "BIGINT")
 _STRINGS = tuple(i for i, (_, sql) in enumerate(SESSION_COLUMNS) if sql == "STRING")
 _BOOLEANS = tuple(i for i, (_, sql) in enumerate(SESSION_COLUMNS) if sql == "BOOLEAN")
+_DOUBLES = tuple(i for i, (_, sql) in enumerate(SESSION_COLUMNS) if sql == "DOUBLES")
+# a row of a release before the features came with it (its savepoint's batches): no features
+_EARLIER = len(_NAMES) - len(_DOUBLES)
 
 
 def unpack(packed: str) -> dict:
     """The SESSION_COLUMNS of a packed closed-session row (UserState.Session.packed in the JVM),
-    typed as the JVM wrote them: '' is NULL, booleans are '1'/'0'. (Column kinds by position:
-    a reader call per column cost the models step a tenth of its time.)"""
+    typed as the JVM wrote them: '' is NULL, booleans are '1'/'0', doubles a list of floats
+    joined by FIELD_SEP. (Column kinds by position: a reader call per column cost the models
+    step a tenth of its time.)"""
     values: list = packed.split(COLUMN_SEP)
     if len(values) != len(_NAMES):
-        raise ValueError(f"a closed session of {len(values)} columns, not {len(_NAMES)}")
+        if len(values) != _EARLIER:
+            raise ValueError(f"a closed session of {len(values)} columns, not {len(_NAMES)}")
+        values += [""] * len(_DOUBLES)
     for i in _BIGINTS:
         values[i] = int(values[i]) if values[i] else None
     for i in _STRINGS:
         values[i] = values[i] or None
     for i in _BOOLEANS:
         values[i] = values[i] == "1"
+    for i in _DOUBLES:
+        values[i] = [float(x) for x in values[i].split(FIELD_SEP)] if values[i] else None
     return dict(zip(_NAMES, values))

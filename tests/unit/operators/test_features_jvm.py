@@ -90,7 +90,7 @@ def jvm(tmp_path_factory):
     return users, model, rows
 
 
-def test_the_live_features_of_every_session_equal_the_python_twin_s_for_the_closed_session(jvm):
+def test_the_live_and_closed_features_of_every_session_equal_the_python_twin_s_for_the_closed_session(jvm):
     users, _, rows = jvm
     assert len(rows) == 2 * sum(len(u) for u in users)  # per session: its live features, then its closed row
     pairs = iter(zip(rows[::2], rows[1::2]))
@@ -102,7 +102,14 @@ def test_the_live_features_of_every_session_equal_the_python_twin_s_for_the_clos
             want = m.propensity_features(closed, history)
             assert live["features"] == pytest.approx(want, rel=1e-12, abs=1e-12), (closed, live["features"], want)
             if closed["consent_personalization"]:  # the models keep consented sessions only
-                history.fold(closed)
+                # the closed row carries both models' features, which the models step reads
+                assert closed["propensity_x"] == pytest.approx(want, rel=1e-12, abs=1e-12)
+                before_end = history.last_end_ms
+                categories = history.fold(closed)
+                assert closed["segment_x"] == pytest.approx(
+                    m.segment_features(closed, history, before_end, categories), rel=1e-12, abs=1e-12)
+            else:
+                assert closed["propensity_x"] is None and closed["segment_x"] is None
     assert sum(len(u) for u in users) > 900
 
 

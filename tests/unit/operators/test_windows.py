@@ -15,11 +15,16 @@ def test_intervals_are_exact_to_the_millisecond():
 
 def test_a_packed_session_unpacks_to_its_typed_columns_with_empty_as_null():
     # written as the live function writes it: every column as text, '' for NULL, booleans '1'/'0'
-    values = ["u1", "10", "20", "3", "0", "2", "0", "1", "0", "0", "0", "0", "", "m", "a", "", "1", "0", "7"]
+    values = ["u1", "10", "20", "3", "0", "2", "0", "1", "0", "0", "0", "0", "", "m", "a", "", "1", "0", "7",
+              sessions.FIELD_SEP.join(["1.0", "0.6931471805599453", "1.0E-5"]), ""]
     session = sessions.unpack(sessions.COLUMN_SEP.join(values))
     assert list(session) == [name for name, _ in sessions.SESSION_COLUMNS]
     assert session["start_ms"] == 10 and session["outcome_ms"] is None and session["viewed"] is None
     assert session["cart_moves"] == "m" and session["consent_personalization"] is True
     assert session["consent_marketing"] is False and session["epoch"] == 7
+    assert session["propensity_x"] == [1.0, 0.6931471805599453, 1e-05] and session["segment_x"] is None
+    # a row of the release before the features (in its savepoint's batches): read without them
+    earlier = sessions.unpack(sessions.COLUMN_SEP.join(values[:-2]))
+    assert earlier["epoch"] == 7 and earlier["propensity_x"] is None and earlier["segment_x"] is None
     with pytest.raises(ValueError):  # a row of another column list is refused, not read askew
-        sessions.unpack(sessions.COLUMN_SEP.join(values[:-1]))
+        sessions.unpack(sessions.COLUMN_SEP.join(values[:-3]))

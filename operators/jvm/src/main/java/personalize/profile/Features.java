@@ -107,6 +107,30 @@ public final class Features {
         };
     }
 
+    /**
+     * The segmenter's features of a closed session, the twin of {@code segment_features} in
+     * {@code operators/models.py}: the profile after the session (its history's sessions and
+     * revenue with it folded in), the session's recency against the history's last end before it
+     * (null: none), its events, cart adds and category affinity.
+     */
+    public static double[] segment(UserState.Session s, long sessionsAfter, long revenueCentsAfter, Long beforeEndMs) {
+        double recencyH = beforeEndMs != null ? (s.startMs - beforeEndMs) / HOUR_MS : 0.0;
+        List<String> categories = new java.util.ArrayList<>();
+        for (String c : items(s.categories)) {
+            if (!c.isEmpty()) {
+                categories.add(c);
+            }
+        }
+        return new double[] {
+            Math.log1p(Math.max(recencyH, 0.0)),
+            Math.log1p(sessionsAfter),
+            Math.log1p(revenueCentsAfter / 100.0),
+            Math.log1p(s.nEvents),
+            Math.log1p(s.byType[UserState.ADD]),
+            affinity(categories),
+        };
+    }
+
     /** Share of the categorised events in the most frequent category (0 when none). */
     static double affinity(List<String> names) {
         if (names.isEmpty()) {

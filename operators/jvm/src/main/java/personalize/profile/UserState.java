@@ -101,6 +101,11 @@ public final class UserState {
         final TreeMap<String, long[]> categoryCounts = new TreeMap<>();
         /** product ids the session touched (viewed or carted; at most the list limit) */
         final TreeMap<String, Boolean> products = new TreeMap<>();
+        /**
+         * The models' features of a closed session with personalization consent, set by
+         * {@link #closeDue} from the history before it (propensity) and after it (segment); not state.
+         */
+        double[] propensityFeatures, segmentFeatures;
 
         public long startMs() {
             return startMs;
@@ -302,7 +307,22 @@ public final class UserState {
                     .append(COLUMN_SEP).append(consentPKey % 2 == 1 ? '1' : '0')
                     .append(COLUMN_SEP).append(consentMKey % 2 == 1 ? '1' : '0')
                     .append(COLUMN_SEP).append(epoch);
+            doubles(out.append(COLUMN_SEP), propensityFeatures);
+            doubles(out.append(COLUMN_SEP), segmentFeatures);
             return out.toString();
+        }
+
+        /** Doubles joined by the field separator (Double.toString: Python's float() reads each back exactly). */
+        private static void doubles(StringBuilder out, double[] values) {
+            if (values == null) {
+                return;
+            }
+            for (int i = 0; i < values.length; i++) {
+                if (i > 0) {
+                    out.append(FIELD_SEP);
+                }
+                out.append(values[i]);
+            }
         }
 
         void write(StateBytes.Writer out) {
@@ -547,10 +567,14 @@ public final class UserState {
         }
         for (Session s : closed) {
             if (s.consentPKey % 2 == 1) { // the models keep only consented sessions in a user's history
+                // the models' features, here where the history is (the models step reads them from the row)
+                Long beforeEndMs = histLastEndMs >= 0 ? histLastEndMs : null;
+                s.propensityFeatures = Features.propensity(s, history());
                 histSessions++;
                 histPurchaseSessions += s.byType[PURCHASE] > 0 ? 1 : 0;
                 histRevenueCents += s.revenueCents;
                 histLastEndMs = s.endMs;
+                s.segmentFeatures = Features.segment(s, histSessions, histRevenueCents, beforeEndMs);
             }
         }
         return closed;

@@ -91,7 +91,7 @@ class UserStateTest {
         assertNull(u.current());
         assertEquals(-1, u.nextCloseMs(GAP));
         String[] cols = closed.get(0).packed("u1", 0).split("\u001d", -1);
-        assertEquals(19, cols.length);
+        assertEquals(21, cols.length);
         assertEquals("u1", cols[0]);
         assertEquals(Long.toString(T0), cols[1]);
         assertEquals(Long.toString(T0 + 60_000), cols[2]);
@@ -244,6 +244,33 @@ class UserStateTest {
         assertEquals(new Features.History(1, 1, 500, T0), h);
         u.closeDue(Long.MAX_VALUE, GAP);
         assertEquals(new Features.History(2, 1, 500, T0 + 2 * GAP + 5), UserState.fromBytes(u.toBytes()).history());
+    }
+
+    @Test
+    void aClosedSessionWithConsentCarriesTheModelsFeaturesFromTheHistoryBeforeAndAfterIt() {
+        UserState u = run(ev("purchase", T0, true, "p1", "c", 250L, 2), ev("page_view", T0 + GAP, false, null, null,
+                null, 1), ev("add_to_cart", T0 + 3 * GAP, true, "p2", "c", 100L, 1));
+        List<UserState.Session> closed = u.closeDue(Long.MAX_VALUE, GAP);
+        assertEquals(3, closed.size());
+        String[] first = closed.get(0).packed("u1", 0).split("\u001d", -1);
+        String[] second = closed.get(1).packed("u1", 0).split("\u001d", -1);
+        String[] third = closed.get(2).packed("u1", 0).split("\u001d", -1);
+        assertEquals(Features.COUNT, first[19].split("\u001f").length);
+        assertEquals("1.0", first[19].split("\u001f")[0]); // no session before it
+        assertEquals("", second[19]); // without consent: no features, not in the history
+        assertEquals("", second[20]);
+        String[] propensity = third[19].split("\u001f");
+        assertEquals("0.0", propensity[0]); // one consented session before it
+        assertEquals(Double.toString(Math.log1p(1)), propensity[1]);
+        assertEquals("1.0", propensity[2]); // it bought
+        String[] segment = third[20].split("\u001f");
+        assertEquals(6, segment.length);
+        // after it: two sessions and 5.00 of revenue; recency from the first one's end, 3 gaps before
+        assertEquals(Double.toString(Math.log1p(3 * GAP / 3_600_000.0)), segment[0]);
+        assertEquals(Double.toString(Math.log1p(2)), segment[1]);
+        assertEquals(Double.toString(Math.log1p(5.0)), segment[2]);
+        assertEquals(Double.toString(Math.log1p(1)), segment[4]); // one cart add
+        assertEquals("1.0", segment[5]); // every categorised event in one category
     }
 
     @Test
