@@ -233,6 +233,99 @@ def evaluate(sessions: list[dict], settings: Settings) -> dict:
     }
 
 
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DAY_MS = 86_400_000
+WINDOW = 1_000  # sessions per log-loss window, and the sessions a new source gets before it is judged
+
+
+def drift_sources(data: Path = DATA) -> list[tuple[str, list[dict]]]:
+    """The drift benchmark's sources, in the order the model meets them: the REES46 sample,
+    synthetic traffic, the Taobao sample, then synthetic traffic of other parameters (a
+    purchase-heavier shop: abandonment 0.3 instead of 0.6, four sessions a user, other
+    seed, its categories renamed)."""
+    from personalize.produce import TrafficSpec, generate
+    from personalize.replay import parse
+
+    shifted = generate(TrafficSpec(users=4000, sessions_per_user=4, abandonment_rate=0.3, seed=11))
+    for e in shifted:
+        e["category"] = f"alt-{e['category']}" if e["category"] else e["category"]
+    return [("rees46", parse(data / "rees46-2019-10-01.csv").events),
+            ("synthetic", generate(TrafficSpec(users=4000, sessions_per_user=3))),
+            ("taobao", parse(data / "taobao-user-behavior-1k.jsonl").events),
+            ("synthetic-shifted", shifted)]
+
+
+def in_sequence(sources: list[tuple[str, list[dict]]], gap_ms: int) -> list[tuple[str, list[dict]]]:
+    """Each source's sessions, its users named apart (``source:user``) and its times moved by
+    whole days to begin a day after the previous source ends (hours of day unchanged)."""
+    out, end = [], None
+    for name, events in sources:
+        first = min(e["event_time"] for e in events)
+        shift = 0 if end is None else -(-(end + DAY_MS - first) // DAY_MS) * DAY_MS
+        moved = [dict(e, user_id=f"{name}:{e['user_id']}", event_time=e["event_time"] + shift) for e in events]
+        sessions = sessions_of(moved, gap_ms)
+        end = max(s["end_ms"] for s in sessions)
+        out.append((name, sessions))
+    return out
+
+
+def drift(settings: Settings, sources: list[tuple[str, list[dict]]]) -> dict:
+    """One online model through every source in turn, as the job runs it; per source the
+    figures the drift benchmark holds it to (README, "Models")."""
+    codecs = {"trigger": schemas.codec("trigger"), "segment_change": schemas.codec("segment_change")}
+    models = m.Models.new(settings.segment_count, settings.segment_batch)
+    histories: dict = {}
+    report = []
+    for name, sessions in in_sequence(sources, settings.session_gap_ms):
+        scores, labels = [], []
+        for i in range(0, len(sessions), settings.model_batch):
+            batch = sessions[i:i + settings.model_batch]
+            for s, row in zip(batch, actions.close_sessions(models, histories, batch, settings, codecs)):
+                if s["consent_personalization"]:
+                    scores.append(float(orjson.loads(row[1])["propensity"]))
+                    labels.append(s["n_purchases"] > 0)
+        y, p = np.array(labels), np.array(scores)
+        cut = int(len(y) * 0.7)
+        later = exact_auc(p[cut:], y[cut:]) if y[cut:].any() and not y[cut:].all() else None
+        ceiling = None
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        X = np.array(features_of(sessions)[0])
+        if y[:cut].any() and not y[:cut].all() and later is not None:
+            gb = HistGradientBoostingClassifier(random_state=0).fit(X[:cut], y[:cut])
+            ceiling = exact_auc(gb.predict_proba(X[cut:])[:, 1], y[cut:])
+        windows = []
+        for start in range(WINDOW, len(y) - WINDOW + 1, WINDOW):
+            wy, wp = y[start:start + WINDOW], p[start:start + WINDOW]
+            rate = float(wy.mean())
+            constant = 0.0 if rate in (0.0, 1.0) else -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+            windows.append({"sessions": f"{start}-{start + WINDOW}", "base_rate": round(rate, 4),
+                            "log_loss": round(log_loss(wp, wy), 4), "constant_log_loss": round(float(constant), 4)})
+        users = {s["user_id"] for s in sessions}
+        segments = [histories[u].segment for u in users if u in histories and histories[u].segment]
+        shares = {sid: round(segments.count(sid) / len(segments), 4) for sid in sorted(set(segments))}
+        report.append({
+            "source": name, "sessions": len(sessions), "consented_sessions": len(y),
+            "base_rate": round(float(y.mean()), 4) if len(y) else None,
+            "online_auc_later_30pct": None if later is None else round(later, 4),
+            "ceiling_auc_later_30pct": None if ceiling is None else round(ceiling, 4),
+            "online_over_ceiling": round(later / ceiling, 3) if later and ceiling else None,
+            "log_loss_windows": windows,
+            "windows_below_constant": f"{sum(w['log_loss'] < w['constant_log_loss'] for w in windows)} of {len(windows)}",
+            "segment_shares": shares,
+            "users_with_segment": f"{len(segments)} of {len(users)}",
+        })
+    checks = {
+        "online AUC >= 0.9 x ceiling on every source": all(
+            r["online_over_ceiling"] is not None and r["online_over_ceiling"] >= 0.9 for r in report),
+        "every window's log loss below the constant's": all(
+            w["log_loss"] < w["constant_log_loss"] for r in report for w in r["log_loss_windows"]),
+        "every segment 3-60 % of users on every source": all(
+            0.03 <= v <= 0.60 for r in report for v in r["segment_shares"].values()),
+    }
+    return {"sources": report, "done_when": checks}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("log", nargs="?", type=Path, help="an event log personalize replay reads")
@@ -240,8 +333,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sessions-per-user", type=int, default=3)
     parser.add_argument("--compare-propensity", action="store_true",
                         help="also the job's propensity beside other River classifiers (AUC, cost; ~1 min)")
+    parser.add_argument("--drift", action="store_true",
+                        help="the drift benchmark: one model through the REES46 sample, synthetic traffic, the Taobao "
+                             "sample and other synthetic traffic in turn, judged per source")
     args = parser.parse_args(argv)
     settings = Settings()
+    if args.drift:
+        print(orjson.dumps(drift(settings, drift_sources()), option=orjson.OPT_INDENT_2).decode())
+        return 0
     if args.synthetic:
         from personalize.produce import TrafficSpec, generate
 
