@@ -48,10 +48,11 @@ bench/.venv/.installed: bench/requirements.txt
 	bench/.venv/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-models-eval: setup ## the models on the REES46 sample and on synthetic traffic against a batch ceiling (README)
+models-eval: setup ## the models on the REES46 sample, on synthetic traffic and under drift against a batch ceiling (README)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[eval]' $(PIP_QUIET)
 	@$(PY) scripts/models_eval.py ../shared/data/rees46-2019-10-01.csv
 	@$(PY) scripts/models_eval.py --synthetic 20000
+	@$(PY) scripts/models_eval.py --drift
 
 smoke: setup ## Kafka -> Flink -> exactly-once Kafka, 1,000 events
 	@$(PERSONALIZE) stack up

@@ -55,3 +55,17 @@ def test_the_evaluation_cuts_the_sessions_the_log_has():
 
     assert sum(s["n_events"] for s in sessions) == len(parse(REES46).events)
     assert len(sessions) == 4518 and sum(1 for s in sessions if s["n_purchases"]) == 193
+
+
+def test_the_drift_benchmark_meets_each_source_after_the_last_with_its_users_apart():
+    me = _models_eval()
+    a = [{"user_id": "u", "event_time": 1_000 + i * 60_000, "event_type": "page_view"} for i in range(3)]
+    b = [{"user_id": "u", "event_time": 5_000 + i * 60_000, "event_type": "page_view"} for i in range(2)]
+    raw = lambda e: dict(e, product_id=None, category=None, price=None, quantity=1,  # noqa: E731
+                         consent_personalization=True, consent_marketing=True)
+    (first, s1), (second, s2) = me.in_sequence([("a", [raw(e) for e in a]), ("b", [raw(e) for e in b])], 1_800_000)
+    assert (first, second) == ("a", "b") and [s["user_id"] for s in s1 + s2] == ["a:u", "b:u"]
+    # b moved by whole days to start at least a day after a's last event: hours of day kept
+    shift = s2[0]["start_ms"] - 5_000
+    assert shift % me.DAY_MS == 0 and s2[0]["start_ms"] >= s1[-1]["end_ms"] + me.DAY_MS
+    assert s2[0]["end_ms"] - s2[0]["start_ms"] == 60_000
