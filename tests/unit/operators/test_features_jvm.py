@@ -61,7 +61,7 @@ def corpus() -> list[list[list[list]]]:
 
 def trained() -> m.Propensity:
     rng = np.random.default_rng(3)
-    p = m.Propensity(warmup=64)
+    p = m.Propensity()
     for _ in range(5):
         X = rng.normal(1.0, 2.0, size=(64, len(m.PROPENSITY_FEATURES)))
         p.learn_many(X, X[:, 5] + rng.normal(size=64) > 1.0)

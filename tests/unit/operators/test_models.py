@@ -83,7 +83,7 @@ def test_scores_auc_equals_the_exact_rank_statistic_on_distinct_bins():
 
 
 def test_the_propensity_scores_before_it_learns_and_learns_a_separable_signal():
-    model = m.Propensity(warmup=200)
+    model = m.Propensity()
     rng = np.random.default_rng(1)
     for _ in range(60):
         X = rng.random((64, len(m.PROPENSITY_FEATURES)))
