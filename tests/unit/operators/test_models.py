@@ -212,3 +212,19 @@ def test_history_after_a_session_counts_sessions_purchases_and_revenue():
 
 def test_affinity_is_the_share_of_the_top_category():
     assert m.affinity(list("aab")) == 2 / 3 and m.affinity([]) == 0.0
+
+
+def test_the_fading_scaler_follows_a_shift_and_goes_on_from_a_frozen_scaler_s_state():
+    rng = np.random.default_rng(5)
+    scaler = m.FadingScaler(2, fading=0.01)
+    scaler.learn_many(rng.normal([0.0, 10.0], [1.0, 2.0], size=(2000, 2)))
+    # weighted to about the last 100 rows: within a few standard errors of the truth
+    assert scaler.mean == pytest.approx([0.0, 10.0], abs=0.6) and scaler.scale() == pytest.approx([1.0, 2.0], rel=0.3)
+    scaler.learn_many(rng.normal([5.0, 10.0], [1.0, 2.0], size=(1000, 2)))  # the traffic moves
+    assert scaler.mean == pytest.approx([5.0, 10.0], abs=0.6)  # a frozen scaler would still say 0
+    # an earlier release's frozen scaler (sums of its warm-up rows) goes on from its statistics
+    frozen = {"warmup": 4, "n": 4, "sum": [4.0, 8.0], "sumsq": [8.0, 32.0]}
+    restored = m.FadingScaler.from_state(frozen, fading=0.001)
+    assert (restored.n, restored.mean.tolist(), restored.var.tolist()) == (4, [1.0, 2.0], [1.0, 4.0])
+    again = m.FadingScaler.from_state(restored.to_state(), fading=0.5)
+    assert again.fading == 0.001 and again.mean.tolist() == [1.0, 2.0]

@@ -69,3 +69,13 @@ def test_the_drift_benchmark_meets_each_source_after_the_last_with_its_users_apa
     shift = s2[0]["start_ms"] - 5_000
     assert shift % me.DAY_MS == 0 and s2[0]["start_ms"] >= s1[-1]["end_ms"] + me.DAY_MS
     assert s2[0]["end_ms"] - s2[0]["start_ms"] == 60_000
+
+
+def test_under_drift_the_online_propensity_ranks_within_a_tenth_of_the_ceiling_on_every_source():
+    # the drift benchmark (README, "Under drift"): one model through four shops in turn
+    me = _models_eval()
+    report = me.drift(Settings(), me.drift_sources())
+    assert [r["source"] for r in report["sources"]] == ["rees46", "synthetic", "taobao", "synthetic-shifted"]
+    for r in report["sources"]:
+        assert r["online_over_ceiling"] >= 0.9, r
+    assert report["done_when"]["online AUC >= 0.9 x ceiling on every source"]
