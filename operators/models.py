@@ -28,7 +28,7 @@ code can move without breaking savepoints (README, "Model state").
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -307,44 +307,80 @@ class FadingScaler:
 class Scores:
     """Progressive metrics of a probabilistic classifier: ROC AUC from 1,000 score bins
     (ties within a bin count half: off by at most the pairs sharing a bin), log loss,
-    and calibration by tenths of the score."""
+    and calibration by tenths of the score; over every score since the start, and over
+    the last ``RECENT`` (the same figures, with the log loss of a constant at their base
+    rate beside them: what a model that knows nothing would score there)."""
 
     BINS = 1000
+    RECENT = 5000
 
     def __init__(self):
         self.pos = np.zeros(self.BINS, dtype=np.int64)
         self.neg = np.zeros(self.BINS, dtype=np.int64)
         self.score_sum = np.zeros(self.BINS)
         self.log_loss_sum = 0.0
+        # the last RECENT scores and labels, and their bins (added and taken out as they pass)
+        self.recent: deque = deque()
+        self.r_pos = np.zeros(self.BINS, dtype=np.int64)
+        self.r_neg = np.zeros(self.BINS, dtype=np.int64)
+        self.r_score_sum = np.zeros(self.BINS)
+        self.r_log_loss_sum = 0.0
+
+    def _bin(self, p: np.ndarray) -> np.ndarray:
+        return np.minimum((p * self.BINS).astype(np.int64), self.BINS - 1)
+
+    @staticmethod
+    def _losses(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+        q = np.clip(p, 1e-15, 1 - 1e-15)
+        return -np.where(y, np.log(q), np.log(1 - q))
 
     def update_many(self, p: np.ndarray, y: np.ndarray) -> None:
-        b = np.minimum((p * self.BINS).astype(np.int64), self.BINS - 1)
-        self.pos += np.bincount(b[y], minlength=self.BINS)
-        self.neg += np.bincount(b[~y], minlength=self.BINS)
-        self.score_sum += np.bincount(b, weights=p, minlength=self.BINS)
-        q = np.clip(p, 1e-15, 1 - 1e-15)
-        self.log_loss_sum += float(-(np.log(q[y]).sum() + np.log(1 - q[~y]).sum()))
+        p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=bool)
+        b, losses = self._bin(p), self._losses(p, y)
+        for pos, neg, sums in ((self.pos, self.neg, self.score_sum), (self.r_pos, self.r_neg, self.r_score_sum)):
+            pos += np.bincount(b[y], minlength=self.BINS)
+            neg += np.bincount(b[~y], minlength=self.BINS)
+            sums += np.bincount(b, weights=p, minlength=self.BINS)
+        self.log_loss_sum += float(losses.sum())
+        self.r_log_loss_sum += float(losses.sum())
+        self.recent.extend(zip(p.tolist(), y.tolist()))
+        gone = len(self.recent) - self.RECENT
+        if gone > 0:
+            old = [self.recent.popleft() for _ in range(gone)]
+            op, oy = np.array([o[0] for o in old]), np.array([o[1] for o in old], dtype=bool)
+            ob = self._bin(op)
+            self.r_pos -= np.bincount(ob[oy], minlength=self.BINS)
+            self.r_neg -= np.bincount(ob[~oy], minlength=self.BINS)
+            self.r_score_sum -= np.bincount(ob, weights=op, minlength=self.BINS)
+            self.r_log_loss_sum -= float(self._losses(op, oy).sum())
 
     @property
     def samples(self) -> int:
         return int(self.pos.sum() + self.neg.sum())
 
     def roc_auc(self) -> float | None:
-        P, N = self.pos.sum(), self.neg.sum()
+        return self._auc(self.pos, self.neg)
+
+    @staticmethod
+    def _auc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+        P, N = pos.sum(), neg.sum()
         if not P or not N:
             return None
-        below = np.concatenate(([0], np.cumsum(self.neg)[:-1]))  # negatives in lower bins
-        return float((self.pos * (below + self.neg / 2)).sum() / (P * N))
+        below = np.concatenate(([0], np.cumsum(neg)[:-1]))  # negatives in lower bins
+        return float((pos * (below + neg / 2)).sum() / (P * N))
 
     def calibration(self) -> list[dict]:
+        return self._calibration(self.pos, self.neg, self.score_sum)
+
+    def _calibration(self, pos, neg, score_sum) -> list[dict]:
         out = []
         for tenth in range(10):
             s = slice(tenth * self.BINS // 10, (tenth + 1) * self.BINS // 10)
-            n = int(self.pos[s].sum() + self.neg[s].sum())
+            n = int(pos[s].sum() + neg[s].sum())
             if n:
                 out.append({"scores": f"{tenth / 10:.1f}-{(tenth + 1) / 10:.1f}", "sessions": n,
-                            "mean_score": round(float(self.score_sum[s].sum() / n), 4),
-                            "purchase_rate": round(float(self.pos[s].sum() / n), 4)})
+                            "mean_score": round(float(score_sum[s].sum() / n), 4),
+                            "purchase_rate": round(float(pos[s].sum() / n), 4)})
         return out
 
     def metrics(self) -> dict:
@@ -356,17 +392,42 @@ class Scores:
             "roc_auc": round(auc, 6) if auc is not None else None,
             "log_loss": round(self.log_loss_sum / n, 6) if n else None,
             "calibration": self.calibration(),
+            "recent": self.recent_metrics(),
+        }
+
+    def recent_metrics(self) -> dict:
+        """The metrics of the last RECENT scores, and the log loss of a constant score at
+        their base rate."""
+        n = int(self.r_pos.sum() + self.r_neg.sum())
+        positives = int(self.r_pos.sum())
+        auc = self._auc(self.r_pos, self.r_neg)
+        rate = positives / n if n else None
+        constant = (0.0 if rate in (0.0, 1.0) else -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+                    ) if n else None
+        return {
+            "samples": n,
+            "positives": positives,
+            "roc_auc": round(auc, 6) if auc is not None else None,
+            "log_loss": round(self.r_log_loss_sum / n, 6) if n else None,
+            "base_rate_log_loss": round(constant, 6) if constant is not None else None,
+            "calibration": self._calibration(self.r_pos, self.r_neg, self.r_score_sum),
         }
 
     def to_state(self) -> dict:
         return {"pos": self.pos.tolist(), "neg": self.neg.tolist(), "score_sum": self.score_sum.tolist(),
-                "log_loss_sum": self.log_loss_sum}
+                "log_loss_sum": self.log_loss_sum, "recent": [x for p, y in self.recent for x in (p, int(y))]}
 
     @classmethod
     def from_state(cls, s: dict) -> Scores:
+        """Scores from state (an earlier release's have no recent scores: the window starts empty)."""
         scores = cls()
         scores.pos, scores.neg = np.array(s["pos"], dtype=np.int64), np.array(s["neg"], dtype=np.int64)
         scores.score_sum, scores.log_loss_sum = np.array(s["score_sum"]), s["log_loss_sum"]
+        flat = s.get("recent") or []
+        if flat:
+            scores_all, all_sums = (scores.pos.copy(), scores.neg.copy(), scores.score_sum.copy()), scores.log_loss_sum
+            scores.update_many(np.array(flat[0::2], dtype=np.float64), np.array(flat[1::2], dtype=bool))
+            (scores.pos, scores.neg, scores.score_sum), scores.log_loss_sum = scores_all, all_sums
         return scores
 
 

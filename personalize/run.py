@@ -78,7 +78,13 @@ def _metrics(snapshot: dict) -> str:
     if not p.get("samples"):
         return "no sessions scored"
     auc = "n/a (one outcome only)" if p.get("roc_auc") is None else f"{p['roc_auc']:.3f}"
-    return f"{p['samples']} sessions scored, ROC AUC {auc}, log loss {p['log_loss']:.3f} (progressive)"
+    out = f"{p['samples']} sessions scored, ROC AUC {auc}, log loss {p['log_loss']:.3f} (progressive)"
+    r = p.get("recent") or {}
+    if r.get("samples") and r["samples"] < p["samples"]:  # the recent window, when it is not all of them
+        recent_auc = "n/a" if r.get("roc_auc") is None else f"{r['roc_auc']:.3f}"
+        out += (f"; last {r['samples']}: ROC AUC {recent_auc}, log loss {r['log_loss']:.3f} "
+                f"(a constant at their base rate: {r['base_rate_log_loss']:.3f})")
+    return out
 
 
 def _segments(snapshot: dict) -> str:

@@ -228,3 +228,30 @@ def test_the_fading_scaler_follows_a_shift_and_goes_on_from_a_frozen_scaler_s_st
     assert (restored.n, restored.mean.tolist(), restored.var.tolist()) == (4, [1.0, 2.0], [1.0, 4.0])
     again = m.FadingScaler.from_state(restored.to_state(), fading=0.5)
     assert again.fading == 0.001 and again.mean.tolist() == [1.0, 2.0]
+
+
+def test_the_recent_metrics_are_those_of_the_last_scores_only_and_survive_the_state():
+    rng = np.random.default_rng(9)
+    scores = m.Scores()
+    scores.RECENT = 300
+    p = rng.random(1000)
+    y = rng.random(1000) < np.where(np.arange(1000) < 700, 0.1, p)  # the last 300 follow the score
+    for i in range(0, 1000, 64):
+        scores.update_many(p[i:i + 64], y[i:i + 64])
+    recent = scores.recent_metrics()
+    lp, ly = p[-300:], y[-300:]
+    exact = float(np.mean([(a > b) + (a == b) / 2 for a, ya in zip(lp, ly) if ya for b, yb in zip(lp, ly) if not yb]))
+    assert recent["samples"] == 300 and recent["positives"] == int(ly.sum())
+    assert recent["roc_auc"] == pytest.approx(exact, abs=0.01)  # 1,000 bins: ties within a bin count half
+    q = np.clip(lp, 1e-15, 1 - 1e-15)
+    assert recent["log_loss"] == pytest.approx(float(-np.mean(np.where(ly, np.log(q), np.log(1 - q)))), abs=1e-6)
+    rate = ly.mean()
+    assert recent["base_rate_log_loss"] == pytest.approx(-(rate * np.log(rate) + (1 - rate) * np.log(1 - rate)), abs=1e-6)
+    assert sum(c["sessions"] for c in recent["calibration"]) == 300
+    assert scores.metrics()["samples"] == 1000 and scores.metrics()["recent"] == recent
+    restored = m.Scores.from_state(orjson.loads(orjson.dumps(scores.to_state())))
+    restored.RECENT = 300
+    assert restored.recent_metrics() == recent and restored.metrics()["samples"] == 1000
+    # an earlier release's state has no recent scores: the window starts empty
+    old = {k: v for k, v in scores.to_state().items() if k != "recent"}
+    assert m.Scores.from_state(old).recent_metrics()["samples"] == 0
