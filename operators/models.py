@@ -336,13 +336,20 @@ class Scores:
 
     def update_many(self, p: np.ndarray, y: np.ndarray) -> None:
         p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=bool)
-        b, losses = self._bin(p), self._losses(p, y)
-        for pos, neg, sums in ((self.pos, self.neg, self.score_sum), (self.r_pos, self.r_neg, self.r_score_sum)):
-            pos += np.bincount(b[y], minlength=self.BINS)
-            neg += np.bincount(b[~y], minlength=self.BINS)
-            sums += np.bincount(b, weights=p, minlength=self.BINS)
-        self.log_loss_sum += float(losses.sum())
-        self.r_log_loss_sum += float(losses.sum())
+        b = self._bin(p)
+        self.pos += np.bincount(b[y], minlength=self.BINS)
+        self.neg += np.bincount(b[~y], minlength=self.BINS)
+        self.score_sum += np.bincount(b, weights=p, minlength=self.BINS)
+        self.log_loss_sum += float(self._losses(p, y).sum())
+        self._add_recent(p, y)
+
+    def _add_recent(self, p: np.ndarray, y: np.ndarray) -> None:
+        """Add scores to the recent window, taking out those it no longer holds."""
+        b = self._bin(p)
+        self.r_pos += np.bincount(b[y], minlength=self.BINS)
+        self.r_neg += np.bincount(b[~y], minlength=self.BINS)
+        self.r_score_sum += np.bincount(b, weights=p, minlength=self.BINS)
+        self.r_log_loss_sum += float(self._losses(p, y).sum())
         self.recent.extend(zip(p.tolist(), y.tolist()))
         gone = len(self.recent) - self.RECENT
         if gone > 0:
@@ -425,9 +432,7 @@ class Scores:
         scores.score_sum, scores.log_loss_sum = np.array(s["score_sum"]), s["log_loss_sum"]
         flat = s.get("recent") or []
         if flat:
-            scores_all, all_sums = (scores.pos.copy(), scores.neg.copy(), scores.score_sum.copy()), scores.log_loss_sum
-            scores.update_many(np.array(flat[0::2], dtype=np.float64), np.array(flat[1::2], dtype=bool))
-            (scores.pos, scores.neg, scores.score_sum), scores.log_loss_sum = scores_all, all_sums
+            scores._add_recent(np.array(flat[0::2], dtype=np.float64), np.array(flat[1::2], dtype=bool))
         return scores
 
 
