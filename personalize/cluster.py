@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from personalize import logs
+from personalize.flink import tasks_starting
 from personalize.errors import PersonalizeError, ServiceUnavailable
 from personalize.settings import Settings, project_root
 
@@ -342,8 +343,8 @@ def stop_with_savepoint(settings: Settings, job_id: str | None = None, timeout_s
     """Stop a job with a canonical savepoint through the REST API; return the savepoint path."""
     job_id = job_id or running_job(settings)
     target = (settings.state_dir / "cluster" / "savepoints").as_uri()
-    trigger = rest(settings, f"/jobs/{job_id}/stop", {"targetDirectory": target, "drain": False,
-                                                      "formatType": "CANONICAL"})["request-id"]
+    body = {"targetDirectory": target, "drain": False, "formatType": "CANONICAL"}
+    trigger = rest(settings, f"/jobs/{job_id}/stop", body)["request-id"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         answer = rest(settings, f"/jobs/{job_id}/savepoints/{trigger}")
@@ -351,6 +352,10 @@ def stop_with_savepoint(settings: Settings, job_id: str | None = None, timeout_s
             operation = answer.get("operation") or {}
             if "failure-cause" in operation:
                 cause = operation["failure-cause"].get("stack-trace", "")
+                if tasks_starting(cause):  # a stop right after the submission: again, once they run
+                    trigger = rest(settings, f"/jobs/{job_id}/stop", body)["request-id"]
+                    time.sleep(1)
+                    continue
                 raise PersonalizeError(f"the savepoint of job {job_id} failed: {_last_cause(cause)}")
             return operation["location"].removeprefix("file:")
         time.sleep(1)

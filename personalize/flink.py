@@ -213,3 +213,13 @@ def records_read(rest_port: int, job_id: str, timeout_s: float = 2.0) -> int | N
     except (OSError, ValueError, KeyError, IndexError, http.client.HTTPException):
         return None  # not known now (a progress line fewer), never a job failure
     return None
+
+
+def tasks_starting(exc: BaseException | str) -> bool:
+    """Whether Flink refused a checkpoint or savepoint only because some task is not running yet."""
+    return any(reason in str(exc) for reason in _TASKS_STARTING)
+
+
+# what Flink 2.2 says when a savepoint is triggered before every task runs
+# (CheckpointFailureReason.NOT_ALL_REQUIRED_TASKS_RUNNING and DefaultCheckpointPlanCalculator)
+_TASKS_STARTING = ("is not being executed at the moment", "Not all required tasks are currently running")

@@ -18,7 +18,7 @@ import orjson
 
 from personalize import kafkaio, logs, topics
 from personalize.errors import PersonalizeError
-from personalize.flink import find_rest_port, records_read
+from personalize.flink import find_rest_port, records_read, tasks_starting
 from personalize.settings import Settings
 
 log = logs.get(__name__)
@@ -289,8 +289,9 @@ class StopReport:
         ])
 
 
-def _stop_with_savepoint(client, directory: str) -> str:
-    """Stop the job with a canonical savepoint; return its path.
+def _stop_with_savepoint(client, directory: str, timeout_s: float = 120) -> str:
+    """Stop the job with a canonical savepoint; return its path (waiting up to ``timeout_s``
+    for tasks that are still starting).
 
     PyFlink 2.2.1's ``JobClient.stop_with_savepoint`` calls a Java signature that
     no longer exists (the format type became a third argument), so call Java directly.
@@ -298,8 +299,20 @@ def _stop_with_savepoint(client, directory: str) -> str:
     from pyflink.java_gateway import get_gateway
 
     fmt = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
-    path = client._j_job_client.stopWithSavepoint(False, directory, fmt).get()
-    return str(path).removeprefix("file:")
+    deadline, told = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            path = client._j_job_client.stopWithSavepoint(False, directory, fmt).get()
+            return str(path).removeprefix("file:")
+        except Exception as exc:
+            # a stop right after the start: Flink refuses a savepoint while a task is still being
+            # deployed or opening (the models step imports its libraries in open()); try again
+            if not tasks_starting(exc) or time.monotonic() > deadline:
+                raise
+            if not told:
+                told = True
+                log.info("the job's tasks are still starting; the savepoint waits for them")
+            time.sleep(0.5)
 
 
 def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_after_s: float | None = None) -> StopReport:

@@ -326,6 +326,20 @@ def test_unbounded_run_stopped_with_a_savepoint_resumes_without_losing_or_recoun
     check_counts(own, events)
 
 
+def test_unbounded_run_stopped_the_moment_it_runs_waits_for_its_tasks_and_takes_its_savepoint(stack, tmp_path):
+    # Ctrl-C right after the job is submitted: Flink refuses a savepoint while a task is still
+    # being deployed or opening (the models step loads River in open()); the stop waits for them
+    own = job_stack(stack, redis_db=4, PERSONALIZE_STATE_DIR=str(tmp_path / "state"))
+    topics.ensure(own.settings, [own.settings.topic_events], local_stack=True)
+    proc = _start(own)
+    lines = iter(proc.stdout.readline, "")
+    assert any(line.startswith("job ") and " running" in line for line in lines), proc.stderr.read()[-3000:]
+    out = _interrupt(proc)
+    assert "savepoint " in out and "stopped with       " in out
+    saved = out.split("savepoint ", 1)[1].split()[0]
+    assert Path(saved, "_metadata").is_file()
+
+
 def test_profile_command_prints_json_and_says_so_for_an_unknown_user(rees46):
     own, _ = rees46
     done = own.cli("profile", "541312140")
