@@ -199,8 +199,13 @@ def _close_chunk(models: m.Models, histories: dict, sessions: list[dict], settin
         elif history.segment is not None:  # consent withdrawn: the user leaves its segment
             models.segment_sizes[history.segment] -= 1
             history.segment, history.pending, history.pending_count = None, None, 0
-        due = triggers.abandonment(session, settings.session_gap_ms, propensity, segment)
-        trigger = codecs["trigger"].encode(due) if due is not None else None
+        if "trigger_prefix" in session:  # the JVM's part of the trigger due (None: none due)
+            prefix = session["trigger_prefix"]
+            trigger = triggers.complete(codecs["trigger"].header, prefix, propensity, segment,
+                                        closed_ms) if prefix else None
+        else:  # a row of an earlier release: the whole trigger here
+            due = triggers.abandonment(session, settings.session_gap_ms, propensity, segment)
+            trigger = codecs["trigger"].encode(due) if due is not None else None
         models.sessions += 1
         models.updated_ms = max(models.updated_ms, closed_ms)
         profile = orjson.dumps(fields) if fields is not None else None

@@ -60,7 +60,8 @@ class Codec:
         raw = json.loads((HERE / f"{name}.avsc").read_text())
         self.schema = parse_schema(raw)
         self.fingerprint = _fingerprint(self.schema)
-        self._header = MARKER + self.fingerprint
+        # the single-object header every record of this schema starts with
+        self.header = self._header = MARKER + self.fingerprint
         self._reader = parse_schema(_without_logical_types(raw))
         # writer schemas by fingerprint, read without logical types (see above)
         self.writers: dict[bytes, dict] = {self.fingerprint: self._reader}

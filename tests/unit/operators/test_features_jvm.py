@@ -21,7 +21,8 @@ import numpy as np
 import pyflink
 import pytest
 
-from operators import decode, models as m
+import schemas
+from operators import decode, models as m, triggers
 from operators.sessions import unpack
 from personalize import jars, produce
 from personalize.settings import Settings
@@ -56,6 +57,12 @@ def corpus() -> list[list[list[list]]]:
         ["product_view", "p3", "c1", 70, 1, True, t + 5 * 3_600_000 + 3]]])
     users.append([[["page_view", None, None, None, 1, False, t]],  # not consented: not in the history
                   [["search", None, None, None, 1, True, t + 3_600_000]]])
+    # a cart of 120 lines (a trigger lists the 100 most valuable), ids beyond ASCII and the BMP
+    # (Python orders them by code point), a price of 0 and a line removed again
+    ids = [f"p{i:03d}" for i in range(117)] + ["ü", "😀", "！"]
+    users.append([[["add_to_cart", pid, "c9", (i * 7919) % 100_000, 1 + i % 3, True, t + i]
+                   for i, pid in enumerate(ids)]
+                  + [["remove_from_cart", "p005", "c9", None, 9, True, t + 200]]])
     return users
 
 
@@ -113,6 +120,29 @@ def test_the_live_and_closed_features_of_every_session_equal_the_python_twin_s_f
     assert sum(len(u) for u in users) > 900
 
 
+def test_the_trigger_the_jvm_begins_and_the_models_step_completes_is_the_python_record_s_bytes(jvm):
+    users, _, rows = jvm
+    codec = schemas.codec("trigger")
+    rng = random.Random(5)
+    closed = [unpack(r["packed"]) for r in rows if "packed" in r]
+    due = 0
+    for session in closed:
+        # what the models step adds: a propensity (none without consent), a segment or none
+        propensity = None if rng.random() < 0.3 else round(rng.random(), 6)
+        segment = rng.choice([None, "s0", "s3", "ségment"])
+        record = triggers.abandonment(session, GAP_MS, propensity, segment)
+        if record is None:
+            assert session["trigger_prefix"] is None
+            continue
+        due += 1
+        got = triggers.complete(codec.header, session["trigger_prefix"], propensity, segment,
+                                session["end_ms"] + GAP_MS)
+        assert got == codec.encode(record), record
+    assert due > 50
+    big = codec.decode(triggers.complete(codec.header, closed[-1]["trigger_prefix"], None, None, 0))
+    assert len(big["cart"]) == triggers.MAX_CART_LINES
+
+
 def test_the_jvm_scores_the_features_as_the_python_model_does(jvm):
     _, model, rows = jvm
     live = [r for r in rows if "features" in r]
@@ -123,5 +153,5 @@ def test_the_jvm_scores_the_features_as_the_python_model_does(jvm):
 
 
 def test_a_snapshot_without_a_model_scores_nothing(tmp_path):
-    rows = run_jvm(tmp_path, {"propensity": {}}, corpus()[-1:])
+    rows = run_jvm(tmp_path, {"propensity": {}}, corpus()[-2:-1])
     assert [r["score"] for r in rows if "features" in r] == [None, None]

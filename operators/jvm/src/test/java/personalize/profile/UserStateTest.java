@@ -25,6 +25,15 @@ class UserStateTest {
         return new UserState.Event("u1", type, product, category, cents, quantity, consent, true, t, 0);
     }
 
+    /** A packed row's features: base64 of little-endian doubles. */
+    static double[] doubles(String base64) {
+        java.nio.DoubleBuffer in = java.nio.ByteBuffer.wrap(java.util.Base64.getDecoder().decode(base64))
+                .order(java.nio.ByteOrder.LITTLE_ENDIAN).asDoubleBuffer();
+        double[] out = new double[in.remaining()];
+        in.get(out);
+        return out;
+    }
+
     static UserState run(UserState.Event... events) {
         UserState u = new UserState();
         for (UserState.Event e : events) {
@@ -91,7 +100,7 @@ class UserStateTest {
         assertNull(u.current());
         assertEquals(-1, u.nextCloseMs(GAP));
         String[] cols = closed.get(0).packed("u1", 0).split("\u001d", -1);
-        assertEquals(21, cols.length);
+        assertEquals(22, cols.length);
         assertEquals("u1", cols[0]);
         assertEquals(Long.toString(T0), cols[1]);
         assertEquals(Long.toString(T0 + 60_000), cols[2]);
@@ -255,22 +264,22 @@ class UserStateTest {
         String[] first = closed.get(0).packed("u1", 0).split("\u001d", -1);
         String[] second = closed.get(1).packed("u1", 0).split("\u001d", -1);
         String[] third = closed.get(2).packed("u1", 0).split("\u001d", -1);
-        assertEquals(Features.COUNT, first[19].split("\u001f").length);
-        assertEquals("1.0", first[19].split("\u001f")[0]); // no session before it
+        assertEquals(Features.COUNT, doubles(first[19]).length);
+        assertEquals(1.0, doubles(first[19])[0]); // no session before it
         assertEquals("", second[19]); // without consent: no features, not in the history
         assertEquals("", second[20]);
-        String[] propensity = third[19].split("\u001f");
-        assertEquals("0.0", propensity[0]); // one consented session before it
-        assertEquals(Double.toString(Math.log1p(1)), propensity[1]);
-        assertEquals("1.0", propensity[2]); // it bought
-        String[] segment = third[20].split("\u001f");
+        double[] propensity = doubles(third[19]);
+        assertEquals(0.0, propensity[0]); // one consented session before it
+        assertEquals(Math.log1p(1), propensity[1]);
+        assertEquals(1.0, propensity[2]); // it bought
+        double[] segment = doubles(third[20]);
         assertEquals(6, segment.length);
         // after it: two sessions and 5.00 of revenue; recency from the first one's end, 3 gaps before
-        assertEquals(Double.toString(Math.log1p(3 * GAP / 3_600_000.0)), segment[0]);
-        assertEquals(Double.toString(Math.log1p(2)), segment[1]);
-        assertEquals(Double.toString(Math.log1p(5.0)), segment[2]);
-        assertEquals(Double.toString(Math.log1p(1)), segment[4]); // one cart add
-        assertEquals("1.0", segment[5]); // every categorised event in one category
+        assertEquals(Math.log1p(3 * GAP / 3_600_000.0), segment[0]);
+        assertEquals(Math.log1p(2), segment[1]);
+        assertEquals(Math.log1p(5.0), segment[2]);
+        assertEquals(Math.log1p(1), segment[4]); // one cart add
+        assertEquals(1.0, segment[5]); // every categorised event in one category
     }
 
     @Test
