@@ -10,11 +10,11 @@ order must give). The line's price is the latest add's price.
 
 from __future__ import annotations
 
-import struct
 import uuid
 from base64 import b64decode
 from decimal import Decimal
 
+import schemas
 from operators.sessions import FIELD_SEP, ITEM_SEP
 
 KIND = "cart_abandonment"
@@ -103,26 +103,8 @@ def complete(header: bytes, prefix: str, propensity: float | None, segment: str 
     the models step adds: propensity, segment, the close's time; ``header`` is the schema's
     single-object header. The same bytes as encoding ``abandonment``'s record (held by
     tests/unit/operators/test_features_jvm.py)."""
-    out = [header, b64decode(prefix)]
-    out.append(b"\x00" if propensity is None else b"\x02" + struct.pack("<d", propensity))
-    if segment is None:
-        out.append(b"\x00")
-    else:
-        name = segment.encode()
-        out += (b"\x02", _zigzag(len(name)), name)
-    out.append(_zigzag(emitted_ms))
-    return b"".join(out)
-
-
-def _zigzag(n: int) -> bytes:
-    """Avro's long: zigzag, then 7 bits a byte, the least significant first."""
-    z = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while z & ~0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
+    return b"".join((header, b64decode(prefix), schemas.optional_double_bytes(propensity),
+                     schemas.optional_string_bytes(segment), schemas.long_bytes(emitted_ms)))
 
 
 def _money(value) -> str:

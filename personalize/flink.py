@@ -65,6 +65,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# numpy's and SciPy's OpenBLAS start a thread per core when loaded, and each spins for a
+# while after every call it shares out. The models' matrices are a mini-batch by 19: nothing
+# to share, but the spinning thread took ~7 of make bench's ~80 core-s (44.0 -> 36.9 s
+# end to end with it off; it carries the name of the Flink task thread that imported numpy
+# first). The job's Python runs inside this JVM (thread mode), which inherits the variable.
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def single_threaded_blas() -> None:
+    """One BLAS thread for whatever loads numpy after this (a value already set wins)."""
+    for name in BLAS_THREADS:
+        os.environ.setdefault(name, "1")
+
+
 def environments(settings: Settings, *, checkpoint_interval_ms: int | None = None, parallelism: int | None = None,
                  bounded: bool = False, restore_from: str | None = None, rest_port: int | None = None):
     """A ``StreamExecutionEnvironment`` and its ``StreamTableEnvironment``, configured.
@@ -85,6 +99,7 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     log_dir(settings).mkdir(parents=True, exist_ok=True)
     os.environ["FLINK_LOG_DIR"] = str(log_dir(settings))
     os.environ.setdefault("JVM_ARGS", jvm_args(settings))
+    single_threaded_blas()
 
     config = Configuration()
     config.set_string("pipeline.jars", ";".join(j.resolve().as_uri() for j in connector_jars))

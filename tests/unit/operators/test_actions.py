@@ -160,3 +160,14 @@ def test_tombstones_delete_every_profile_part_and_the_user_s_output_keys_under_t
 def test_the_sessions_part_carries_its_epoch_for_the_loader():
     out = close(m.Models.new(k=2, batch=2), {}, session("u1", 0, epoch=777))
     assert out[0]["profile"]["epoch"] == 777
+
+
+def test_a_segment_change_written_field_by_field_is_fastavro_s_record():
+    codec = CODECS["segment_change"]
+    for user, old, new, name, at, version in (
+            ("u1", None, "s0", None, 0, "minibatch-kmeans-k4-b0"),
+            ("ü😀", "s3", "s1", "big spender, frequent visitor", 1_700_000_000_123, "v"),
+            ("u" * 300, "s1", "s2", "", -5, "minibatch-kmeans-k4-b123456")):
+        record = {"user_id": user, "old_segment": old, "new_segment": new, "new_segment_name": name,
+                  "changed_ms": at, "model_version": version}
+        assert actions.segment_change(codec.header, user, old, new, name, at, version) == codec.encode(record)

@@ -149,3 +149,23 @@ def test_a_newer_writer_with_an_added_defaulted_field_is_refused_until_kept():
     with pytest.raises(DecodeError) as info:
         schemas.codec("user_event").decode(newer.encode(event(coupon="X")))
     assert "unknown schema fingerprint" in info.value.reason
+
+
+def test_the_hand_written_avro_kinds_are_fastavro_s_bytes():
+    import io
+
+    import fastavro
+
+    def fast(schema, value):
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, parse_schema(schema), value)
+        return out.getvalue()
+
+    for n in (0, 1, -1, 63, 64, -64, -65, 1_700_000_000_000, -1_700_000_000_000, 2**62, -(2**63), 2**63 - 1):
+        assert schemas.long_bytes(n) == fast("long", n)
+    for s in ("", "a", "ü😀", "x" * 200):
+        assert schemas.string_bytes(s) == fast("string", s)
+        assert schemas.optional_string_bytes(s) == fast(["null", "string"], s)
+    assert schemas.optional_string_bytes(None) == fast(["null", "string"], None)
+    for x in (None, 0.0, 0.123456, 1.0, -2.5e-300):
+        assert schemas.optional_double_bytes(x) == fast(["null", "double"], x)
