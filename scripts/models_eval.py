@@ -304,7 +304,10 @@ def drift(settings: Settings, sources: list[tuple[str, list[dict]]]) -> dict:
                             "log_loss": round(log_loss(wp, wy), 4), "constant_log_loss": round(float(constant), 4)})
         users = {s["user_id"] for s in sessions}
         segments = [histories[u].segment for u in users if u in histories and histories[u].segment]
-        shares = {sid: round(segments.count(sid) / len(segments), 4) for sid in sorted(set(segments))}
+        # every segment the model has, an empty one at 0 (it fails the 3 % bar: a segment no user
+        # of the source is in tells that source's users apart no better than a missing one)
+        shares = {m.Segmenter.sid(i): round(segments.count(m.Segmenter.sid(i)) / len(segments), 4) if segments else 0.0
+                  for i in range(models.segmenter.k)}
         report.append({
             "source": name, "sessions": len(sessions), "consented_sessions": len(y),
             "base_rate": round(float(y.mean()), 4) if len(y) else None,
