@@ -23,7 +23,6 @@ import numpy as np
 import orjson
 
 import schemas
-
 from operators import models as m
 from operators import triggers
 from operators.sessions import COLUMN_SEP, unpack
