@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import orjson
@@ -335,33 +335,41 @@ class Scores:
         q = np.clip(p, 1e-15, 1 - 1e-15)
         return -np.where(y, np.log(q), np.log(1 - q))
 
+    def _tally(self, p: np.ndarray, y: np.ndarray) -> tuple:
+        """Positives and negatives per bin, scores per bin, and the log loss summed, of some scores."""
+        b = self._bin(p)
+        return (np.bincount(b[y], minlength=self.BINS), np.bincount(b[~y], minlength=self.BINS),
+                np.bincount(b, weights=p, minlength=self.BINS), float(self._losses(p, y).sum()))
+
     def update_many(self, p: np.ndarray, y: np.ndarray) -> None:
         p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=bool)
-        b = self._bin(p)
-        self.pos += np.bincount(b[y], minlength=self.BINS)
-        self.neg += np.bincount(b[~y], minlength=self.BINS)
-        self.score_sum += np.bincount(b, weights=p, minlength=self.BINS)
-        self.log_loss_sum += float(self._losses(p, y).sum())
-        self._add_recent(p, y)
+        tally = self._tally(p, y)
+        pos, neg, score_sum, loss = tally
+        self.pos += pos
+        self.neg += neg
+        self.score_sum += score_sum
+        self.log_loss_sum += loss
+        self._add_recent(p, y, tally)
 
-    def _add_recent(self, p: np.ndarray, y: np.ndarray) -> None:
-        """Add scores to the recent window, taking out those it no longer holds."""
-        b = self._bin(p)
-        self.r_pos += np.bincount(b[y], minlength=self.BINS)
-        self.r_neg += np.bincount(b[~y], minlength=self.BINS)
-        self.r_score_sum += np.bincount(b, weights=p, minlength=self.BINS)
-        self.r_log_loss_sum += float(self._losses(p, y).sum())
+    def _add_recent(self, p: np.ndarray, y: np.ndarray, tally: tuple | None = None) -> None:
+        """Add scores to the recent window (``tally``: theirs, when already counted), taking out
+        those it no longer holds."""
+        pos, neg, score_sum, loss = tally if tally is not None else self._tally(p, y)
+        self.r_pos += pos
+        self.r_neg += neg
+        self.r_score_sum += score_sum
+        self.r_log_loss_sum += loss
         # each as (score, 0/1): the state's flat list is then one chain of them
         self.recent.extend(zip(p.tolist(), y.astype(np.int64).tolist()))
         gone = len(self.recent) - self.RECENT
         if gone > 0:
             old = [self.recent.popleft() for _ in range(gone)]
-            op, oy = np.array([o[0] for o in old]), np.array([o[1] for o in old], dtype=bool)
-            ob = self._bin(op)
-            self.r_pos -= np.bincount(ob[oy], minlength=self.BINS)
-            self.r_neg -= np.bincount(ob[~oy], minlength=self.BINS)
-            self.r_score_sum -= np.bincount(ob, weights=op, minlength=self.BINS)
-            self.r_log_loss_sum -= float(self._losses(op, oy).sum())
+            pos, neg, score_sum, loss = self._tally(np.array([o[0] for o in old]),
+                                                    np.array([o[1] for o in old], dtype=bool))
+            self.r_pos -= pos
+            self.r_neg -= neg
+            self.r_score_sum -= score_sum
+            self.r_log_loss_sum -= loss
 
     @property
     def samples(self) -> int:
