@@ -94,6 +94,17 @@ def _profile(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from personalize import serve
+
+    if args.host:
+        settings = dataclasses.replace(settings, api_host=args.host)
+    if args.port:
+        settings = dataclasses.replace(settings, api_port=args.port)
+    serve.serve(settings)
+    return 0
+
+
 def _forget(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
 
@@ -323,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user_id")
     p.set_defaults(func=_profile)
 
+    p = sub.add_parser("serve", help="the HTTP API: profiles, recommendations, segments, interventions (SSE)")
+    p.add_argument("--host", help="override PERSONALIZE_API_HOST (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="override PERSONALIZE_API_PORT (default 8000)")
+    p.set_defaults(func=_serve)
+
     p = sub.add_parser("forget", help="forget a user: profile, triggers and the job's state (an erasure request)")
     p.add_argument("user_id", help="the raw id (its pseudonym is applied under PERSONALIZE_PSEUDONYM_KEY)")
     p.add_argument("--wait", type=_non_negative, default=0, metavar="SECONDS",
@@ -381,6 +397,13 @@ def _positive(text: str) -> int:
     value = _non_negative(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port between 1 and 65535, got {value}")
     return value
 
 

@@ -169,9 +169,19 @@ class Settings:
     max_parallelism: int = 128
     # logs: "console" or "json"
     log_format: str = "console"
+    # the HTTP API (`personalize serve`, personalize/serve.py): where it listens (loopback by
+    # default), the bearer tokens every /v1 route requires (comma-separated: several at once
+    # while one is rotated out; secrets), the browser origins CORS allows (comma-separated;
+    # none: CORS off), and the loader's lag in records beyond which /readyz answers 503 (0: not checked)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_tokens: str = dataclasses.field(default="", repr=False)
+    api_cors_origins: str = ""
+    api_max_loader_lag: int = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("kafka_port", "kafka_controller_port", "redis_port", "flink_rest_port", "flink_rpc_port"):
+        for name in ("kafka_port", "kafka_controller_port", "redis_port", "flink_rest_port", "flink_rpc_port",
+                     "api_port"):
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise ConfigError(f"{env_name(name)} must be a port between 1 and 65535, got {port}")
@@ -227,6 +237,15 @@ class Settings:
         for name in ("kafka_sasl_username", "kafka_sasl_password"):
             if '"' in getattr(self, name) or "\\" in getattr(self, name):
                 raise ConfigError(f"{env_name(name)} may not hold a double quote or a backslash (JAAS quoting)")
+        if self.api_max_loader_lag < 0:
+            raise ConfigError(f"PERSONALIZE_API_MAX_LOADER_LAG must be 0 (not checked) or more, got {self.api_max_loader_lag}")
+        short = [t for t in self.api_token_list if len(t) < 16 or any(c.isspace() for c in t)]
+        if short:
+            raise ConfigError(f"PERSONALIZE_API_TOKENS must be comma-separated tokens of at least 16 characters "
+                              f"without spaces (random secrets), got one of {len(short[0])}")
+        bad_origin = next((o for o in self.api_cors_origin_list if o != "*" and "://" not in o), None)
+        if bad_origin is not None:
+            raise ConfigError(f"PERSONALIZE_API_CORS_ORIGINS must be origins such as https://shop.example, got {bad_origin!r}")
         if self.pseudonym_key and len(self.pseudonym_key) < 16:
             raise ConfigError(f"PERSONALIZE_PSEUDONYM_KEY must be at least 16 characters (a random secret), "
                               f"got {len(self.pseudonym_key)}")
@@ -253,10 +272,19 @@ class Settings:
         return self.kafka_security_protocol in ("SSL", "SASL_SSL")
 
     @property
+    def api_token_list(self) -> tuple[str, ...]:
+        """The API's bearer tokens (``api_tokens``, comma-separated)."""
+        return tuple(t.strip() for t in self.api_tokens.split(",") if t.strip())
+
+    @property
+    def api_cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.api_cors_origins.split(",") if o.strip())
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret these settings hold: never printed or logged (``redact``)."""
         found = [self.kafka_sasl_password, self.redis_password, urlsplit(self.redis_url).password or "",
-                 self.pseudonym_key]
+                 self.pseudonym_key, *self.api_token_list]
         return tuple(s for s in found if s)
 
     @property

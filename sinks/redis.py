@@ -365,6 +365,46 @@ def withdrawn_at(mark: bytes | None) -> int | None:
     return NO_TIME if mark == b"1" else int(mark)
 
 
+def loader_topics(settings: Settings) -> list[str]:
+    """The topics the loaders apply to Redis."""
+    s = settings
+    return [s.topic_profile_live, s.topic_profile_updates, s.topic_trending, s.topic_triggers,
+            s.topic_triggers_live, s.topic_model_snapshots, s.topic_erasures]
+
+
+def committed_ends(settings: Settings, topics: list[str] | None = None, timeout_s: float = 15) -> tuple[dict, dict]:
+    """The committed ends (last stable offsets) and the beginnings of every partition of
+    ``topics`` (default: the loaders' topics that exist), now, as {(topic, partition): offset}."""
+    from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
+    from confluent_kafka.admin import AdminClient, OffsetSpec
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, **credentials.librdkafka(settings)})
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"Kafka does not answer at {settings.bootstrap_servers} "
+                                 f"({exc.args[0].str()})") from None
+    wanted = loader_topics(settings) if topics is None else topics
+    tps = [TopicPartition(t, p) for t in wanted if t in metadata.topics for p in metadata.topics[t].partitions]
+    if not tps:
+        return {}, {}
+    out = []
+    for spec in (OffsetSpec.latest(), OffsetSpec.earliest()):
+        futures = admin.list_offsets({tp: spec for tp in tps}, isolation_level=IsolationLevel.READ_COMMITTED,
+                                     request_timeout=timeout_s)
+        out.append({(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()})
+    return out[0], out[1]
+
+
+def loader_lag(settings: Settings, stored: dict, timeout_s: float = 5) -> int:
+    """Records of the job's committed output the loaders have not applied: per partition of
+    their topics, its committed end less the offset Redis holds (``stored``: the offsets
+    hash, ``{"topic:partition": offset}``), summed."""
+    ends, begins = committed_ends(settings, timeout_s=timeout_s)
+    held = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in stored.items()}
+    return sum(max(0, end - max(held.get(f"{t}:{p}", -1), begins[(t, p)])) for (t, p), end in ends.items())
+
+
 @dataclass
 class LoadStats:
     records: int = 0
@@ -424,9 +464,7 @@ class Materializer:
 
     # -- Kafka ---------------------------------------------------------------------------
     def _topics(self) -> list[str]:
-        s = self.settings
-        return [s.topic_profile_live, s.topic_profile_updates, s.topic_trending, s.topic_triggers,
-                s.topic_triggers_live, s.topic_model_snapshots, s.topic_erasures]
+        return loader_topics(self.settings)
 
     def _open(self):
         from confluent_kafka import Consumer, KafkaException
@@ -581,21 +619,7 @@ class Materializer:
     def _ends(self) -> tuple[dict, dict]:
         """The committed ends (last stable offsets) and the beginnings of every partition of
         the subscribed topics, now."""
-        from confluent_kafka import IsolationLevel, TopicPartition
-        from confluent_kafka.admin import AdminClient, OffsetSpec
-
-        admin = AdminClient({"bootstrap.servers": self.settings.bootstrap_servers,
-                             **credentials.librdkafka(self.settings)})
-        metadata = admin.list_topics(timeout=15)
-        tps = [TopicPartition(t, p) for t in self.subscribed for p in metadata.topics[t].partitions]
-        if not tps:
-            return {}, {}
-        out = []
-        for spec in (OffsetSpec.latest(), OffsetSpec.earliest()):
-            futures = admin.list_offsets({tp: spec for tp in tps}, isolation_level=IsolationLevel.READ_COMMITTED,
-                                         request_timeout=15)
-            out.append({(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()})
-        return out[0], out[1]
+        return committed_ends(self.settings, self.subscribed)
 
     # -- the two ways to run ---------------------------------------------------------------
     def drain(self, timeout_s: float = 600) -> LoadStats:

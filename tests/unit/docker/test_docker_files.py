@@ -21,9 +21,13 @@ def compose() -> dict:
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
-def test_compose_has_kafka_redis_a_jobmanager_a_taskmanager_a_one_shot_submit_and_the_loader():
+def test_compose_has_kafka_redis_a_jobmanager_a_taskmanager_a_one_shot_submit_the_loader_and_the_api():
     services = compose()["services"]
-    assert set(services) == {"kafka", "redis", "jobmanager", "taskmanager", "submit", "loader"}
+    assert set(services) == {"kafka", "redis", "jobmanager", "taskmanager", "submit", "loader", "api"}
+    assert services["api"]["command"] == ["serve", "--host", "0.0.0.0"]
+    api_env = services["api"]["environment"]
+    assert {k: v for k, v in api_env.items() if k != "PERSONALIZE_API_TOKENS"} == compose()["x-job-env"]
+    assert api_env["PERSONALIZE_API_TOKENS"].startswith("${API_TOKENS:?")  # no default token
     assert services["submit"]["command"] == ["submit"] and services["submit"]["restart"] == "no"
     assert services["loader"]["command"] == ["load", "--follow"]
     assert services["jobmanager"]["command"] == ["jobmanager"]
@@ -51,7 +55,7 @@ def test_compose_settings_are_settings_the_code_reads_and_its_topics_are_the_con
 def test_compose_publishes_ports_on_loopback_only_and_redis_requires_a_password():
     services = compose()["services"]
     published = [(name, port) for name, svc in services.items() for port in svc.get("ports", ())]
-    assert {name for name, _ in published} == {"kafka", "redis", "jobmanager"}
+    assert {name for name, _ in published} == {"kafka", "redis", "jobmanager", "api"}
     for name, port in published:
         assert port.startswith("127.0.0.1:") and port.count(":") == 2, (name, port)
     redis = services["redis"]
