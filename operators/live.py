@@ -69,6 +69,9 @@ LIVE_COLUMNS = (
     ("revenue", "STRING"),
     ("updated_ms", "BIGINT"),
     ("active_hours", "STRING"),
+    # the newest distinct products bought with personalization consent, newest first (a JSON
+    # array of ids, at most UserState.BOUGHT_KEPT; absent before the first purchase)
+    ("purchased_products", "STRING"),
 )
 # the fields of the session in progress as Redis holds them: a change without a session
 # open deletes them from the profile

@@ -8,7 +8,7 @@ typed JSON (numbers as numbers, lists as lists) instead of the hash's strings:
   whose latest event withdrew personalization consent: the loader deletes those)
 - ``GET /v1/users/{user_id}/recommendations?n=10``: the products trending in the user's
   categories (the session in progress's top category first, then the closed sessions' top
-  three), most viewed first, without the products in the user's cart; for a user without
+  three), most viewed first, without the products in the user's cart or bought; for a user without
   a profile or categories the global trending products (cold start)
 - ``GET /v1/segments`` and ``GET /v1/models``: from the newest model snapshot
 - ``GET /v1/interventions/stream?user_id=``: the user's triggers as server-sent events as
@@ -74,6 +74,8 @@ def _typed(name: str, value: str) -> Any:
         return float(value)
     if name in _INT_LISTS:
         return [int(x) for x in value.split(",")] if value else []
+    if name == "purchased_products":
+        return [str(x) for x in orjson.loads(value)]
     if name == "session_cart":
         return [{"product_id": line["product_id"], "quantity": int(line["quantity"]), "price": float(line["price"])}
                 for line in orjson.loads(value)]
@@ -374,13 +376,15 @@ def create_app(settings: Settings):
 
     @app.get(API_PREFIX + "/users/{user_id}/recommendations", dependencies=v1, response_model=Recommendations)
     async def recommendations(user_id: str, n: int = Query(10, ge=1, le=MAX_RECOMMENDATIONS)) -> Response:
-        """Products trending in the user's categories, without those in the user's cart; the
+        """Products trending in the user's categories, without those in the user's cart or bought; the
         global trending products for a user without a profile or categories (cold start)."""
         raw = await db.hgetall(loader.PROFILE_PREFIX + settings.user_key(user_id))
         profile = typed_profile(raw) if raw else {}
         categories = user_categories(profile)
         cart = (profile.get("session") or {}).get("cart") or []
-        exclude = {line["product_id"] for line in cart if isinstance(line, dict)}
+        bought = profile.get("purchased_products")
+        exclude = {line["product_id"] for line in cart if isinstance(line, dict)} | set(
+            bought if isinstance(bought, list) else ())
         items: list[dict] = []
         if categories:
             pipe = db.pipeline(transaction=False)

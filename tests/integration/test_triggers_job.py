@@ -377,6 +377,17 @@ def expected_profile_fields(events: list[dict], recent_ms: int, slide_ms: int) -
     return out
 
 
+def expected_purchased(events: list[dict], kept: int = 20) -> dict[str, list[str]]:
+    """Per user: the ``kept`` newest distinct products bought with personalization consent,
+    newest first (a product at the time of its newest purchase; ties by id)."""
+    newest: dict[str, dict[str, int]] = defaultdict(dict)
+    for e in events:
+        if e["event_type"] == "purchase" and e["consent_personalization"] and e["product_id"]:
+            held = newest[e["user_id"]]
+            held[e["product_id"]] = max(held.get(e["product_id"], e["event_time"]), e["event_time"])
+    return {u: [p for p, _ in sorted(b.items(), key=lambda pt: (-pt[1], pt[0]))[:kept]] for u, b in newest.items()}
+
+
 def expected_trending(events: list[dict], window_ms: int, top_n: int) -> dict[str, dict[str, float]]:
     """trending:{category}: the newest tumbling window with analytics-consented product views of
     the category, its top products by views (ties by product id)."""
@@ -399,7 +410,11 @@ def test_every_profile_field_and_the_trending_keys_equal_an_independent_computat
     want = expected_profile_fields(events, s.recent_window_ms, s.recent_slide_ms)
     got = profiles(own)
     assert set(got) == set(want)
-    models_fields = {"propensity", "segment", "segment_name", "version"}
+    models_fields = {"propensity", "segment", "segment_name", "version", "purchased_products"}
+    bought = expected_purchased(events)
+    assert {u: json.loads(p["purchased_products"]) for u, p in got.items() if "purchased_products" in p} == \
+        {u: b for u, b in bought.items() if u in want}
+    assert any(len(b) > 1 for b in bought.values())
     # the version: the newest event time x 10,000 + the changes since (closes, older events)
     newest = {u: max(e["event_time"] for e in events if e["user_id"] == u) for u in want}
     assert {u: int(p["version"]) // 10_000 for u, p in got.items()} == newest

@@ -50,13 +50,13 @@ public final class LiveStateFunction extends KeyedProcessFunction<String, RowDat
                 + "session_start_ms BIGINT, session_events BIGINT, session_product_views BIGINT, "
                 + "session_products BIGINT, session_cart STRING, session_cart_value STRING, "
                 + "session_last_cart_add_ms BIGINT, session_top_category STRING, session_propensity STRING, "
-                + "revenue STRING, updated_ms BIGINT, active_hours STRING, session STRING>";
+                + "revenue STRING, updated_ms BIGINT, active_hours STRING, purchased_products STRING, session STRING>";
     public static final String LIVE = "live";
     public static final String CLOSED = "closed";
     private static final StringData LIVE_KIND = StringData.fromString(LIVE);
     private static final StringData CLOSED_KIND = StringData.fromString(CLOSED);
     /** the output row's width: the user id, then the columns of OUTPUT */
-    public static final int WIDTH = 34;
+    public static final int WIDTH = 35;
 
     /** where the function reads an event's fields in its input row */
     public record Fields(int userId, int type, int product, int category, int price, int quantity,
@@ -228,6 +228,7 @@ public final class LiveStateFunction extends KeyedProcessFunction<String, RowDat
         row.setField(30, s(Json.cents(u.revenueCents())));
         row.setField(31, u.lastSeenMs());
         row.setField(32, s(u.activeHours(3)));
+        row.setField(33, s(u.boughtJson()));
         return row;
     }
 

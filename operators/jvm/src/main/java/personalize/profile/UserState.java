@@ -24,8 +24,13 @@ public final class UserState {
     static final int PAGE_VIEW = 0, PRODUCT_VIEW = 1, ADD = 2, REMOVE = 3, CHECKOUT = 4, PURCHASE = 5, SEARCH = 6;
     /** changes a version counts within one newest event time (version = newest time * this + changes). */
     public static final long CHANGES_PER_MS = 10_000L;
-    /** the state bytes' format: 2 adds {@link #sessionTimerMs} (format 1 reads as -1, none known) */
-    private static final int FORMAT = 2;
+    /**
+     * the state bytes' format: 2 adds {@link #sessionTimerMs} (format 1 reads as -1, none known),
+     * 3 the products bought (formats 1 and 2 read with none: the list starts at the upgrade)
+     */
+    private static final int FORMAT = 3;
+    /** the products bought a user's profile lists (the newest distinct ones) */
+    public static final int BOUGHT_KEPT = 20;
     static final char FIELD_SEP = '\u001f', ITEM_SEP = '\u001e', COLUMN_SEP = '\u001d';
 
     /** One decoded event, as the job's SQL hands it to the function. */
@@ -66,6 +71,9 @@ public final class UserState {
     // -- closed sessions with personalization consent, as the models fold them (Features.History)
     long histSessions, histPurchaseSessions, histRevenueCents;
     long histLastEndMs = -1;
+    // -- the newest distinct products bought with personalization consent (newest first; ties by id)
+    final List<String> boughtIds = new ArrayList<>();
+    final List<Long> boughtMs = new ArrayList<>();
 
     /** The version of the state: the newest event time, then the changes made since. */
     public long version() {
@@ -435,6 +443,9 @@ public final class UserState {
             if (type == PURCHASE && e.quantity() != null) {
                 revenueCents += (e.priceCents() == null ? 0 : e.priceCents()) * e.quantity();
             }
+            if (type == PURCHASE && e.productId() != null && !e.productId().isEmpty()) {
+                bought(e.productId(), e.timeMs());
+            }
             firstSeenMs = Math.min(firstSeenMs, e.timeMs());
             lastSeenMs = Math.max(lastSeenMs, e.timeMs());
             byHour[(int) ((e.timeMs() / 3_600_000L) % 24)]++;
@@ -442,6 +453,47 @@ public final class UserState {
         recent(e, slideMs, slices);
         session(e, type, gapMs, limit);
         return true;
+    }
+
+    /** Remember a product bought at {@code timeMs}: the newest BOUGHT_KEPT distinct ones stay. */
+    void bought(String productId, long timeMs) {
+        int at = boughtIds.indexOf(productId);
+        if (at >= 0) {
+            if (boughtMs.get(at) >= timeMs) {
+                return; // bought again earlier than the purchase it already lists
+            }
+            boughtIds.remove(at);
+            boughtMs.remove(at);
+        }
+        int i = 0;
+        while (i < boughtIds.size() && (boughtMs.get(i) > timeMs
+                || (boughtMs.get(i) == timeMs && boughtIds.get(i).compareTo(productId) < 0))) {
+            i++;
+        }
+        if (i >= BOUGHT_KEPT) {
+            return;
+        }
+        boughtIds.add(i, productId);
+        boughtMs.add(i, timeMs);
+        if (boughtIds.size() > BOUGHT_KEPT) {
+            boughtIds.remove(BOUGHT_KEPT);
+            boughtMs.remove(BOUGHT_KEPT);
+        }
+    }
+
+    /** The products bought, newest first, as a JSON array of ids (null: none). */
+    public String boughtJson() {
+        if (boughtIds.isEmpty()) {
+            return null;
+        }
+        StringBuilder out = new StringBuilder("[");
+        for (int i = 0; i < boughtIds.size(); i++) {
+            if (i > 0) {
+                out.append(',');
+            }
+            Json.string(out, boughtIds.get(i));
+        }
+        return out.append(']').toString();
     }
 
     private void recent(Event e, long slideMs, int slices) {
@@ -606,6 +658,8 @@ public final class UserState {
         histPurchaseSessions = 0;
         histRevenueCents = 0;
         histLastEndMs = -1;
+        boughtIds.clear();
+        boughtMs.clear();
     }
 
     // ---------------------------------------------------------------- fields read by the function
@@ -688,6 +742,10 @@ public final class UserState {
         }
         out.i64(histSessions).i64(histPurchaseSessions).i64(histRevenueCents).i64(histLastEndMs);
         out.i64(sessionTimerMs);
+        out.i32(boughtIds.size());
+        for (int i = 0; i < boughtIds.size(); i++) {
+            out.i64(boughtMs.get(i)).str(boughtIds.get(i));
+        }
         return out.bytes();
     }
 
@@ -698,8 +756,8 @@ public final class UserState {
         }
         StateBytes.Reader in = new StateBytes.Reader(data);
         int format = in.u8();
-        if (format != FORMAT && format != 1) {
-            throw new IllegalStateException("user state of format " + format + ", this release reads 1 and " + FORMAT);
+        if (format < 1 || format > FORMAT) {
+            throw new IllegalStateException("user state of format " + format + ", this release reads 1 to " + FORMAT);
         }
         u.userId = in.str();
         u.epoch = in.i64();
@@ -736,6 +794,12 @@ public final class UserState {
         // format 1 (an earlier release) kept a timer at every open session's close time instead:
         // they fire as before, and the next event or close sets this one
         u.sessionTimerMs = format >= 2 ? in.i64() : -1;
+        if (format >= 3) {
+            for (int i = 0, n = in.i32(); i < n; i++) {
+                u.boughtMs.add(in.i64());
+                u.boughtIds.add(in.str());
+            }
+        }
         return u;
     }
 

@@ -157,8 +157,8 @@ class UserStateTest {
     void stateBytesOfFormatOneReadWithNoSessionTimerKnown() {
         UserState u = run(ev("page_view", T0), ev("add_to_cart", T0 + 60_000, true, "p9", "bags", 500L, 2));
         u.sessionTimerToSet(GAP, Long.MIN_VALUE);
-        byte[] two = u.toBytes();
-        byte[] one = java.util.Arrays.copyOf(two, two.length - 8); // format 1 ended before the timer
+        byte[] three = u.toBytes(); // nothing bought: format 3 ends with the timer and a count of 0
+        byte[] one = java.util.Arrays.copyOf(three, three.length - 12); // format 1 ended before the timer
         one[0] = 1;
         UserState old = UserState.fromBytes(one);
         assertEquals(-1, old.sessionTimerMs);
@@ -167,6 +167,41 @@ class UserStateTest {
         // the next event sets the timer the earlier release did not keep
         assertTrue(old.apply(ev("page_view", T0 + 120_000), GAP, SLIDE, SLICES, LIMIT));
         assertEquals(T0 + 120_000 + GAP - 1, old.sessionTimerToSet(GAP, Long.MIN_VALUE));
+    }
+
+    @Test
+    void stateBytesOfFormatTwoReadWithTheTimerAndNothingBought() {
+        UserState u = run(ev("page_view", T0), ev("add_to_cart", T0 + 60_000, true, "p9", "bags", 500L, 2));
+        u.sessionTimerToSet(GAP, Long.MIN_VALUE);
+        byte[] three = u.toBytes();
+        byte[] two = java.util.Arrays.copyOf(three, three.length - 4); // format 2 ended with the timer
+        two[0] = 2;
+        UserState old = UserState.fromBytes(two);
+        assertEquals(u.sessionTimerMs, old.sessionTimerMs);
+        assertNull(old.boughtJson());
+        assertTrue(old.apply(ev("purchase", T0 + 120_000, true, "p9", "bags", 500L, 1), GAP, SLIDE, SLICES, LIMIT));
+        assertEquals("[\"p9\"]", UserState.fromBytes(old.toBytes()).boughtJson());
+    }
+
+    @Test
+    void theProductsBoughtAreTheNewestDistinctOnesWithConsentNewestFirstAndBounded() {
+        UserState u = run(ev("purchase", T0 + 5_000, true, "b", "x", 100L, 1),
+                ev("purchase", T0 + 1_000, true, "a", "x", 100L, 1),       // out of order: older
+                ev("purchase", T0 + 9_000, false, "secret", "x", 100L, 1), // no consent: not listed
+                ev("purchase", T0 + 5_000, true, "a\"q", "x", 100L, 1),  // a tie: by id
+                ev("purchase", T0 + 7_000, true, "a", "x", 100L, 1),       // bought again: moves up
+                ev("add_to_cart", T0 + 8_000, true, "cart-only", "x", 100L, 1));
+        assertEquals("[\"a\",\"a\\\"q\",\"b\"]", u.boughtJson());
+        UserState many = new UserState();
+        for (int i = 0; i < UserState.BOUGHT_KEPT + 5; i++) {
+            many.apply(ev("purchase", T0 + i * 1000L, true, "p" + i, "x", 100L, 1), GAP, SLIDE, SLICES, LIMIT);
+        }
+        many.apply(ev("purchase", T0 - 1, true, "ancient", "x", 100L, 1), GAP, SLIDE, SLICES, LIMIT);
+        many = UserState.fromBytes(many.toBytes());
+        assertEquals(UserState.BOUGHT_KEPT, many.boughtIds.size());
+        assertEquals("p" + (UserState.BOUGHT_KEPT + 4), many.boughtIds.get(0));
+        assertEquals("p5", many.boughtIds.get(UserState.BOUGHT_KEPT - 1));
+        assertFalse(many.boughtIds.contains("ancient"));
     }
 
     @Test
