@@ -8,7 +8,7 @@ PERSONALIZE := $(VENV)/bin/personalize
 # pip's output only when it fails (setuptools' many-line warnings otherwise), and then its exit status
 PIP_QUIET = > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
-.PHONY: setup venv jars redis-server run test test-unit bench bench-peers models-eval smoke stack-up stack-down clean
+.PHONY: setup venv jars redis-server run test test-unit bench bench-peers bench-serve models-eval smoke stack-up stack-down clean
 
 setup: venv jars redis-server ## venv with pinned packages, jars from Maven Central, redis-server
 
@@ -41,6 +41,10 @@ bench: setup ## benchmark: ~1,000,000 synthetic events for 100,000 users, one ta
 bench-peers: setup bench/.venv/.installed ## the product and its Python peers (Quix Streams, Bytewax) over the same 1M events, outputs checked equal (docs/benchmarks.md)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]' $(PIP_QUIET)
 	@$(PY) scripts/bench_peers.py
+
+bench-serve: setup ## the HTTP API under wrk (Debian's package, installed here) beside a raw Redis HGETALL ceiling (docs/benchmarks.md)
+	@bash scripts/install-debian-package.sh wrk wrk
+	@$(PY) scripts/bench_serve.py
 
 # the peers' own virtual environment: nothing of it is a product dependency or made by setup
 bench/.venv/.installed: bench/requirements.txt
