@@ -204,6 +204,9 @@ def _load(args: argparse.Namespace, settings: Settings) -> int:
 
     loader = Materializer(settings)
     if args.follow:
+        from personalize.metrics import start_loader_endpoint
+
+        start_loader_endpoint(settings)
         stop = threading.Event()
         try:
             loader.follow(stop.is_set)

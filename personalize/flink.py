@@ -113,6 +113,12 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
         # binds (seen once: "Could not start rest endpoint"); find_rest_port finds the one bound
         config.set_string("rest.bind-port", f"{rest_port}-{rest_port + REST_PORT_SPAN - 1}")
         config.set_string("metrics.fetcher.update-interval", "1 s")  # fresh progress figures
+    if settings.metrics_port:  # Flink's own Prometheus reporter (pyflink/plugins/metrics-prometheus)
+        from personalize.metrics import job_ports
+
+        config.set_string("metrics.reporter.prom.factory.class",
+                          "org.apache.flink.metrics.prometheus.PrometheusReporterFactory")
+        config.set_string("metrics.reporter.prom.port", job_ports(settings))
     config.set_string("pipeline.max-parallelism", str(settings.max_parallelism))
     # SQL operators hand rows on without copying them (Python operators serialize anyway)
     config.set_string("pipeline.object-reuse", "true")

@@ -19,6 +19,7 @@ import orjson
 from personalize import kafkaio, logs, topics
 from personalize.errors import PersonalizeError
 from personalize.flink import find_rest_port, records_read, tasks_starting
+from personalize.metrics import start_loader_endpoint
 from personalize.settings import Settings
 
 log = logs.get(__name__)
@@ -186,6 +187,7 @@ def run_bounded(settings: Settings) -> RunSummary:
     _, triggers_before = kafkaio.offsets(settings, settings.topic_triggers)
     _, changes_before = kafkaio.offsets(settings, settings.topic_segment_changes)
     loader = Materializer(settings)
+    start_loader_endpoint(settings)
     log.info("bounded run starting", topic=settings.topic_events, events=events_read)
 
     stop = threading.Event()
@@ -331,6 +333,7 @@ def run_unbounded(settings: Settings, from_savepoint: str | None = None, stop_af
     ensure_topics(settings)
     restore = from_savepoint or restore_point(settings)
     loader = Materializer(settings)
+    start_loader_endpoint(settings)
     env, t_env = environments(settings, restore_from=restore)
     statements = profile.build(env, t_env, settings, bounded=False)
     try:

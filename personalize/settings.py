@@ -178,6 +178,11 @@ class Settings:
     api_tokens: str = dataclasses.field(default="", repr=False)
     api_cors_origins: str = ""
     api_max_loader_lag: int = 100_000
+    # Prometheus metrics of `personalize run` and `personalize load` (0: none): the job's through
+    # Flink's own reporter (the plugin PyFlink ships) on the first free port of this one and the
+    # nine after it, the Redis loader's (prometheus-client) on the first free one of the ten
+    # after those. Off by default: Flink's reporter listens on every interface, not loopback only
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         for name in ("kafka_port", "kafka_controller_port", "redis_port", "flink_rest_port", "flink_rpc_port",
@@ -237,6 +242,9 @@ class Settings:
         for name in ("kafka_sasl_username", "kafka_sasl_password"):
             if '"' in getattr(self, name) or "\\" in getattr(self, name):
                 raise ConfigError(f"{env_name(name)} may not hold a double quote or a backslash (JAAS quoting)")
+        if self.metrics_port and not 1 <= self.metrics_port <= 65535 - 19:
+            raise ConfigError(f"PERSONALIZE_METRICS_PORT must be 0 (no metrics) or a port up to 65516 (it and the "
+                              f"19 after it), got {self.metrics_port}")
         if self.api_max_loader_lag < 0:
             raise ConfigError(f"PERSONALIZE_API_MAX_LOADER_LAG must be 0 (not checked) or more, got {self.api_max_loader_lag}")
         short = [t for t in self.api_token_list if len(t) < 16 or any(c.isspace() for c in t)]

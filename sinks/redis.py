@@ -405,6 +405,34 @@ def loader_lag(settings: Settings, stored: dict, timeout_s: float = 5) -> int:
     return sum(max(0, end - max(held.get(f"{t}:{p}", -1), begins[(t, p)])) for (t, p), end in ends.items())
 
 
+class _Metrics:
+    """The loader's Prometheus metrics (the process's default registry; one set per process)."""
+
+    _made = None
+
+    def __new__(cls):
+        if cls._made is None:
+            from prometheus_client import Counter, Gauge, Histogram
+
+            made = super().__new__(cls)
+            made.records = Counter("personalize_loader_records", "records applied to Redis, by the topic's role",
+                                   ["role"])
+            made.profile_writes = Counter("personalize_loader_profile_writes", "profile changes written")
+            made.stream_added = Counter("personalize_loader_triggers_added",
+                                        "new entries in the Redis trigger stream (once per trigger_id)")
+            made.dead_letters = Counter("personalize_loader_dead_letters",
+                                        "records skipped (unreadable) and writes Redis refused", ["reason"])
+            made.erasures = Counter("personalize_loader_erasures", "erasures applied")
+            made.lag = Gauge("personalize_loader_lag_records",
+                             "records of the assigned partitions not yet applied (high watermark less position)")
+            made.freshness = Histogram(
+                "personalize_loader_freshness_seconds",
+                "from a live change's newest event time to its write in Redis (live runs: event time is now)",
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600))
+            cls._made = made
+        return cls._made
+
+
 @dataclass
 class LoadStats:
     records: int = 0
@@ -461,6 +489,11 @@ class Materializer:
         self._fences = 0
         self._give_up = lambda: False
         self.stats = LoadStats()
+        self.metrics = _Metrics()
+        s = settings
+        self._roles = {s.topic_profile_live: "live", s.topic_profile_updates: "sessions", s.topic_trending: "trending",
+                       s.topic_triggers: "triggers", s.topic_triggers_live: "triggers_live",
+                       s.topic_model_snapshots: "models", s.topic_erasures: "erasures"}
 
     # -- Kafka ---------------------------------------------------------------------------
     def _topics(self) -> list[str]:
@@ -642,11 +675,29 @@ class Materializer:
                 gathered = self._gather(FOLLOW_BATCH, wait_s=0.1)
                 if gathered is not None:
                     self._apply_or_wait(*gathered)
+                self._observe_lag()
             if drain_after:
                 self._drain(time.monotonic() + timeout_s, timeout_s)
         finally:
             self._close()
         return self.stats
+
+    def _observe_lag(self) -> None:
+        """The lag gauge: per assigned partition, its high watermark (as the last fetch saw it)
+        less the consumer's position."""
+        if not self.assigned:
+            self.metrics.lag.set(0)
+            return
+        lag = 0
+        try:
+            for tp in self.consumer.position(self.assigned):
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    lag += max(0, high - tp.offset)
+        except Exception as exc:  # noqa: BLE001 - monitoring only (e.g. in a rebalance)
+            log.debug("loader lag not measured", error=str(exc))
+            return
+        self.metrics.lag.set(lag)
 
     def _drain(self, deadline: float, timeout_s: float) -> None:
         self._give_up = lambda: time.monotonic() > deadline
@@ -760,6 +811,8 @@ class Materializer:
                 snapshot = records[-1].value()  # one partition: the last is the newest
         with self.redis.pipeline(transaction=True) as pipe:  # reset (UNWATCH) however it ends
             self._write(pipe, positions, latest, trending, triggers, snapshot, unreadable, erasures)
+        for (topic, _), records in batch.items():
+            self.metrics.records.labels(self._roles.get(topic, "other")).inc(len(records))
         self._written.update(positions)
         if positions:  # the group's offsets too, for lag monitoring (Redis's are the ones read)
             from confluent_kafka import TopicPartition
@@ -791,6 +844,7 @@ class Materializer:
             pipe.xadd(DEAD_LETTERS_KEY, letter, maxlen=DEAD_LETTERS_KEPT, approximate=True)
             log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
         self.stats.dead_letters += len(unreadable)
+        self._unreadable = len(unreadable)
         self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
         self._changes_at: list[tuple[int, list[str], bool]] = []  # profile scripts: position, users, live
         self._profiles(pipe, latest.items())
@@ -804,6 +858,8 @@ class Materializer:
         # kept as a dead letter; the rest of the batch and its offsets stand
         replies = pipe.execute(raise_on_error=False)
         refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
+        if self._unreadable:
+            self.metrics.dead_letters.labels("unreadable").inc(self._unreadable)
         self._count_changes(replies)
         if refused:
             for error in refused:
@@ -811,11 +867,15 @@ class Materializer:
                 self.redis.xadd(DEAD_LETTERS_KEY, {"reason": f"Redis refused a write: {error}"[:1000]},
                                 maxlen=DEAD_LETTERS_KEPT, approximate=True)
             self.stats.dead_letters += len(refused)
-        self.stats.stream_added += sum(replies[i - 1] for i in self._added_at if isinstance(replies[i - 1], int))
+            self.metrics.dead_letters.labels("refused").inc(len(refused))
+        added = sum(replies[i - 1] for i in self._added_at if isinstance(replies[i - 1], int))
+        self.stats.stream_added += added
+        self.metrics.stream_added.inc(added)
         for at, user in self._erased_at:
             reply = replies[at - 1]
             profiles, entries = reply if isinstance(reply, list) else (0, 0)
             self.stats.erasures += 1
+            self.metrics.erasures.inc()
             self.stats.erased_entries += entries
             self.stats.users.discard(user)
             self.stats.deleted.add(user)
@@ -867,7 +927,8 @@ class Materializer:
                 args += live_args(user, fields)
             self._apply_live(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args,
                              client=pipe)
-            self._changes_at.append((len(pipe), [user for user, _ in chunk], True))
+            self._changes_at.append((len(pipe), [user for user, _ in chunk],
+                                     [fields.get("updated_ms") for _, fields in chunk]))
         for start in range(0, len(parts), CHANGES_PER_SCRIPT):
             chunk = parts[start:start + CHANGES_PER_SCRIPT]
             args: list = [ttl]
@@ -877,17 +938,21 @@ class Materializer:
                          2 * len(mapping), *(x for kv in mapping.items() for x in kv)]
             self._apply_parts(keys=[NO_CONSENT_KEY, *(PROFILE_PREFIX + user for user, _ in chunk)], args=args,
                               client=pipe)
-            self._changes_at.append((len(pipe), [user for user, _ in chunk], False))
+            self._changes_at.append((len(pipe), [user for user, _ in chunk], None))
 
     def _count_changes(self, replies) -> None:
         """The stats of this batch's profile changes, from their scripts' replies (a change
         Redis refused is a dead letter with Redis's reason)."""
-        for at, users, is_live in self._changes_at:
+        now_ms = time.time() * 1000
+        for at, users, event_times in self._changes_at:
             reply = replies[at - 1]
             if not isinstance(reply, list):
                 continue  # the whole script refused: counted with the refused commands
-            for user, result in zip(users, reply):
+            for k, (user, result) in enumerate(zip(users, reply)):
                 if result == 1:
+                    self.metrics.profile_writes.inc()
+                    if event_times is not None and isinstance(event_times[k], int):
+                        self.metrics.freshness.observe(max(0.0, (now_ms - event_times[k]) / 1000))
                     self.stats.profile_writes += 1
                     self.stats.users.add(user)
                     self.stats.deleted.discard(user)
@@ -900,6 +965,7 @@ class Materializer:
                     log.warning("Redis refused a loader write", user=user_digest(user), error=reason)
                     self.redis.xadd(DEAD_LETTERS_KEY, {"reason": reason}, maxlen=DEAD_LETTERS_KEPT, approximate=True)
                     self.stats.dead_letters += 1
+                    self.metrics.dead_letters.labels("refused").inc()
 
     def _trending(self, pipe, rows: list[dict]) -> None:
         if not rows:

@@ -348,8 +348,9 @@ def test_ready_with_the_loader_caught_up_and_metrics_by_route_without_ids(served
 def test_cors_is_off_unless_origins_are_set(served):
     own, _, port, _ = served
     preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "GET"}
-    status, headers, _ = get(port, "/v1/segments", headers={"Origin": "https://shop.example"})
-    assert status == 200 and "access-control-allow-origin" not in headers
+    for path in ("/v1/users/u00001", "/v1/segments"):
+        status, headers, _ = get(port, path, headers={"Origin": "https://shop.example"})
+        assert status in (200, 404) and "access-control-allow-origin" not in headers
     other = free_port()
     api = start_api(own, other, PERSONALIZE_API_CORS_ORIGINS="https://shop.example")
     try:
@@ -358,6 +359,11 @@ def test_cors_is_off_unless_origins_are_set(served):
         status, headers, _ = get(other, "/v1/segments", token=None, method="OPTIONS",
                                  headers={**preflight, "Origin": "https://elsewhere.example"})
         assert "access-control-allow-origin" not in headers
+        for path in ("/v1/users/u00001", "/v1/users/u00001/recommendations", "/v1/segments"):
+            status, headers, _ = get(other, path, headers={"Origin": "https://shop.example"})
+            assert status in (200, 404) and headers["access-control-allow-origin"] == "https://shop.example", path
+            status, headers, _ = get(other, path, headers={"Origin": "https://elsewhere.example"})
+            assert "access-control-allow-origin" not in headers, path
     finally:
         stop(api)
 
