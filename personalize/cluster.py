@@ -85,6 +85,11 @@ def configuration(settings: Settings, host: str = "127.0.0.1", bind: str = "127.
         "python.client.executable": sys.executable,
     }.items():
         _set(tree, key, value)
+    if settings.metrics_port:  # Flink's Prometheus reporter, from the distribution's plugins folder
+        from personalize.metrics import job_ports
+
+        _set(tree, "metrics.reporter.prom.factory.class", "org.apache.flink.metrics.prometheus.PrometheusReporterFactory")
+        _set(tree, "metrics.reporter.prom.port", job_ports(settings))
     return tree
 
 

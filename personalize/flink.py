@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from personalize import jars
 from personalize.settings import Settings
@@ -100,6 +101,15 @@ def environments(settings: Settings, *, checkpoint_interval_ms: int | None = Non
     os.environ["FLINK_LOG_DIR"] = str(log_dir(settings))
     os.environ.setdefault("JVM_ARGS", jvm_args(settings))
     single_threaded_blas()
+    if settings.metrics_port:
+        # the embedded MiniCluster finds metric reporters on the gateway's classpath only (it loads
+        # no plugins folder: "could not be found ... Available factories: []"); PyFlink's gateway
+        # appends HADOOP_CLASSPATH to its classpath
+        import pyflink
+
+        reporter = next((Path(pyflink.__file__).parent / "plugins" / "metrics-prometheus").glob("*.jar"))
+        os.environ["HADOOP_CLASSPATH"] = os.pathsep.join(
+            p for p in (os.environ.get("HADOOP_CLASSPATH", ""), str(reporter)) if p)
 
     config = Configuration()
     config.set_string("pipeline.jars", ";".join(j.resolve().as_uri() for j in connector_jars))

@@ -388,3 +388,88 @@ def test_serve_names_a_taken_port_a_missing_token_and_a_redis_that_does_not_answ
         assert status == 503 and body["detail"] == f"Redis does not answer at redis://127.0.0.1:{away}/0"
     finally:
         stop(api)
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        return resp.read().decode() if resp.status == 200 else None
+    except OSError:
+        return None
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one metric in Prometheus' text format, with their labels."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
+            out.append((labels, float(m.group(2))))
+    return out
+
+
+def test_the_job_the_loader_and_the_api_serve_metrics_that_match_a_live_run(stack):
+    from tests.integration.test_profile_job import QUICK_LIVE, _interrupt, _start, wait_until
+
+    base = free_port()
+    own = job_stack(stack, redis_db=13, PERSONALIZE_METRICS_PORT=str(base), **QUICK_LIVE)
+    s = own.settings
+    topics.ensure(s, [s.topic_events], local_stack=True)
+    codec = schemas.codec("user_event")
+
+    def send(events: list[dict]) -> None:
+        records = [(e["user_id"].encode(), codec.encode(e), e["event_time"]) for e in events]
+        assert kafkaio.produce(s, s.topic_events, records) == len(events)
+
+    def n_events() -> int:
+        return sum(int(p.get("n_events", 0)) for p in profiles(own).values())
+
+    proc = _start(own)
+    port = free_port()
+    api = start_api(own, port)
+    try:
+        send([event("metrics-warm-up", 0, int(time.time() * 1000), "page_view")])
+        wait_until("the job running (its first event in Redis)", lambda: n_events() == 1, proc)
+        users = [f"metrics-{n}" for n in range(30)]
+        now = int(time.time() * 1000)  # event times rising in the send order: with no out-of-orderness none is late
+        events = [event(u, k, now + 4 * n + k, "product_view", f"p{k}", "c1", 5.0)
+                  for n, u in enumerate(users) for k in range(4)]
+        send(events)
+        wait_until("every event in its profile", lambda: n_events() == len(events) + 1, proc)
+        for u in users[:5]:
+            assert get(port, f"/v1/users/{u}")[0] == 200
+
+        def job_metrics():  # Flink's reporter, on the first free port of its range
+            for p in range(base, base + 10):
+                text = _scrape(p)
+                if text and "flink_taskmanager" in text:
+                    read = [v for labels, v in _samples(text, "flink_taskmanager_job_task_operator_numRecordsOut")
+                            if labels.get("operator_name", "").startswith("Source")]
+                    if read and max(read) == len(events) + 1:
+                        return text
+            return None
+
+        job = wait_until("the job's metrics counting every event read", job_metrics, proc, timeout_s=60)
+        assert _samples(job, "flink_jobmanager_job_lastCheckpointDuration")
+        assert _samples(job, "flink_taskmanager_job_task_backPressuredTimeMsPerSecond")
+        loader = next(t for t in (_scrape(p) for p in range(base + 10, base + 20)) if t and "personalize_loader" in t)
+        applied = _samples(loader, "personalize_loader_records_total")
+        assert sum(v for labels, v in applied if labels["role"] == "live") >= len(users) + 1
+        writes = _samples(loader, "personalize_loader_profile_writes_total")
+        assert writes and writes[0][1] >= len(users) + 1
+        fresh = {labels["le"]: v for labels, v in _samples(loader, "personalize_loader_freshness_seconds_bucket")}
+        # the users' live writes within a second of their events (event time = now); the warm-up's
+        # came in while the job started, some seconds after its event time
+        assert fresh["1.0"] >= len(users) and fresh["+Inf"] >= len(users) + 1, fresh
+        assert _samples(loader, "personalize_loader_lag_records")
+        served = _samples(get(port, "/metrics", token=None)[2], "personalize_api_request_seconds_count")
+        assert sum(v for labels, v in served if labels["route"] == "/v1/users/{user_id}" and labels["status"] == "200") \
+            == 5
+    finally:
+        stop(api)
+        _interrupt(proc)

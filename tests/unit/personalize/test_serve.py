@@ -70,6 +70,7 @@ def test_stream_ids_order_by_time_then_sequence():
     ({"PERSONALIZE_API_CORS_ORIGINS": "shop.example"}, "PERSONALIZE_API_CORS_ORIGINS must be origins"),
     ({"PERSONALIZE_API_PORT": "70000"}, "PERSONALIZE_API_PORT must be a port"),
     ({"PERSONALIZE_API_MAX_LOADER_LAG": "-1"}, "PERSONALIZE_API_MAX_LOADER_LAG must be 0"),
+    ({"PERSONALIZE_METRICS_PORT": "65530"}, "PERSONALIZE_METRICS_PORT must be 0 .no metrics. or a port up to 65516"),
 ])
 def test_a_bad_api_setting_is_one_error_naming_it(env, message):
     with pytest.raises(ConfigError, match=message):
