@@ -75,3 +75,20 @@ def test_profile_takes_the_raw_id_and_shows_its_pseudonym(pseudonymised):
     assert shown["user_id"] == user and shown["pseudonym"] == hmac_id(user)
     assert int(shown["n_events"]) == sum(1 for e in taobao_events() if e["user_id"] == user)
     assert KEY not in done.stdout + done.stderr
+
+
+def test_the_api_takes_the_raw_id_and_answers_the_pseudonyms_profile(pseudonymised):
+    from personalize.flink import free_port
+    from tests.integration.test_serve import get, start_api, stop
+
+    own, _ = pseudonymised
+    counts = Counter(e["user_id"] for e in taobao_events())
+    port = free_port()
+    api = start_api(own, port)
+    try:
+        for user in sorted(counts)[:20]:
+            status, _, body = get(port, f"/v1/users/{user}")
+            assert status == 200 and body["user_id"] == user and body["n_events"] == counts[user], (user, body)
+            assert get(port, f"/v1/users/{hmac_id(user)}")[0] == 404  # the pseudonym is no raw id
+    finally:
+        stop(api)
