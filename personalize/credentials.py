@@ -130,12 +130,17 @@ def kafka_java(settings: Settings, *, shaded: bool = True) -> dict[str, str]:
     return props
 
 
-def redis_client(settings: Settings, **options) -> redis.Redis:
-    """A redis-py client for ``settings.redis_url`` with the AUTH and TLS settings (not connected yet)."""
+def redis_options(settings: Settings, **options) -> dict:
+    """redis-py's options for ``settings.redis_url``: ``options`` with the AUTH and TLS settings."""
     if settings.redis_username:
         options.setdefault("username", settings.redis_username)
     if settings.redis_password:
         options.setdefault("password", settings.redis_password)
     if settings.redis_ssl_cafile:  # a rediss:// URL (Settings checks)
         options.setdefault("ssl_ca_certs", str(settings.redis_ssl_cafile))
-    return redis.Redis.from_url(settings.redis_url, **options)
+    return options
+
+
+def redis_client(settings: Settings, **options) -> redis.Redis:
+    """A redis-py client for ``settings.redis_url`` with the AUTH and TLS settings (not connected yet)."""
+    return redis.Redis.from_url(settings.redis_url, **redis_options(settings, **options))

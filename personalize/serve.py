@@ -342,6 +342,12 @@ def _bearer_matches(headers, tokens: list[bytes]) -> bool:
             if scheme.lower() == b"bearer":
                 given = credential.strip()
             break
+    return _token_matches(given, tokens)
+
+
+def _token_matches(given: bytes, tokens: list[bytes]) -> bool:
+    """Whether ``given`` is one of ``tokens``: every token compared, each in constant time, so
+    neither the match nor which one shows in the time taken."""
     matched = False
     for token in tokens:
         matched |= hmac.compare_digest(given, token)
@@ -362,14 +368,10 @@ def create_app(settings: Settings):
     from sinks import redis as loader
 
     tokens = [t.encode() for t in settings.api_token_list]
-    options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 2, "socket_timeout": 5,
-                               "health_check_interval": 30}
-    if settings.redis_username:
-        options["username"] = settings.redis_username
-    if settings.redis_password:
-        options["password"] = settings.redis_password
-    if settings.redis_ssl_cafile:
-        options["ssl_ca_certs"] = str(settings.redis_ssl_cafile)
+    from personalize.credentials import redis_options
+
+    options = redis_options(settings, decode_responses=True, socket_connect_timeout=2, socket_timeout=5,
+                            health_check_interval=30)
     db = aioredis.Redis.from_url(settings.redis_url, **options)
     # the stream's reader blocks a connection of its own
     feed = TriggerFeed(aioredis.Redis.from_url(settings.redis_url, **{**options, "socket_timeout": None}),
@@ -421,12 +423,7 @@ def create_app(settings: Settings):
 
     # async: FastAPI runs a plain function dependency in its thread pool, a thread handoff per request
     async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        given = credentials.credentials.encode() if credentials is not None else b""
-        # every token compared, each in constant time: neither the match nor which one shows in the time taken
-        matched = False
-        for token in tokens:
-            matched |= hmac.compare_digest(given, token)
-        if not matched:
+        if not _token_matches(credentials.credentials.encode() if credentials is not None else b"", tokens):
             raise HTTPException(401, "a bearer token of PERSONALIZE_API_TOKENS is required",
                                 headers={"WWW-Authenticate": 'Bearer realm="personalize"'})
 

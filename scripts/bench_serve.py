@@ -31,6 +31,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import orjson
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -77,8 +79,6 @@ def profile(rng: random.Random, n: int) -> dict[str, str]:
     if n % 2:  # a session in progress, with a cart
         lines = [{"product_id": f"product-{rng.randint(0, 999)}", "quantity": rng.randint(1, 3),
                   "price": f"{rng.randint(100, 9999) / 100:.2f}"} for _ in range(rng.randint(1, 3))]
-        import orjson
-
         p.update(session_start_ms=str(last - 300_000), session_events="7", session_product_views="4",
                  session_products=str(len(lines) + 2), session_cart=orjson.dumps(lines).decode(),
                  session_cart_value="42.00", session_last_cart_add_ms=str(last - 60_000),

@@ -451,6 +451,7 @@ class LoadStats:
 DRAIN_BATCH = 20_000  # records a drain applies in one Redis transaction
 FOLLOW_BATCH = 20_000  # records a following loader applies at most in one transaction
 POLL_BATCH = 5_000  # messages one consume() call returns at most
+LAG_EVERY_S = 1.0  # a following loader measures its lag (the metric) at most this often
 FENCED_TRIES = 3  # transactions in a row refused for another loader's owner token before giving up
 
 
@@ -490,6 +491,7 @@ class Materializer:
         self._give_up = lambda: False
         self.stats = LoadStats()
         self.metrics = _Metrics()
+        self._lag_at = -LAG_EVERY_S
         s = settings
         self._roles = {s.topic_profile_live: "live", s.topic_profile_updates: "sessions", s.topic_trending: "trending",
                        s.topic_triggers: "triggers", s.topic_triggers_live: "triggers_live",
@@ -685,6 +687,10 @@ class Materializer:
     def _observe_lag(self) -> None:
         """The lag gauge: per assigned partition, its high watermark (as the last fetch saw it)
         less the consumer's position."""
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
         if not self.assigned:
             self.metrics.lag.set(0)
             return
@@ -844,7 +850,8 @@ class Materializer:
             pipe.xadd(DEAD_LETTERS_KEY, letter, maxlen=DEAD_LETTERS_KEPT, approximate=True)
             log.warning("loader skipped a record it cannot read", **{k: v for k, v in letter.items()})
         self.stats.dead_letters += len(unreadable)
-        self._unreadable = len(unreadable)
+        if unreadable:
+            self.metrics.dead_letters.labels("unreadable").inc(len(unreadable))
         self._added_at: list[int] = []  # positions of the trigger scripts' replies (1: added)
         self._changes_at: list[tuple[int, list[str], bool]] = []  # profile scripts: position, users, live
         self._profiles(pipe, latest.items())
@@ -858,8 +865,6 @@ class Materializer:
         # kept as a dead letter; the rest of the batch and its offsets stand
         replies = pipe.execute(raise_on_error=False)
         refused = [r for r in replies if isinstance(r, redis_lib.ResponseError)]
-        if self._unreadable:
-            self.metrics.dead_letters.labels("unreadable").inc(self._unreadable)
         self._count_changes(replies)
         if refused:
             for error in refused:
@@ -944,13 +949,13 @@ class Materializer:
         """The stats of this batch's profile changes, from their scripts' replies (a change
         Redis refused is a dead letter with Redis's reason)."""
         now_ms = time.time() * 1000
+        written = self.stats.profile_writes
         for at, users, event_times in self._changes_at:
             reply = replies[at - 1]
             if not isinstance(reply, list):
                 continue  # the whole script refused: counted with the refused commands
             for k, (user, result) in enumerate(zip(users, reply)):
                 if result == 1:
-                    self.metrics.profile_writes.inc()
                     if event_times is not None and isinstance(event_times[k], int):
                         self.metrics.freshness.observe(max(0.0, (now_ms - event_times[k]) / 1000))
                     self.stats.profile_writes += 1
@@ -966,6 +971,7 @@ class Materializer:
                     self.redis.xadd(DEAD_LETTERS_KEY, {"reason": reason}, maxlen=DEAD_LETTERS_KEPT, approximate=True)
                     self.stats.dead_letters += 1
                     self.metrics.dead_letters.labels("refused").inc()
+        self.metrics.profile_writes.inc(self.stats.profile_writes - written)
 
     def _trending(self, pipe, rows: list[dict]) -> None:
         if not rows:
